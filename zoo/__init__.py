@@ -1,0 +1,14 @@
+"""zoo: readable LLaMA, OPT and GPT-NeoX with tensor parallelism, hooks and weight-only quantization.
+
+    import zoo
+    model = zoo.load("tiny-llama", dtype=torch.float32)
+    ids = model.tokenizer.encode("The for statement", bos=True)
+    new = zoo.generate(model, [ids], max_new_tokens=32)[0]
+    print(model.tokenizer.decode(new))
+"""
+from zoo.checkpoint import CheckpointError
+from zoo.generate import generate, steps, stream
+from zoo.loader import find_checkpoint, load
+
+__all__ = ["load", "generate", "stream", "steps", "find_checkpoint", "CheckpointError"]
+__version__ = "0.1.0"

@@ -1,0 +1,89 @@
+"""Causal self-attention and its KV cache, shared by every family.
+
+One `Attention` module covers LLaMA (grouped-query heads, interleaved rotary, no biases),
+GPT-NeoX (half-split partial rotary, biases) and OPT (learned positions, so no rotary, biases).
+The weights are always four separate projections wq/wk/wv/wo, whatever the checkpoint fuses.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.rotary import apply_rotary
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions and written in place.
+
+    `pos` is how many positions are filled; the model advances it after each forward.
+    `left_pad[b]` is how many slots at the start of row b are padding (prompts of different
+    lengths are left-padded to a common length, so every row decodes at the same slot).
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device, left_pad: torch.Tensor | None = None):
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.max_len = max_len
+        self.pos = 0
+        self.left_pad = None if left_pad is None else left_pad.to(device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new (batch, n_kv_heads, seq, head_dim) keys/values; return all of them so far."""
+        end = self.pos + k.shape[2]
+        self.keys[layer][:, :, self.pos : end] = k
+        self.values[layer][:, :, self.pos : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+def positions_and_mask(seq: int, start: int, left_pad: torch.Tensor | None,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Positions of `seq` new tokens written at slot `start`, and the mask over all start+seq slots.
+
+    Returns positions (batch or 1, seq) and a boolean mask (batch or 1, 1, seq, start+seq) that
+    is True where a query may attend, or None when plain causal attention is exact (a prefill
+    from slot 0, or a single new token that sees everything before it).
+    """
+    slots = torch.arange(start, start + seq, device=device)  # (seq,)
+    if left_pad is None:
+        if start == 0 or seq == 1:
+            return slots[None], None
+        return slots[None], (torch.arange(start + seq, device=device) <= slots[:, None])[None, None]
+    keys = torch.arange(start + seq, device=device)
+    causal = keys <= slots[:, None]  # (seq, start+seq)
+    # A padding slot is never attended to, except by itself, so that no softmax row is empty.
+    not_pad = (keys >= left_pad[:, None, None]) | (keys == slots[:, None])  # (batch, seq, start+seq)
+    positions = (slots[None] - left_pad[:, None]).clamp(min=0)  # (batch, seq): real tokens start at 0
+    return positions, (causal & not_pad)[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool = False,
+                 rotary: str | None = "interleaved"):
+        super().__init__()
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.interleaved = rotary == "interleaved"
+        self.rotary = rotary is not None
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=bias)
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim)
+        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        if self.rotary:
+            q = apply_rotary(q, *rope, interleaved=self.interleaved)
+            k = apply_rotary(k, *rope, interleaved=self.interleaved)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (batch, heads, seq, head_dim)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (batch, n_kv_heads, start+seq, head_dim)
+        # softmax(q k^T / sqrt(head_dim) + mask) v; each group of n_heads/n_kv_heads query heads shares a kv head
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))  # (batch, seq, dim)

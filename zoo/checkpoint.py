@@ -1,0 +1,126 @@
+"""Reading tensors out of checkpoint files one at a time, with errors that name the file.
+
+Two formats: safetensors (read here directly from its documented layout, so that a tensor is
+read with one `readinto` and a truncated file is caught before any read), and PyTorch's
+zip-based `.pth`/`.bin` (opened with `torch.load(mmap=True, weights_only=True)`). Either way a
+`StoredTensor` knows its shape and dtype up front and reads its data only when asked, so the
+loader holds at most one source tensor beside the model it is filling.
+"""
+import ctypes
+import json
+import mmap
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file is missing, corrupt, or does not match its config."""
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass
+class StoredTensor:
+    """One tensor in a file: shape and dtype known now, data read by `read()`."""
+    path: Path
+    key: str
+    shape: tuple
+    dtype: torch.dtype
+    offset: int = 0  # safetensors: byte offset of the data in the file
+    mapped: torch.Tensor | None = None  # .pth: the tensor as mmap'd by torch.load
+
+    @property
+    def nbytes(self) -> int:
+        return self.dtype.itemsize * int(torch.Size(self.shape).numel())
+
+    def read(self) -> torch.Tensor:
+        """A CPU tensor that owns its memory."""
+        if self.mapped is not None:
+            out = self.mapped.clone()
+            _drop_pages(self.mapped)
+            return out
+        buf = torch.empty(self.nbytes, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            got = f.readinto(memoryview(buf.numpy()))
+        if got != self.nbytes:
+            raise CheckpointError(f"{self.path}: truncated while reading {self.key!r}")
+        return buf.view(self.dtype).reshape(self.shape)
+
+
+def safetensors_tensors(path: Path) -> dict[str, StoredTensor]:
+    """Index a .safetensors file: an 8-byte little-endian header size, a JSON header, then the data."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CheckpointError(f"{path}: corrupt or truncated (header of {n} bytes, file of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    out = {}
+    for key, info in header.items():
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
+        start, end = info["data_offsets"]
+        t = StoredTensor(path, key, tuple(info["shape"]), dtype, offset=8 + n + start)
+        if end - start != t.nbytes:
+            raise CheckpointError(f"{path}: tensor {key!r} has {end - start} bytes for shape {t.shape} {dtype}")
+        if 8 + n + end > size:
+            raise CheckpointError(f"{path}: truncated: tensor {key!r} ends at byte {8 + n + end}, "
+                                  f"the file has {size}")
+        out[key] = t
+    return out
+
+
+def pth_tensors(path: Path) -> dict[str, StoredTensor]:
+    """Index a torch.save'd state dict (Meta's consolidated.NN.pth, HF's pytorch_model*.bin)."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError...: name the file
+        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (corrupt or truncated?): {e}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    out = {}
+    for key, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {key!r} is a {type(t).__name__}, not a tensor")
+        out[key] = StoredTensor(path, key, tuple(t.shape), t.dtype, mapped=t)
+    return out
+
+
+def open_tensors(path: Path) -> dict[str, StoredTensor]:
+    if not path.exists():
+        raise CheckpointError(f"{path}: file not found")
+    return safetensors_tensors(path) if path.suffix == ".safetensors" else pth_tensors(path)
+
+
+# ---- giving back the pages of an mmap'd file ----------------------------------------------------
+# Pages of a file that torch.load mapped count in our RSS once touched. After copying a tensor out
+# we tell the kernel we no longer need them (MADV_DONTNEED: on a private, unwritten file mapping
+# the pages are simply re-read from disk if touched again), so RSS stays at the model's size.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_MADV_DONTNEED = 4
+
+
+def _drop_pages(t: torch.Tensor) -> None:
+    if _LIBC is None or t.numel() == 0:
+        return
+    start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    end = t.data_ptr() + t.numel() * t.element_size()
+    _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)

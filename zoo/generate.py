@@ -1,0 +1,91 @@
+"""Text generation: one prefill over the (left-padded) prompts, then one token per step from the KV cache.
+
+    generate(model, [ids, ids2], max_new_tokens=32)  -> the new tokens of every prompt
+    stream(model, ids)                                -> the new text, piece by piece, as it is made
+    steps(model, prompts)                             -> the tokens of every row, step by step
+"""
+from typing import Iterator
+
+import torch
+
+from zoo.sampling import sample
+
+
+@torch.inference_mode()
+def steps(model, prompts: list[list[int]], max_new_tokens: int = 128, temperature: float = 0.0,
+          top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+          stop_ids: set[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (tokens, done) per step: the next token of every row (batch,) and which rows had already stopped.
+
+    The first yield comes right after the prefill. Rows are left-padded to the longest prompt, so all
+    rows write the KV cache at the same slot; padding is masked out and does not shift positions.
+    `stop_ids` default to the tokenizer's (EOS; LLaMA 3 also <|eot_id|>).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (encode with bos=True)")
+    context = model.config.max_seq_len
+    longest = max(len(p) for p in prompts)
+    if longest >= context:
+        raise ValueError(f"a prompt of {longest} tokens does not fit the model's context of {context} "
+                         f"(at least one position must be left to generate into)")
+    if stop_ids is None:
+        stop_ids = model.tokenizer.stop_ids if model.tokenizer is not None else set()
+    total = min(context, longest + max_new_tokens)
+    device = next(model.parameters()).device
+    batch = len(prompts)
+
+    left_pad = torch.tensor([longest - len(p) for p in prompts], device=device)
+    tokens = torch.zeros(batch, longest, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        tokens[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+    cache = model.new_cache(batch, total, left_pad=left_pad if left_pad.any() else None)
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    logits = model(tokens, cache=cache, last_only=True)[:, -1]  # (batch, vocab)
+    for step in range(total - longest):
+        next_tokens = sample(logits, temperature, top_k, top_p, generator)
+        yield next_tokens, done.clone()
+        done |= torch.isin(next_tokens, stop)
+        if done.all() or step == total - longest - 1:
+            return
+        logits = model(next_tokens[:, None], cache=cache)[:, -1]
+
+
+def generate(model, prompts: list[list[int]], max_new_tokens: int = 128, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             stop_ids: set[int] | None = None) -> list[list[int]]:
+    """The new tokens of every prompt, ending before the first stop token (or after max_new_tokens)."""
+    out = [[] for _ in prompts]
+    stop_ids = stop_ids if stop_ids is not None else (model.tokenizer.stop_ids if model.tokenizer else set())
+    for tokens, done in steps(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids):
+        for row, (t, d) in enumerate(zip(tokens.tolist(), done.tolist())):
+            if not d and t not in stop_ids:
+                out[row].append(t)
+    return out
+
+
+def stream(model, prompt: list[int], **kwargs) -> Iterator[str]:
+    """The text of the new tokens of one prompt, yielded as soon as it is complete.
+
+    Decoding is done on the whole new sequence behind the last prompt token (SentencePiece drops
+    the leading space of a sequence's first piece) and held back while it ends in a partial
+    UTF-8 character, so the pieces join up to exactly decode(new tokens).
+    """
+    tok = model.tokenizer
+    stop_ids = kwargs.get("stop_ids") if kwargs.get("stop_ids") is not None else tok.stop_ids
+    anchor = prompt[-1:]
+    base = tok.decode(anchor)
+    new, sent = [], 0
+    for tokens, _ in steps(model, [prompt], **kwargs):
+        t = tokens.item()
+        if t in stop_ids:
+            break
+        new.append(t)
+        text = tok.decode(anchor + new)[len(base):]
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > sent:
+            yield text[sent:]
+            sent = len(text)

@@ -1,0 +1,261 @@
+"""zoo.load: a checkpoint directory in, a model with its tokenizer out.
+
+The layout is told from the directory: `params.json` + `consolidated.NN.pth` is Meta's, and
+`config.json` + safetensors or `pytorch_model*.bin` (sharded with an index, or not) is Hugging
+Face's. The model is built on the meta device (no memory), then each parameter is read from disk,
+converted (renamed, q/k un-permuted, model-parallel shards merged), cast to the target dtype and
+put in place, one tensor at a time: peak memory stays near the size of the finished model.
+"""
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from zoo.checkpoint import CheckpointError, StoredTensor, open_tensors
+from zoo.models import llama
+from zoo.tokenizer import load_tokenizer
+
+
+class Family(NamedTuple):
+    """What the loader needs to know of a model family stored in Hugging Face's layout."""
+    config_from_hf: Callable
+    model: type
+    hf_to_zoo: Callable  # checkpoint key -> our parameter name (None: skip the key)
+    zoo_to_hf: Callable  # the other way, to name a missing tensor in the checkpoint's words
+    hf_tensor_to_zoo: Callable  # (name, tensor, config) -> tensor in our layout
+
+
+# config.json's model_type -> family
+FAMILIES = {
+    "llama": Family(llama.LlamaConfig.from_hf, llama.Llama, llama.hf_to_zoo, llama.zoo_to_hf, llama.hf_tensor_to_zoo),
+}
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+class Source(NamedTuple):
+    where: str  # "file: key", for error messages
+    shape: tuple
+    read: Callable[[], torch.Tensor]  # the tensor in our layout, in the stored dtype, on the CPU
+
+
+def find_checkpoint(ckpt: str | os.PathLike) -> Path:
+    """A directory as given, else a bare name under ./checkpoints, zoo's own checkpoints/, $ZOO_CHECKPOINTS."""
+    path = Path(ckpt)
+    if path.is_dir():
+        return path
+    tried = [path]
+    if not path.is_absolute() and len(path.parts) == 1:
+        roots = [Path.cwd() / "checkpoints", Path(__file__).resolve().parent.parent / "checkpoints"]
+        if os.environ.get("ZOO_CHECKPOINTS"):
+            roots.append(Path(os.environ["ZOO_CHECKPOINTS"]))
+        for root in roots:
+            if (root / path).is_dir():
+                return root / path
+            tried.append(root / path)
+    raise FileNotFoundError(f"checkpoint {str(ckpt)!r} not found; looked at: {', '.join(map(str, tried))}")
+
+
+def load(ckpt: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None,
+         max_seq_len: int | None = None, progress: bool | None = None) -> nn.Module:
+    """Load a Meta or Hugging Face checkpoint directory (or a bare name, see `find_checkpoint`).
+
+    dtype: what the floating-point weights are cast to while loading. device: default CUDA if
+    present, else CPU. max_seq_len: the longest sequence the model will be asked to hold
+    (default: the checkpoint's context length). progress: a bar on stderr (default: when stderr
+    is a terminal and the checkpoint is over 256 MB). Parameters come back frozen
+    (requires_grad=False): zoo is for inference; call `requires_grad_()` to train.
+    """
+    directory = find_checkpoint(ckpt)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if (directory / "params.json").exists():
+        model, sources, checkpoint_name = _meta_checkpoint(directory, max_seq_len)
+    elif (directory / "config.json").exists():
+        model, sources, checkpoint_name = _hf_checkpoint(directory, max_seq_len)
+    else:
+        found = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
+        raise CheckpointError(f"{directory}: neither params.json (Meta layout) nor config.json (Hugging Face "
+                              f"layout) found; the directory holds: {found}")
+    _fill(model, sources, dtype, device, progress, directory, checkpoint_name)
+    return model.to(device).eval()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _meta_checkpoint(directory: Path, max_seq_len: int | None):
+    params = _read_json(directory / "params.json")
+    shards = sorted(directory.glob("consolidated.*.pth"))
+    if not shards:
+        raise CheckpointError(f"{directory}: params.json but no consolidated.NN.pth files")
+    for rank, path in enumerate(shards):  # consolidated.00.pth ... consolidated.{n-1}.pth, none missing
+        if path.name != f"consolidated.{rank:02d}.pth":
+            raise CheckpointError(f"{directory}: model-parallel shard consolidated.{rank:02d}.pth is missing "
+                                  f"(found {', '.join(p.name for p in shards)})")
+    files = [open_tensors(p) for p in shards]
+    tokenizer = load_tokenizer(directory)
+    vocab = tokenizer.n_words if tokenizer else None
+    if vocab is None and "tok_embeddings.weight" in files[0]:
+        vocab = files[0]["tok_embeddings.weight"].shape[0]  # vocab_size -1 (LLaMA 1/2) split the embedding dim
+    try:
+        cfg = llama.LlamaConfig.from_meta(params, vocab_size=vocab)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory / 'params.json'}: {e}") from None
+    if max_seq_len:
+        cfg.max_seq_len = max_seq_len
+    model = _build(llama.Llama, cfg)
+    expected = dict(model.named_parameters(remove_duplicate=False))
+    sources = {}
+    for key in files[0]:
+        name = llama.meta_to_zoo(key)
+        if name is None:
+            continue
+        if name not in expected:
+            raise CheckpointError(f"{shards[0]}: unexpected tensor {key!r} (no such parameter in a LLaMA "
+                                  f"with this params.json)")
+        parts = []
+        for path, f in zip(shards, files):
+            if key not in f:
+                raise CheckpointError(f"{path}: tensor {key!r} is missing (it is in {shards[0].name})")
+            parts.append(f[key])
+        sources[name] = _merge_shards(parts, tuple(expected[name].shape))
+    for path, f in zip(shards[1:], files[1:]):
+        for key in f.keys() - files[0].keys():
+            raise CheckpointError(f"{path}: unexpected tensor {key!r} (not in {shards[0].name})")
+    model.tokenizer = tokenizer
+    return model, sources, llama.zoo_to_meta
+
+
+def _merge_shards(parts: list[StoredTensor], full: tuple) -> Source:
+    """Meta's model-parallel shards of one tensor, merged on the one dimension where they are split.
+
+    Column-parallel weights (wq, wk, wv, w1, w3, output) are split on dim 0, row-parallel ones
+    (wo, w2) on dim 1, the embedding on dim 1 (LLaMA 1/2) or 0 (LLaMA 3); norms are replicated.
+    The split dimension is the one where a shard's shape differs from the full shape.
+    """
+    where = f"{parts[0].path}: {parts[0].key}"
+    shapes = [p.shape for p in parts]
+    if len(parts) == 1 or all(s == full for s in shapes):  # one file, or a replicated tensor
+        return Source(where, shapes[0], parts[0].read)
+    dims = [d for d in range(len(full)) if shapes[0][d] != full[d]]
+    if (len(dims) != 1 or any(len(s) != len(full) for s in shapes)
+            or any(s[i] != full[i] for s in shapes for i in range(len(full)) if i != dims[0])
+            or sum(s[dims[0]] for s in shapes) != full[dims[0]]):
+        raise CheckpointError(f"{parts[0].path.parent}: shards of {parts[0].key!r} have shapes {shapes}, "
+                              f"which do not merge into the expected {full}")
+    return Source(where, full, lambda: torch.cat([p.read() for p in parts], dim=dims[0]))
+
+
+def _hf_checkpoint(directory: Path, max_seq_len: int | None):
+    config = _read_json(directory / "config.json")
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise CheckpointError(f"{directory / 'config.json'}: unknown model_type {model_type!r}; "
+                              f"supported: {', '.join(FAMILIES)}")
+    family = FAMILIES[model_type]
+    try:
+        cfg = family.config_from_hf(config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory / 'config.json'}: {type(e).__name__}: {e}") from None
+    if max_seq_len:
+        cfg.max_seq_len = max_seq_len
+    model = _build(family.model, cfg)
+    expected = dict(model.named_parameters(remove_duplicate=False))
+    sources = {}
+    for key, stored in _hf_tensors(directory).items():
+        name = family.hf_to_zoo(key)
+        if name is None:
+            continue
+        if name not in expected:
+            raise CheckpointError(f"{stored.path}: unexpected tensor {key!r} (no such parameter in a "
+                                  f"{model_type} model with this config.json)")
+        read = lambda stored=stored, name=name: family.hf_tensor_to_zoo(name, stored.read(), cfg)  # noqa: E731
+        sources[name] = Source(f"{stored.path}: {key}", stored.shape, read)
+    model.tokenizer = load_tokenizer(directory, config)
+    return model, sources, family.zoo_to_hf
+
+
+def _hf_tensors(directory: Path) -> dict[str, StoredTensor]:
+    """Every tensor of a Hugging Face checkpoint: one weights file, or the shards an index lists."""
+    for index_name in HF_INDEXES:
+        index = directory / index_name
+        if index.exists():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map'")
+            tensors = {}
+            for file in sorted(set(weight_map.values())):
+                if not (directory / file).exists():
+                    raise CheckpointError(f"{directory / file}: shard listed in {index_name} is missing")
+                tensors.update(open_tensors(directory / file))
+            for key, file in weight_map.items():
+                if key not in tensors or tensors[key].path.name != file:
+                    raise CheckpointError(f"{directory / file}: tensor {key!r} listed in {index_name} is missing")
+            return tensors
+    for name in HF_WEIGHTS:
+        if (directory / name).exists():
+            return open_tensors(directory / name)
+    raise CheckpointError(f"{directory}: no weights: expected one of {', '.join(HF_WEIGHTS + HF_INDEXES)}")
+
+
+def _build(model_class: type, cfg) -> nn.Module:
+    with torch.device("meta"):  # parameters without memory, filled by _fill
+        return model_class(cfg)
+
+
+def _fill(model: nn.Module, sources: dict[str, Source], dtype: torch.dtype, device: torch.device,
+          progress: bool | None, directory: Path, checkpoint_name: Callable[[str], str]) -> None:
+    """Put every parameter in place from `sources`, checking that none is missing or misshapen.
+
+    Parameters tied together (output and embedding) are one group: either name may provide it.
+    """
+    groups: dict[int, list[str]] = {}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, p in params.items():
+        groups.setdefault(id(p), []).append(name)
+    for names in groups.values():
+        if not any(n in sources for n in names):
+            raise CheckpointError(f"{directory}: missing tensor {checkpoint_name(names[0])!r} "
+                                  f"(zoo's {names[0]}, shape {tuple(params[names[0]].shape)})")
+    bar = _Progress(directory, sum(math.prod(s.shape) for s in sources.values()), progress)
+    for names in groups.values():
+        source = sources[next(n for n in names if n in sources)]
+        want = tuple(params[names[0]].shape)
+        if tuple(source.shape) != want:
+            raise CheckpointError(f"{source.where}: shape {tuple(source.shape)} does not match the config, "
+                                  f"which gives {want} for zoo's {names[0]}")
+        t = source.read()
+        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        param = nn.Parameter(t, requires_grad=False)
+        for name in names:
+            module, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module), attr, param)
+        bar.update(t.numel())
+    bar.close()
+
+
+class _Progress:
+    """`loading <dir>:  42% (1.3/3.1 G params)` on stderr, redrawn in place; silent when not a terminal."""
+
+    def __init__(self, directory: Path, total: int, enabled: bool | None):
+        self.total, self.done, self.label = total, 0, directory.name
+        self.enabled = enabled if enabled is not None else (sys.stderr.isatty() and total > 128_000_000)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.enabled:
+            print(f"\rloading {self.label}: {100 * self.done // max(self.total, 1):3d}% "
+                  f"({self.done / 1e9:.2f}/{self.total / 1e9:.2f} G params)", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr)

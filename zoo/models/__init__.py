@@ -1,0 +1,1 @@
+"""One file per model family, each readable top to bottom: llama.py (LLaMA 1, 2, 3)."""

@@ -1,0 +1,240 @@
+"""LLaMA 1, 2 and 3 in one file, read top to bottom: config, feed-forward, block, model, checkpoint names.
+
+    tokens ─ embed ─┬─ block 0 ─ ... ─ block n-1 ─ norm ─ output ─ logits
+                    │
+    block:  h = x + attn(attn_norm(x))         RMSNorm, rotary, grouped-query attention
+            out = h + mlp(mlp_norm(h))         SwiGLU: w_out(silu(w_gate h) * w_in h)
+
+The three generations differ only in numbers: LLaMA 2 70B and LLaMA 3 use grouped-query
+attention (n_kv_heads < n_heads), LLaMA 3 uses rope_theta 500000 and a 128256-token vocabulary,
+LLaMA 3.1 rescales the rotary frequencies ("llama3" rope scaling), LLaMA 3.2 ties the output
+to the embedding. Weights are stored in Meta's layout (interleaved rotary pairs); Hugging Face
+checkpoints are converted to it on load (`hf_to_zoo`).
+"""
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.attention import Attention, KVCache, positions_and_mask
+from zoo.norm import RMSNorm
+from zoo.rotary import ROPE_TYPES, inv_frequencies, rope_angles
+
+
+@dataclass
+class LlamaConfig:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: same as n_heads (no grouping)
+    vocab_size: int = 32000
+    hidden_dim: int | None = None  # None: Meta's rule from multiple_of and ffn_dim_multiplier
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    head_dim: int | None = None  # None: dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", "factor": ..., ...}
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    extra: dict = field(default_factory=dict, repr=False)  # config keys we read but do not use
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        if self.hidden_dim is None:  # Meta's rule: 2/3 of 4*dim, scaled, rounded up to a multiple
+            hidden = int(2 * (4 * self.dim) / 3)
+            if self.ffn_dim_multiplier is not None:
+                hidden = int(self.ffn_dim_multiplier * hidden)
+            self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) is not a multiple of n_kv_heads ({self.n_kv_heads})")
+        kind = (self.rope_scaling or {}).get("rope_type", "default")
+        if kind not in ROPE_TYPES:
+            raise ValueError(f"unsupported rope scaling {kind!r}; supported: {', '.join(ROPE_TYPES)}")
+
+    @classmethod
+    def from_meta(cls, params: dict, vocab_size: int | None = None) -> "LlamaConfig":
+        """From Meta's params.json. vocab_size -1 there means 'the tokenizer's size' (passed in)."""
+        known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                 "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len"}
+        args = {k: v for k, v in params.items() if k in known and k != "use_scaled_rope"}
+        if args.get("vocab_size", -1) <= 0:
+            args["vocab_size"] = vocab_size
+        if params.get("use_scaled_rope"):  # LLaMA 3.1's constants (llama-models' apply_scaling)
+            args["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        if "max_seq_len" not in args:  # not in Meta's files: LLaMA 2 4096, LLaMA 3 8192, 3.1 131072
+            theta = params.get("rope_theta", 10000.0)
+            args["max_seq_len"] = 131072 if params.get("use_scaled_rope") else 8192 if theta >= 500000 else 4096
+        return cls(**args, extra={k: v for k, v in params.items() if k not in known})
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "LlamaConfig":
+        """From a Hugging Face config.json (rope settings in the v4 or the v5 `rope_parameters` layout)."""
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported by LLaMA (silu only)")
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        if "type" in rope:  # legacy name of rope_type
+            rope.setdefault("rope_type", rope.pop("type"))
+        return cls(
+            dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+            n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
+            hidden_dim=cfg["intermediate_size"], head_dim=cfg.get("head_dim"),
+            norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta,
+            rope_scaling=None if rope.get("rope_type", "default") == "default" else rope,
+            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            tie_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", False), mlp_bias=cfg.get("mlp_bias", False),
+        )
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w_out(silu(w_gate x) * w_in x). Meta calls these w1 (gate), w3 (in), w2 (out)."""
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False):
+        super().__init__()
+        self.w_gate = nn.Linear(dim, hidden_dim, bias=bias)
+        self.w_in = nn.Linear(dim, hidden_dim, bias=bias)
+        self.w_out = nn.Linear(hidden_dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_out(F.silu(self.w_gate(x)) * self.w_in(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, bias=cfg.attention_bias,
+                              rotary="interleaved")
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = FeedForward(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+
+    def forward(self, x, rope, mask, cache, layer):
+        h = x + self.attn(self.attn_norm(x), rope, mask, cache, layer)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.embed.weight
+        # Made on the CPU even when the model is built on the meta device; moves with .to().
+        self.register_buffer("inv_freq", inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
+                             persistent=False)
+        self.tokenizer = None  # set by zoo.load
+
+    def new_cache(self, batch: int, max_len: int, left_pad: torch.Tensor | None = None) -> KVCache:
+        w = self.embed.weight
+        return KVCache(len(self.blocks), batch, self.config.n_kv_heads, self.config.head_dim, max_len,
+                       w.dtype, w.device, left_pad)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *,
+                left_pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """tokens (batch, seq) int64 -> logits (batch, seq, vocab) fp32 (seq 1 with last_only).
+
+        With a cache, the tokens are written after the `cache.pos` positions already there.
+        `left_pad` (batch,) marks leading padding when there is no cache (a cache carries its own).
+        """
+        batch, seq = tokens.shape
+        start = cache.pos if cache is not None else 0
+        if cache is not None:
+            left_pad = cache.left_pad
+            if start + seq > cache.max_len:
+                raise ValueError(f"{start + seq} positions do not fit the KV cache of {cache.max_len}")
+        positions, mask = positions_and_mask(seq, start, left_pad, tokens.device)
+        rope = rope_angles(self.inv_freq, positions)
+
+        h = self.embed(tokens)  # (batch, seq, dim)
+        for i, block in enumerate(self.blocks):
+            h = block(h, rope, mask, cache, i)
+        if last_only:
+            h = h[:, -1:]
+        logits = self.output(self.norm(h)).float()  # (batch, seq, vocab)
+        if cache is not None:
+            cache.pos += seq
+        return logits
+
+
+# ---- checkpoint names -------------------------------------------------------------------------
+# Our parameter names, and how Meta's and Hugging Face's checkpoints name the same tensors:
+#   embed.weight                      tok_embeddings.weight              model.embed_tokens.weight
+#   blocks.{i}.attn_norm.weight       layers.{i}.attention_norm.weight   model.layers.{i}.input_layernorm.weight
+#   blocks.{i}.attn.w{q,k,v,o}.weight layers.{i}.attention.w{q,k,v,o}    model.layers.{i}.self_attn.{q,k,v,o}_proj
+#   blocks.{i}.mlp_norm.weight        layers.{i}.ffn_norm.weight         model.layers.{i}.post_attention_layernorm
+#   blocks.{i}.mlp.w_gate.weight      layers.{i}.feed_forward.w1         model.layers.{i}.mlp.gate_proj
+#   blocks.{i}.mlp.w_in.weight        layers.{i}.feed_forward.w3         model.layers.{i}.mlp.up_proj
+#   blocks.{i}.mlp.w_out.weight       layers.{i}.feed_forward.w2         model.layers.{i}.mlp.down_proj
+#   norm.weight                       norm.weight                        model.norm.weight
+#   output.weight                     output.weight                      lm_head.weight
+META_NAMES = {"tok_embeddings": "embed", "layers": "blocks", "attention": "attn", "feed_forward": "mlp",
+              "attention_norm": "attn_norm", "ffn_norm": "mlp_norm", "w1": "w_gate", "w3": "w_in", "w2": "w_out"}
+HF_NAMES = {"embed_tokens": "embed", "layers": "blocks", "self_attn": "attn", "input_layernorm": "attn_norm",
+            "post_attention_layernorm": "mlp_norm", "q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
+            "gate_proj": "w_gate", "up_proj": "w_in", "down_proj": "w_out", "lm_head": "output"}
+META_IGNORED = re.compile(r"^rope\.freqs$")  # a precomputed table in LLaMA 1/2 files
+HF_IGNORED = re.compile(r"rotary_emb\.inv_freq$")  # a buffer older conversions saved
+
+
+def meta_to_zoo(key: str) -> str | None:
+    """Our name for a key of Meta's consolidated.NN.pth, or None for a key to skip."""
+    if META_IGNORED.search(key):
+        return None
+    return ".".join(META_NAMES.get(part, part) for part in key.split("."))
+
+
+def zoo_to_meta(name: str) -> str:
+    inverse = {v: k for k, v in META_NAMES.items()}
+    return ".".join(inverse.get(part, part) for part in name.split("."))
+
+
+def hf_to_zoo(key: str) -> str | None:
+    """Our name for a key of a Hugging Face LlamaForCausalLM checkpoint, or None for a key to skip."""
+    if HF_IGNORED.search(key):
+        return None
+    key = key.removeprefix("model.")
+    return ".".join(HF_NAMES.get(part, part) for part in key.split("."))
+
+
+def zoo_to_hf(name: str) -> str:
+    inverse = {v: k for k, v in HF_NAMES.items()}
+    key = ".".join(inverse.get(part, part) for part in name.split("."))
+    return key if key.startswith("lm_head") else "model." + key
+
+
+def _rotated(name: str) -> bool:
+    return re.search(r"attn\.w[qk]\.(weight|bias)$", name) is not None
+
+
+def hf_tensor_to_zoo(name: str, t: torch.Tensor, cfg: LlamaConfig) -> torch.Tensor:
+    """Undo the row permutation Hugging Face's converter applies to wq and wk.
+
+    Within each head HF stores the rows of rotary pair i at (i, i + head_dim/2) (for `rotate_half`);
+    Meta stores them at (2i, 2i + 1). Viewing the rows as (heads, 2, head_dim/2) and swapping the
+    last two axes turns the first layout into the second. Works for weights and biases alike.
+    """
+    if not _rotated(name):
+        return t
+    heads = cfg.n_heads if ".wq." in name else cfg.n_kv_heads
+    return t.reshape(heads, 2, cfg.head_dim // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+def zoo_tensor_to_hf(name: str, t: torch.Tensor, cfg: LlamaConfig) -> torch.Tensor:
+    """The inverse of `hf_tensor_to_zoo` (Meta layout -> Hugging Face layout), for writing HF files."""
+    if not _rotated(name):
+        return t
+    heads = cfg.n_heads if ".wq." in name else cfg.n_kv_heads
+    return t.reshape(heads, cfg.head_dim // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)

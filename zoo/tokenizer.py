@@ -1,0 +1,204 @@
+"""Tokenizers behind one small interface: encode(text, bos, eos), decode(ids), bos_id, eos_id.
+
+- SentencePiece `tokenizer.model` (LLaMA 1 and 2, and the tiny bundled model).
+- LLaMA 3's `tokenizer.model`: a tiktoken ranks file (base64 token, rank per line) plus 256
+  special tokens numbered after the ranks.
+- A Hugging Face `tokenizer.json` holding a byte-level BPE (LLaMA 3 on the Hub, GPT-2 style
+  vocabularies), run on tiktoken: its mergeable ranks are built from the file's merges.
+"""
+import base64
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{i}|>" for i in range(4)]
+                   + ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+                   + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)])
+
+
+class Tokenizer:
+    """What every tokenizer offers. `stop_ids` are the ids that end generation."""
+    bos_id: int | None
+    eos_id: int | None
+    stop_ids: set[int]
+    n_words: int
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self._encode(text)
+        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + \
+               ([self.eos_id] if eos and self.eos_id is not None else [])
+
+    def _encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, path: Path):
+        from sentencepiece import SentencePieceProcessor
+        self.sp = SentencePieceProcessor(model_file=str(path))
+        self.n_words = self.sp.vocab_size()
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+        self.stop_ids = {self.eos_id} - {None}
+
+    def _encode(self, text):
+        return self.sp.encode(text)
+
+    def decode(self, ids):
+        return self.sp.decode(list(ids))
+
+
+class TiktokenTokenizer(Tokenizer):
+    """LLaMA 3's tokenizer.model. Special tokens in the text are encoded as plain text, as Meta does."""
+
+    def __init__(self, path: Path):
+        import tiktoken
+        ranks = {}
+        for line in path.read_bytes().splitlines():
+            if line:
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+        specials = {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)}
+        self.model = tiktoken.Encoding(path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                                       special_tokens=specials)
+        self.n_words = self.model.n_vocab
+        self.bos_id, self.eos_id = specials["<|begin_of_text|>"], specials["<|end_of_text|>"]
+        self.stop_ids = {self.eos_id, specials["<|eot_id|>"]}
+
+    def _encode(self, text):
+        # tiktoken is quadratic on very long runs without a split point: cut them as Meta does.
+        ids = []
+        for i in range(0, len(text), 400_000):
+            for piece in re.findall(r"\s{1,25000}|\S{1,25000}", text[i : i + 400_000]):
+                ids += self.model.encode(piece, allowed_special=set(), disallowed_special=())
+        return ids
+
+    def decode(self, ids):
+        return self.model.decode(list(ids))
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest for chr(256 + n)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+class BPETokenizer(Tokenizer):
+    """A byte-level BPE from a Hugging Face tokenizer.json, encoded by tiktoken.
+
+    tiktoken merges the adjacent pair whose concatenation has the lowest rank, so a token's rank is
+    the position of the merge that first makes it (bytes come first); `rank_to_id` maps back to the
+    file's ids. Added tokens (special or not) are recognised in the text, as Hugging Face does.
+    """
+
+    def __init__(self, path: Path, bos: str | int | None = None, eos: str | int | list | None = None):
+        import tiktoken
+        spec = json.loads(path.read_text())
+        model = spec.get("model", {})
+        if model.get("type") != "BPE" or not _is_byte_level(spec):
+            raise ValueError(f"{path}: only byte-level BPE tokenizer.json files are supported "
+                             f"(found model type {model.get('type')!r})")
+        vocab, to_byte = model["vocab"], _byte_decoder()
+        as_bytes = lambda tok: bytes(to_byte[c] for c in tok)  # noqa: E731
+        ranks = {bytes([b]): b for b in range(256)}
+        for merge in model["merges"]:
+            left, right = merge.split(" ") if isinstance(merge, str) else merge
+            ranks.setdefault(as_bytes(left) + as_bytes(right), len(ranks))
+        rank_to_id = np.full(len(ranks), -1, dtype=np.int64)
+        self.id_to_bytes = {}
+        for tok, i in vocab.items():
+            self.id_to_bytes[i] = as_bytes(tok)
+            if self.id_to_bytes[i] in ranks:
+                rank_to_id[ranks[self.id_to_bytes[i]]] = i
+        added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+        for text, i in added.items():
+            self.id_to_bytes[i] = text.encode()
+        self.added = added
+        self.token_ids = {**vocab, **added}
+        specials = {text: len(ranks) + k for k, text in enumerate(added)}
+        self.rank_to_id = np.concatenate([rank_to_id, np.array(list(added.values()), dtype=np.int64)])
+        pattern, self.prefix_space = _pre_tokenizer(spec.get("pre_tokenizer"))
+        self.model = tiktoken.Encoding(path.name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+        self.n_words = max(self.id_to_bytes) + 1
+        eos_all = eos if isinstance(eos, list) else [eos]
+        self.bos_id = self._id(bos)
+        self.eos_id = self._id(eos_all[0])
+        self.stop_ids = {self._id(e) for e in eos_all} - {None}
+
+    def _id(self, token: str | int | None) -> int | None:
+        if token is None or isinstance(token, int):
+            return token
+        if token not in self.token_ids:
+            raise ValueError(f"special token {token!r} is not in the tokenizer's vocabulary")
+        return self.token_ids[token]
+
+    def _encode(self, text):
+        if self.prefix_space and not text.startswith(" "):
+            text = " " + text
+        ids = self.rank_to_id[self.model.encode(text, allowed_special="all")]
+        if (ids < 0).any():
+            raise ValueError("the text has a byte that the tokenizer's vocabulary lacks")
+        return ids.tolist()
+
+    def decode(self, ids):
+        return b"".join(self.id_to_bytes[int(i)] for i in ids).decode("utf-8", errors="replace")
+
+
+def _is_byte_level(spec: dict) -> bool:
+    parts = [spec.get("pre_tokenizer") or {}]
+    parts += parts[0].get("pretokenizers", [])
+    return any(p.get("type") == "ByteLevel" for p in parts)
+
+
+def _pre_tokenizer(pre: dict) -> tuple[str, bool]:
+    """The splitting regex and add_prefix_space of a ByteLevel (or Sequence[Split, ByteLevel]) pre-tokenizer."""
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    pattern, prefix_space = None, False
+    for p in parts:
+        if p["type"] == "Split":
+            pattern = p["pattern"].get("Regex") or re.escape(p["pattern"]["String"])
+        elif p["type"] == "ByteLevel":
+            prefix_space = p.get("add_prefix_space", False)
+            if p.get("use_regex", True):
+                pattern = GPT2_PATTERN
+    return pattern or r"[\s\S]+", prefix_space
+
+
+def load_tokenizer(directory: Path, config: dict | None = None) -> Tokenizer | None:
+    """The tokenizer stored beside a checkpoint, or None if there is none.
+
+    `tokenizer.model` comes first (SentencePiece or tiktoken, told apart by its content); else a
+    byte-level BPE `tokenizer.json`, with bos/eos from config.json or tokenizer_config.json.
+    """
+    model = directory / "tokenizer.model"
+    if model.exists():
+        first = model.read_bytes()[:256].split(b"\n")[0]
+        if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", first):
+            return TiktokenTokenizer(model)
+        return SentencePieceTokenizer(model)
+    if (directory / "tokenizer.json").exists():
+        config = config or {}
+        bos, eos = config.get("bos_token_id"), config.get("eos_token_id")
+        extra = directory / "tokenizer_config.json"
+        if extra.exists():
+            named = json.loads(extra.read_text())
+            content = lambda t: t.get("content") if isinstance(t, dict) else t  # noqa: E731
+            bos = bos if bos is not None else content(named.get("bos_token"))
+            eos = eos if eos is not None else content(named.get("eos_token"))
+        return BPETokenizer(directory / "tokenizer.json", bos=bos, eos=eos)
+    return None
