@@ -4,6 +4,7 @@
     stream(model, ids)                                -> the new text, piece by piece, as it is made
     steps(model, prompts)                             -> the tokens of every row, step by step
 """
+import time
 from typing import Iterator
 
 import torch
@@ -66,20 +67,29 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int = 128, tempera
     return out
 
 
-def stream(model, prompt: list[int], **kwargs) -> Iterator[str]:
+def stream(model, prompt: list[int], stats: dict | None = None, **kwargs) -> Iterator[str]:
     """The text of the new tokens of one prompt, yielded as soon as it is complete.
 
     Decoding is done on the whole new sequence behind the last prompt token (SentencePiece drops
     the leading space of a sequence's first piece) and held back while it ends in a partial
-    UTF-8 character, so the pieces join up to exactly decode(new tokens).
+    UTF-8 character, so the pieces join up to exactly decode(new tokens). `kwargs` are those of
+    `steps`. If `stats` is a dict, it receives prefill/decode token counts and seconds.
     """
     tok = model.tokenizer
-    stop_ids = kwargs.get("stop_ids") if kwargs.get("stop_ids") is not None else tok.stop_ids
+    stop_ids = kwargs.pop("stop_ids", None)
+    stop_ids = stop_ids if stop_ids is not None else tok.stop_ids
     anchor = prompt[-1:]
     base = tok.decode(anchor)
     new, sent = [], 0
-    for tokens, _ in steps(model, [prompt], **kwargs):
+    start = time.perf_counter()
+    for tokens, _ in steps(model, [prompt], stop_ids=stop_ids, **kwargs):
         t = tokens.item()
+        if stats is not None:  # the first token comes out of the prefill, each later one out of a decode step
+            now = time.perf_counter()
+            if not new:
+                stats.update(prefill_tokens=len(prompt), prefill_s=now - start, decode_tokens=0, decode_s=0.0)
+            else:
+                stats.update(decode_tokens=len(new), decode_s=now - start - stats["prefill_s"])
         if t in stop_ids:
             break
         new.append(t)

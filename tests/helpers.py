@@ -1,0 +1,77 @@
+"""Tiny checkpoints written by the tests themselves, in Hugging Face and Meta layouts."""
+import json
+from pathlib import Path
+
+import torch
+
+from zoo.models import llama
+
+# A LLaMA small enough to run in milliseconds, big enough to have every part (GQA groups, two layers).
+SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+# The configurations the parity tests cover, as Hugging Face LlamaConfig keyword arguments.
+LLAMA_VARIANTS = {
+    "llama2-mha": {},
+    "gqa": dict(num_key_value_heads=2),
+    "mqa": dict(num_key_value_heads=1),
+    "llama3-rope-scaling": dict(num_key_value_heads=2, rope_theta=500000.0, max_position_embeddings=512,
+                                rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                  high_freq_factor=4.0, original_max_position_embeddings=32)),
+    "linear-rope-scaling": dict(rope_scaling=dict(rope_type="linear", factor=2.0)),
+    "tied-embeddings": dict(tie_word_embeddings=True),
+    "head-dim-and-bias": dict(head_dim=32, attention_bias=True, mlp_bias=True),
+}
+
+
+def hf_llama(variant: str = "llama2-mha", seed: int = 0, **overrides):
+    """A Hugging Face LlamaForCausalLM with random weights: std 0.15 (norm weights 1 +- 0.1), so logits are far from uniform."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**{**SMALL, **LLAMA_VARIANTS[variant], **overrides})
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.15)
+    return model
+
+
+def save_hf(model, directory: Path, **kwargs) -> Path:
+    """save_pretrained (safetensors by default; safe_serialization=False for pytorch_model.bin)."""
+    model.save_pretrained(directory, **kwargs)
+    return directory
+
+
+# How Meta's fairscale layers split each weight across model-parallel ranks (the checkpoint layout).
+def meta_split_dim(meta_key: str, vocab_parallel: bool) -> int | None:
+    if meta_key.startswith("tok_embeddings"):
+        return 0 if vocab_parallel else 1
+    if any(f".{w}." in meta_key for w in ("wq", "wk", "wv", "w1", "w3")) or meta_key.startswith("output"):
+        return 0
+    if any(f".{w}." in meta_key for w in ("wo", "w2")):
+        return 1
+    return None  # norms: replicated
+
+
+def save_meta(model: llama.Llama, directory: Path, shards: int = 1, vocab_parallel: bool = False,
+              tokenizer: Path | None = None) -> Path:
+    """Write a zoo LLaMA in Meta's layout: params.json + consolidated.NN.pth, split over `shards` ranks."""
+    cfg = model.config
+    directory.mkdir(parents=True, exist_ok=True)
+    # params.json has no hidden size: find the multiple_of that Meta's rule turns into ours
+    multiple_of = next(m for m in (2 ** i for i in range(13))
+                       if llama.LlamaConfig(dim=cfg.dim, n_heads=cfg.n_heads, multiple_of=m).hidden_dim == cfg.hidden_dim)
+    params = dict(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                  vocab_size=cfg.vocab_size, multiple_of=multiple_of, norm_eps=cfg.norm_eps,
+                  rope_theta=cfg.rope_theta, max_seq_len=cfg.max_seq_len)
+    (directory / "params.json").write_text(json.dumps(params))
+    state = {llama.zoo_to_meta(k): v for k, v in model.state_dict().items()}
+    for rank in range(shards):
+        part = {}
+        for key, t in state.items():
+            dim = meta_split_dim(key, vocab_parallel)
+            part[key] = (t if dim is None else t.chunk(shards, dim=dim)[rank]).clone()
+        torch.save(part, directory / f"consolidated.{rank:02d}.pth")
+    if tokenizer is not None:
+        (directory / "tokenizer.model").write_bytes(tokenizer.read_bytes())
+    return directory
