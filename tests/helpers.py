@@ -42,6 +42,24 @@ def save_hf(model, directory: Path, **kwargs) -> Path:
     return directory
 
 
+def save_hf_bin(model, directory: Path, shards: int = 1) -> Path:
+    """The older pytorch_model.bin layout (transformers 5 no longer writes it): one file, or several + index."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(directory)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if shards == 1:
+        torch.save(state, directory / "pytorch_model.bin")
+        return directory
+    keys, weight_map = list(state), {}
+    for i in range(shards):
+        name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = keys[i::shards]
+        torch.save({k: state[k] for k in part}, directory / name)
+        weight_map.update({k: name for k in part})
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory
+
+
 # How Meta's fairscale layers split each weight across model-parallel ranks (the checkpoint layout).
 def meta_split_dim(meta_key: str, vocab_parallel: bool) -> int | None:
     if meta_key.startswith("tok_embeddings"):

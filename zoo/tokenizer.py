@@ -74,11 +74,15 @@ class TiktokenTokenizer(Tokenizer):
         self.stop_ids = {self.eos_id, specials["<|eot_id|>"]}
 
     def _encode(self, text):
-        # tiktoken is quadratic on very long runs without a split point: cut them as Meta does.
+        # tiktoken is slow on huge inputs and on very long runs of (non-)whitespace: as Meta does, encode
+        # 400k-character chunks, cutting any run of over 25k whitespace or non-whitespace characters.
         ids = []
         for i in range(0, len(text), 400_000):
-            for piece in re.findall(r"\s{1,25000}|\S{1,25000}", text[i : i + 400_000]):
-                ids += self.model.encode(piece, allowed_special=set(), disallowed_special=())
+            chunk = text[i : i + 400_000]
+            cuts = [m.start() + k for m in re.finditer(r"\s{25001,}|\S{25001,}", chunk)
+                    for k in range(25_000, m.end() - m.start(), 25_000)]
+            for a, b in zip([0] + cuts, cuts + [len(chunk)]):
+                ids += self.model.encode(chunk[a:b], allowed_special=set(), disallowed_special=())
         return ids
 
     def decode(self, ids):

@@ -63,6 +63,9 @@ class LlamaConfig:
         """From Meta's params.json. vocab_size -1 there means 'the tokenizer's size' (passed in)."""
         known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                  "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len"}
+        missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
+        if missing:  # Meta's defaults are 7B's: a file without them would silently build the wrong model
+            raise ValueError(f"missing required key(s) {', '.join(missing)}")
         args = {k: v for k, v in params.items() if k in known and k != "use_scaled_rope"}
         if args.get("vocab_size", -1) <= 0:
             args["vocab_size"] = vocab_size

@@ -1,0 +1,88 @@
+"""The three tokenizer formats against the reference encoders of the same vocabularies."""
+import base64
+import json
+
+import pytest
+
+from zoo.tokenizer import LLAMA3_PATTERN, BPETokenizer, SentencePieceTokenizer, TiktokenTokenizer, load_tokenizer
+
+TEXTS = [
+    "Hello world", "  leading spaces and trailing   ", "tabs\tand\nnewlines\n\n\nmany", "digits 1234567 3.14159 1e-5",
+    "def f(x):\n    return x ** 2  # square", "unicode: café naïve 中文 日本語 😀 👍🏽", "UPPER lower MiXeD don't it's we'll",
+    "", " ", "\n", "a" * 300, "<|begin_of_text|> is text here",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_bpe(tmp_path_factory):
+    """A byte-level BPE trained here with Hugging Face `tokenizers`, LLaMA 3 style pre-tokenization."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from pydoc_data.topics import topics
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=800, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                             special_tokens=["<|begin_of_text|>", "<|end_of_text|>"])
+    tok.train_from_iterator([topics[k] for k in sorted(topics)][:60], trainer)
+    directory = tmp_path_factory.mktemp("bpe")
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
+                                                                 "eos_token": {"content": "<|end_of_text|>"}}))
+    return tok, directory
+
+
+def test_bpe_tokenizer_json_matches_hf(hf_bpe):
+    reference, directory = hf_bpe
+    tok = load_tokenizer(directory)
+    assert isinstance(tok, BPETokenizer)
+    assert tok.bos_id == reference.token_to_id("<|begin_of_text|>") and tok.eos_id == reference.token_to_id("<|end_of_text|>")
+    for text in TEXTS:
+        assert tok.encode(text) == reference.encode(text).ids, text
+        assert tok.decode(tok.encode(text)) == text
+    ids = tok.encode("x", bos=True, eos=True)
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+
+
+def test_llama3_tiktoken_file_matches_same_vocab(hf_bpe, tmp_path):
+    """The same vocabulary written as LLaMA 3's tokenizer.model (base64 token, rank): ids shift by the 2 specials."""
+    reference, directory = hf_bpe
+    bpe = BPETokenizer(directory / "tokenizer.json")
+    specials = {reference.token_to_id("<|begin_of_text|>"), reference.token_to_id("<|end_of_text|>")}
+    lines = [f"{base64.b64encode(bpe.id_to_bytes[i]).decode()} {rank}"
+             for rank, i in enumerate(sorted(set(bpe.id_to_bytes) - specials))]
+    (tmp_path / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    tok = load_tokenizer(tmp_path)
+    assert isinstance(tok, TiktokenTokenizer)
+    n = len(lines)
+    assert (tok.bos_id, tok.eos_id) == (n, n + 1)
+    assert tok.stop_ids == {n + 1, n + 9}  # <|end_of_text|>, <|eot_id|>
+    assert tok.n_words == n + 256
+    for text in TEXTS:
+        want = [i - 2 for i in reference.encode(text).ids] if "<|" not in text else None
+        got = tok.encode(text)
+        if want is not None:
+            assert got == want, text
+        assert tok.decode(got) == text  # special-token text is encoded as plain text, as Meta does
+    assert tok.decode([tok.bos_id]) == "<|begin_of_text|>"
+    long = "a" * 60_000 + " " * 30_000 + "b."  # runs over 25k characters are cut before encoding
+    assert tok.decode(tok.encode(long)) == long
+
+
+def test_sentencepiece(tiny_dir):
+    from sentencepiece import SentencePieceProcessor
+    sp = SentencePieceProcessor(model_file=str(tiny_dir / "tokenizer.model"))
+    tok = load_tokenizer(tiny_dir)
+    assert isinstance(tok, SentencePieceTokenizer)
+    assert (tok.bos_id, tok.eos_id, tok.n_words) == (sp.bos_id(), sp.eos_id(), sp.vocab_size())
+    for text in TEXTS:
+        assert tok.encode(text) == sp.encode(text)
+        assert tok.encode(text, bos=True, eos=True) == [sp.bos_id()] + sp.encode(text) + [sp.eos_id()]
+    text = "The for statement is used to iterate over the elements of a sequence."
+    assert tok.decode(tok.encode(text, bos=True)) == text
+
+
+def test_no_tokenizer_is_none(tmp_path):
+    assert load_tokenizer(tmp_path) is None
