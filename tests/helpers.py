@@ -93,3 +93,29 @@ def save_meta(model: llama.Llama, directory: Path, shards: int = 1, vocab_parall
     if tokenizer is not None:
         (directory / "tokenizer.model").write_bytes(tokenizer.read_bytes())
     return directory
+
+
+def spawn(fn, world: int = 2, *args) -> None:
+    """Run fn(rank, *args) in `world` processes joined by gloo, as torchrun would start them."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(world, port, fn, args), nprocs=world, join=True)
+
+
+def _worker(rank: int, world: int, port: int, fn, args) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    import zoo.parallel
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    zoo.parallel.setup()
+    fn(rank, *args)
+    dist.barrier()  # nobody tears the group down while another rank still uses it
+    dist.destroy_process_group()

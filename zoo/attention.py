@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.parallel import column_parallel_linear, row_parallel_linear, world_size
 from zoo.rotary import apply_rotary
 
 
@@ -58,18 +59,26 @@ def positions_and_mask(seq: int, start: int, left_pad: torch.Tensor | None,
 
 
 class Attention(nn.Module):
+    """Under tensor parallelism each rank holds n_heads/w query heads and n_kv_heads/w kv heads:
+    wq/wk/wv are column-parallel (split by heads), wo row-parallel (its partial sums all-reduced)."""
+
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool = False,
                  rotary: str | None = "interleaved"):
         super().__init__()
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        world = world_size()
+        if n_heads % world or n_kv_heads % world:
+            fits = [w for w in range(1, n_kv_heads + 1) if n_kv_heads % w == 0 and n_heads % w == 0]
+            raise ValueError(f"world size {world} does not divide n_heads ({n_heads}) and n_kv_heads "
+                             f"({n_kv_heads}): run with a world size in {fits}")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads // world, n_kv_heads // world, head_dim  # this rank's
         self.interleaved = rotary == "interleaved"
         self.rotary = rotary is not None
-        self.wq = nn.Linear(dim, n_heads * head_dim, bias=bias)
-        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
-        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
-        self.wo = nn.Linear(n_heads * head_dim, dim, bias=bias)
+        self.wq = column_parallel_linear(dim, n_heads * head_dim, bias=bias, gather_output=False)
+        self.wk = column_parallel_linear(dim, n_kv_heads * head_dim, bias=bias, gather_output=False)
+        self.wv = column_parallel_linear(dim, n_kv_heads * head_dim, bias=bias, gather_output=False)
+        self.wo = row_parallel_linear(n_heads * head_dim, dim, bias=bias, input_is_parallel=True)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -86,4 +95,4 @@ class Attention(nn.Module):
         # softmax(q k^T / sqrt(head_dim) + mask) v; each group of n_heads/n_kv_heads query heads shares a kv head
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
                                              enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))  # (batch, seq, dim)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))  # (batch, seq, dim), summed over ranks

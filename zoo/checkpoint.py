@@ -8,6 +8,7 @@ loader holds at most one source tensor beside the model it is filling.
 """
 import ctypes
 import json
+import math
 import mmap
 import struct
 import sys
@@ -40,21 +41,33 @@ class StoredTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.dtype.itemsize * int(torch.Size(self.shape).numel())
+        return self.dtype.itemsize * math.prod(self.shape)
 
-    def read(self) -> torch.Tensor:
-        """A CPU tensor that owns its memory."""
+    def read(self, dim: int | None = None, index: int = 0, parts: int = 1) -> torch.Tensor:
+        """The tensor, or the index-th of `parts` equal slices of it along `dim`, as a CPU tensor owning its memory.
+
+        A slice along dim 0 of a safetensors tensor reads only its own bytes; other slices read the
+        tensor and keep the slice (one tensor at a time, never the whole checkpoint).
+        """
+        if dim is not None and self.shape[dim] % parts:
+            raise CheckpointError(f"{self.path}: {self.key!r} of shape {self.shape} does not split into "
+                                  f"{parts} equal parts along dim {dim}")
         if self.mapped is not None:
-            out = self.mapped.clone()
+            out = (self.mapped if dim is None else self.mapped.chunk(parts, dim)[index]).clone()
             _drop_pages(self.mapped)
             return out
-        buf = torch.empty(self.nbytes, dtype=torch.uint8)
+        if dim not in (None, 0):
+            return self.read().chunk(parts, dim)[index].clone()
+        rows = self.shape[0] // parts if dim == 0 else None
+        shape = self.shape if rows is None else (rows, *self.shape[1:])
+        nbytes = self.dtype.itemsize * math.prod(shape)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
         with open(self.path, "rb") as f:
-            f.seek(self.offset)
+            f.seek(self.offset + index * nbytes)
             got = f.readinto(memoryview(buf.numpy()))
-        if got != self.nbytes:
+        if got != nbytes:
             raise CheckpointError(f"{self.path}: truncated while reading {self.key!r}")
-        return buf.view(self.dtype).reshape(self.shape)
+        return buf.view(self.dtype).reshape(shape)
 
 
 def safetensors_tensors(path: Path) -> dict[str, StoredTensor]:

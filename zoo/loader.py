@@ -16,6 +16,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
+from zoo import parallel
 from zoo.checkpoint import CheckpointError, StoredTensor, open_tensors
 from zoo.models import llama
 from zoo.tokenizer import load_tokenizer
@@ -38,10 +39,17 @@ HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
+class Split(NamedTuple):
+    """The slice of a tensor one rank holds: part `index` of `parts` equal parts along `dim`."""
+    dim: int
+    index: int
+    parts: int
+
+
 class Source(NamedTuple):
     where: str  # "file: key", for error messages
-    shape: tuple
-    read: Callable[[], torch.Tensor]  # the tensor in our layout, in the stored dtype, on the CPU
+    shape: tuple  # the whole tensor's
+    read: Callable[[Split | None], torch.Tensor]  # the tensor (or a slice) in our layout, stored dtype, CPU
 
 
 def find_checkpoint(ckpt: str | os.PathLike) -> Path:
@@ -112,8 +120,8 @@ def _meta_checkpoint(directory: Path, max_seq_len: int | None):
         raise CheckpointError(f"{directory / 'params.json'}: {e}") from None
     if max_seq_len:
         cfg.max_seq_len = max_seq_len
-    model = _build(llama.Llama, cfg)
-    expected = dict(model.named_parameters(remove_duplicate=False))
+    model = _build(llama.Llama, cfg, directory / "params.json")
+    expected = _full_shapes(model)
     sources = {}
     for key in files[0]:
         name = llama.meta_to_zoo(key)
@@ -127,7 +135,7 @@ def _meta_checkpoint(directory: Path, max_seq_len: int | None):
             if key not in f:
                 raise CheckpointError(f"{path}: tensor {key!r} is missing (it is in {shards[0].name})")
             parts.append(f[key])
-        sources[name] = _merge_shards(parts, tuple(expected[name].shape))
+        sources[name] = _merge_shards(parts, expected[name])
     for path, f in zip(shards[1:], files[1:]):
         for key in f.keys() - files[0].keys():
             raise CheckpointError(f"{path}: unexpected tensor {key!r} (not in {shards[0].name})")
@@ -140,19 +148,39 @@ def _merge_shards(parts: list[StoredTensor], full: tuple) -> Source:
 
     Column-parallel weights (wq, wk, wv, w1, w3, output) are split on dim 0, row-parallel ones
     (wo, w2) on dim 1, the embedding on dim 1 (LLaMA 1/2) or 0 (LLaMA 3); norms are replicated.
-    The split dimension is the one where a shard's shape differs from the full shape.
+    The split dimension is the one where a shard's shape differs from the full shape. A rank that
+    wants a slice of the result reads only the pieces of the shards that fall in it.
     """
     where = f"{parts[0].path}: {parts[0].key}"
     shapes = [p.shape for p in parts]
     if len(parts) == 1 or all(s == full for s in shapes):  # one file, or a replicated tensor
-        return Source(where, shapes[0], parts[0].read)
+        return Source(where, shapes[0], lambda split: parts[0].read(*(split or ())))
     dims = [d for d in range(len(full)) if shapes[0][d] != full[d]]
     if (len(dims) != 1 or any(len(s) != len(full) for s in shapes)
             or any(s[i] != full[i] for s in shapes for i in range(len(full)) if i != dims[0])
             or sum(s[dims[0]] for s in shapes) != full[dims[0]]):
         raise CheckpointError(f"{parts[0].path.parent}: shards of {parts[0].key!r} have shapes {shapes}, "
                               f"which do not merge into the expected {full}")
-    return Source(where, full, lambda: torch.cat([p.read() for p in parts], dim=dims[0]))
+    cat_dim = dims[0]
+
+    def read(split: Split | None) -> torch.Tensor:
+        if split is None:
+            return torch.cat([p.read() for p in parts], dim=cat_dim)
+        if split.dim != cat_dim:  # e.g. an embedding saved split on dim 1, wanted split on dim 0
+            return torch.cat([p.read(*split) for p in parts], dim=cat_dim)
+        # same dimension, another number of parts: take the rows [start, end) from the shards they lie in
+        step = full[cat_dim] // split.parts
+        start, end, pieces, offset = split.index * step, (split.index + 1) * step, [], 0
+        for p in parts:
+            size = p.shape[cat_dim]
+            lo, hi = max(start, offset), min(end, offset + size)
+            if lo < hi:
+                whole = p.read()
+                pieces.append(whole.narrow(cat_dim, lo - offset, hi - lo).clone())
+            offset += size
+        return torch.cat(pieces, dim=cat_dim)
+
+    return Source(where, full, read)
 
 
 def _hf_checkpoint(directory: Path, max_seq_len: int | None):
@@ -168,8 +196,8 @@ def _hf_checkpoint(directory: Path, max_seq_len: int | None):
         raise CheckpointError(f"{directory / 'config.json'}: {type(e).__name__}: {e}") from None
     if max_seq_len:
         cfg.max_seq_len = max_seq_len
-    model = _build(family.model, cfg)
-    expected = dict(model.named_parameters(remove_duplicate=False))
+    model = _build(family.model, cfg, directory / "config.json")
+    expected = _full_shapes(model)
     sources = {}
     for key, stored in _hf_tensors(directory).items():
         name = family.hf_to_zoo(key)
@@ -178,7 +206,8 @@ def _hf_checkpoint(directory: Path, max_seq_len: int | None):
         if name not in expected:
             raise CheckpointError(f"{stored.path}: unexpected tensor {key!r} (no such parameter in a "
                                   f"{model_type} model with this config.json)")
-        read = lambda stored=stored, name=name: family.hf_tensor_to_zoo(name, stored.read(), cfg)  # noqa: E731
+        def read(split, stored=stored, name=name):
+            return family.hf_tensor_to_zoo(name, stored.read(*(split or ())), cfg)
         sources[name] = Source(f"{stored.path}: {key}", stored.shape, read)
     model.tokenizer = load_tokenizer(directory, config)
     return model, sources, family.zoo_to_hf
@@ -207,9 +236,30 @@ def _hf_tensors(directory: Path) -> dict[str, StoredTensor]:
     raise CheckpointError(f"{directory}: no weights: expected one of {', '.join(HF_WEIGHTS + HF_INDEXES)}")
 
 
-def _build(model_class: type, cfg) -> nn.Module:
-    with torch.device("meta"):  # parameters without memory, filled by _fill
-        return model_class(cfg)
+def _build(model_class: type, cfg, config_file: Path) -> nn.Module:
+    """The model with parameters on the meta device (no memory), for _fill to put real tensors in."""
+    try:
+        with torch.device("meta"):
+            return model_class(cfg)
+    except ValueError as e:  # a config the model cannot be built from (at this world size)
+        raise CheckpointError(f"{config_file}: {e}") from None
+
+
+def _split_dim(model: nn.Module, name: str) -> int | None:
+    """Which dimension of a parameter tensor parallelism splits (a parallel layer's `split_dims`), if any."""
+    module_name, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(module_name), "split_dims", {}).get(attr)
+
+
+def _full_shapes(model: nn.Module) -> dict[str, tuple]:
+    """Every parameter's shape in the checkpoint: this rank's shape, times the world size on its split dim."""
+    shapes = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shape, dim = list(p.shape), _split_dim(model, name)
+        if dim is not None:
+            shape[dim] *= parallel.world_size()
+        shapes[name] = tuple(shape)
+    return shapes
 
 
 def _fill(model: nn.Module, sources: dict[str, Source], dtype: torch.dtype, device: torch.device,
@@ -217,29 +267,34 @@ def _fill(model: nn.Module, sources: dict[str, Source], dtype: torch.dtype, devi
     """Put every parameter in place from `sources`, checking that none is missing or misshapen.
 
     Parameters tied together (output and embedding) are one group: either name may provide it.
+    Under tensor parallelism (zoo.parallel) a parallel layer's `split_dims` say which dimension of
+    a parameter is split, and only this rank's slice is read.
     """
     groups: dict[int, list[str]] = {}
-    params = dict(model.named_parameters(remove_duplicate=False))
-    for name, p in params.items():
+    for name, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(name)
+    full = _full_shapes(model)
+    if getattr(model.config, "tie_embeddings", False) and "output.weight" not in sources:
+        sources["output.weight"] = sources.get("embed.weight")  # under TP the two are split differently
     for names in groups.values():
-        if not any(n in sources for n in names):
+        if not any(sources.get(n) for n in names):
             raise CheckpointError(f"{directory}: missing tensor {checkpoint_name(names[0])!r} "
-                                  f"(zoo's {names[0]}, shape {tuple(params[names[0]].shape)})")
-    bar = _Progress(directory, sum(math.prod(s.shape) for s in sources.values()), progress)
+                                  f"(zoo's {names[0]}, shape {full[names[0]]})")
+    bar = _Progress(directory, sum(math.prod(s.shape) for s in sources.values() if s), progress)
+    world, rank = parallel.world_size(), parallel.rank()
     for names in groups.values():
-        source = sources[next(n for n in names if n in sources)]
-        want = tuple(params[names[0]].shape)
+        source = sources[next(n for n in names if sources.get(n))]
+        dim, want = _split_dim(model, names[0]), full[names[0]]  # the whole tensor; this rank reads a slice
         if tuple(source.shape) != want:
             raise CheckpointError(f"{source.where}: shape {tuple(source.shape)} does not match the config, "
                                   f"which gives {want} for zoo's {names[0]}")
-        t = source.read()
+        t = source.read(None if dim is None else Split(dim, rank, world))
         t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         param = nn.Parameter(t, requires_grad=False)
         for name in names:
-            module, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(module), attr, param)
-        bar.update(t.numel())
+            module_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module_name), attr, param)
+        bar.update(math.prod(source.shape))
     bar.close()
 
 

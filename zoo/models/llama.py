@@ -21,6 +21,7 @@ from torch import nn
 
 from zoo.attention import Attention, KVCache, positions_and_mask
 from zoo.norm import RMSNorm
+from zoo.parallel import column_parallel_linear, parallel_embedding, row_parallel_linear, world_size
 from zoo.rotary import ROPE_TYPES, inv_frequencies, rope_angles
 
 
@@ -99,13 +100,17 @@ class LlamaConfig:
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w_out(silu(w_gate x) * w_in x). Meta calls these w1 (gate), w3 (in), w2 (out)."""
+    """SwiGLU: w_out(silu(w_gate x) * w_in x). Meta calls these w1 (gate), w3 (in), w2 (out).
+
+    Under tensor parallelism w_gate/w_in are column-parallel and w_out row-parallel: each rank
+    computes hidden_dim/w of the hidden units and the partial outputs are summed.
+    """
 
     def __init__(self, dim: int, hidden_dim: int, bias: bool = False):
         super().__init__()
-        self.w_gate = nn.Linear(dim, hidden_dim, bias=bias)
-        self.w_in = nn.Linear(dim, hidden_dim, bias=bias)
-        self.w_out = nn.Linear(hidden_dim, dim, bias=bias)
+        self.w_gate = column_parallel_linear(dim, hidden_dim, bias=bias, gather_output=False)
+        self.w_in = column_parallel_linear(dim, hidden_dim, bias=bias, gather_output=False)
+        self.w_out = row_parallel_linear(hidden_dim, dim, bias=bias, input_is_parallel=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_out(F.silu(self.w_gate(x)) * self.w_in(x))
@@ -129,11 +134,11 @@ class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed = parallel_embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        self.output = column_parallel_linear(cfg.dim, cfg.vocab_size, bias=False, gather_output=True)
+        if cfg.tie_embeddings and world_size() == 1:  # split differently under TP: loaded twice instead
             self.output.weight = self.embed.weight
         # Made on the CPU even when the model is built on the meta device; moves with .to().
         self.register_buffer("inv_freq", inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
@@ -141,9 +146,8 @@ class Llama(nn.Module):
         self.tokenizer = None  # set by zoo.load
 
     def new_cache(self, batch: int, max_len: int, left_pad: torch.Tensor | None = None) -> KVCache:
-        w = self.embed.weight
-        return KVCache(len(self.blocks), batch, self.config.n_kv_heads, self.config.head_dim, max_len,
-                       w.dtype, w.device, left_pad)
+        attn, w = self.blocks[0].attn, self.embed.weight
+        return KVCache(len(self.blocks), batch, attn.n_kv_heads, attn.head_dim, max_len, w.dtype, w.device, left_pad)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *,
                 left_pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
@@ -231,7 +235,7 @@ def hf_tensor_to_zoo(name: str, t: torch.Tensor, cfg: LlamaConfig) -> torch.Tens
     """
     if not _rotated(name):
         return t
-    heads = cfg.n_heads if ".wq." in name else cfg.n_kv_heads
+    heads = t.shape[0] // cfg.head_dim  # all heads, or this rank's slice of them
     return t.reshape(heads, 2, cfg.head_dim // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
 
@@ -239,5 +243,5 @@ def zoo_tensor_to_hf(name: str, t: torch.Tensor, cfg: LlamaConfig) -> torch.Tens
     """The inverse of `hf_tensor_to_zoo` (Meta layout -> Hugging Face layout), for writing HF files."""
     if not _rotated(name):
         return t
-    heads = cfg.n_heads if ".wq." in name else cfg.n_kv_heads
+    heads = t.shape[0] // cfg.head_dim
     return t.reshape(heads, cfg.head_dim // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)

@@ -1,2 +1,17 @@
-"""Tensor parallelism (ParallelEmbedding, ColumnParallelLinear, RowParallelLinear): not built yet, see the
-tensor-parallelism issue. Today every model runs in one process."""
+"""Tensor parallelism on torch.distributed: our own parallel layers and the collectives behind them.
+
+    torchrun --nproc_per_node 2 run.py --ckpt llama-2-7b
+
+`setup()` joins the process group torchrun describes; the models then build their linear and
+embedding layers with `column_parallel_linear`, `row_parallel_linear` and `parallel_embedding`,
+which are plain nn.Linear / nn.Embedding in one process, and `zoo.load` reads only this rank's
+slice of every split weight, whatever model-parallel size the checkpoint was saved with.
+"""
+from zoo.parallel.comm import (copy_to_parallel, gather_from_parallel, rank, reduce_from_parallel,
+                               scatter_to_parallel, setup, world_size)
+from zoo.parallel.layers import (ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, VocabParallelEmbedding,
+                                 column_parallel_linear, parallel_embedding, row_parallel_linear)
+
+__all__ = ["setup", "world_size", "rank", "copy_to_parallel", "reduce_from_parallel", "gather_from_parallel",
+           "scatter_to_parallel", "ColumnParallelLinear", "RowParallelLinear", "ParallelEmbedding",
+           "VocabParallelEmbedding", "column_parallel_linear", "row_parallel_linear", "parallel_embedding"]

@@ -1,0 +1,79 @@
+"""CPU paths: PyTorch's own weight-only matmul operators, fed from zoo's stored formats.
+
+    torch.ops.aten._weight_int8pack_mm(x [M, K], qweight int8 [N, K], scales [N]) -> [M, N]
+        y = x @ (qweight * scales[:, None]).T.  x is fp32, fp16 or bf16; scales must have x's dtype.
+        Takes our int8 format as it is: nothing to pack.
+
+    torch.ops.aten._convert_weight_to_int4pack_for_cpu(q int32 [N, K], inner_k_tiles) -> uint8 [N, K/2]
+        Takes the UNPACKED values 0..15 and lays them out for this CPU's instruction set (AVX512 or
+        AVX2 or plain): the layout is a detail of the build and the machine, so it is made at load
+        time and never saved. N must be a multiple of 16 (we pad); inner_k_tiles is unused on CPU.
+
+    torch.ops.aten._weight_int4pack_mm_for_cpu(x [M, K], packed, group_size, scales_and_zeros) -> [M, N]
+        scales_and_zeros is [K/group_size, N, 2] in x's dtype, [..., 0] the scale and [..., 1] a zero
+        that is ADDED after scaling, around a fixed midpoint of 8:
+
+            torch:  w = (q - 8) * scale + zero_torch
+            zoo:    w = (q - zero) * scale
+            so      zero_torch = (8 - zero) * scale                  (same w for every q; tested)
+
+        zero_torch is rounded to x's dtype. In bf16 that is a relative error of 2^-9 on a number up
+        to 8 * scale, shared by a whole group: the same size as rounding each weight to bf16, so the
+        bf16 path is as accurate as a bf16 dequantize-then-matmul (~3e-3 relative, measured).
+"""
+from dataclasses import dataclass
+
+import torch
+
+from zoo.kernels.reference import unpack_int4
+
+CPU_INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
+
+
+def int8_mm_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (fp32/fp16/bf16) @ int8 weight [N, K] with per-channel scales [N] -> [M, N] in x's dtype."""
+    return torch.ops.aten._weight_int8pack_mm(x, qweight, scales.to(x.dtype))
+
+
+@dataclass
+class CpuInt4Weight:
+    """An int4 weight laid out for torch's CPU operator: made by pack_int4_for_cpu, lives in memory only."""
+    packed: torch.Tensor            # uint8, torch's layout for this CPU (not ours)
+    scales_and_zeros: torch.Tensor  # [K/group_size, N padded to 16, 2]: (scale, zero_torch) in `dtype`
+    group_size: int
+    out_features: int               # N before padding
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype this weight was packed for (the operator wants x in it)."""
+        return self.scales_and_zeros.dtype
+
+
+def pack_int4_for_cpu(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                      dtype: torch.dtype = torch.bfloat16) -> CpuInt4Weight:
+    """Our int4 format (packed uint8 [N, K/2], scales and zeros [N, K/group_size]) -> torch's CPU layout.
+
+    Call once at load time. `dtype` is the activation dtype the operator will see (bf16 is the fast one).
+    """
+    n = packed.shape[0]
+    pad = -n % CPU_INT4_N_MULTIPLE  # rows of zeros so N is a multiple of 16; their outputs are cut off
+    q = unpack_int4(packed).to(torch.int32)  # [N, K]
+    zero_torch = (8 - zeros.float()) * scales.float()  # [N, K/group_size]
+    scales_and_zeros = torch.stack([scales.float(), zero_torch], dim=-1)  # [N, K/group_size, 2]
+    if pad:
+        q = torch.nn.functional.pad(q, (0, 0, 0, pad))
+        scales_and_zeros = torch.nn.functional.pad(scales_and_zeros, (0, 0, 0, 0, 0, pad))
+    return CpuInt4Weight(
+        packed=torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2),
+        scales_and_zeros=scales_and_zeros.transpose(0, 1).contiguous().to(dtype),  # [K/group_size, N, 2]
+        group_size=group_size,
+        out_features=n,
+    )
+
+
+def int4_mm_cpu(x: torch.Tensor, weight: CpuInt4Weight) -> torch.Tensor:
+    """x [M, K] in weight.dtype @ the packed int4 weight -> [M, N] in x's dtype."""
+    if x.dtype != weight.dtype:
+        raise TypeError(f"this int4 weight was packed for {weight.dtype} activations, got {x.dtype}")
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight.packed, weight.group_size, weight.scales_and_zeros)
+    return y[:, :weight.out_features]  # [M, N]: drop the padding rows
