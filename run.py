@@ -4,16 +4,19 @@
     python run.py --ckpt llama-2-7b --prompt "The capital of France is"
     echo "Once upon a time" | python run.py --ckpt path/to/hf-dir --temperature 0
     python run.py --interactive                        # prompt after prompt
-    torchrun --nproc_per_node 2 run.py --ckpt llama-2-7b   # tensor-parallel (see the parallel issue)
+    torchrun --nproc_per_node 2 run.py --ckpt llama-2-7b   # tensor-parallel over 2 processes
 
-Prints prefill and decode speed (tokens/s) at the end, on stderr.
+Prints prefill and decode speed (tokens/s) at the end, on stderr. Under torchrun every rank holds a
+slice of the model and computes the same tokens; only rank 0 reads the prompt and prints.
 """
 import argparse
 import sys
 
 import torch
+import torch.distributed as dist
 
 import zoo
+from zoo import parallel
 
 DEMO_CHECKPOINT = "tiny-llama"
 DEMO_PROMPT = "The for statement"
@@ -37,45 +40,64 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def say(*args, **kwargs) -> None:
+    if parallel.rank() == 0:
+        print(*args, **kwargs)
+
+
 def complete(model, text: str, args) -> None:
     """Stream the model's continuation of `text` to stdout; report speed on stderr."""
     ids = model.tokenizer.encode(text, bos=True)
-    print(text, end="", flush=True)
+    say(text, end="", flush=True)
     stats = {}
     for piece in zoo.stream(model, ids, stats=stats, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed):
-        print(piece, end="", flush=True)
-    print(flush=True)
+        say(piece, end="", flush=True)
+    say(flush=True)
     rate = lambda n, s: f"{n / s:.1f} tokens/s" if s > 0 else "-"  # noqa: E731
-    print(f"[prefill {stats['prefill_tokens']} tokens: {rate(stats['prefill_tokens'], stats['prefill_s'])}, "
-          f"decode {stats['decode_tokens']} tokens: {rate(stats['decode_tokens'], stats['decode_s'])}]",
-          file=sys.stderr)
+    say(f"[prefill {stats['prefill_tokens']} tokens: {rate(stats['prefill_tokens'], stats['prefill_s'])}, "
+        f"decode {stats['decode_tokens']} tokens: {rate(stats['decode_tokens'], stats['decode_s'])}]",
+        file=sys.stderr)
+
+
+def read_prompt(args, interactive: bool) -> str | None:
+    """Rank 0 reads the prompt (None at the end of input) and every rank gets it."""
+    text = None
+    if parallel.rank() == 0:
+        if interactive:
+            try:
+                text = input("> ")
+            except EOFError:
+                text = None
+        elif args.prompt is not None:
+            text = args.prompt
+        else:
+            text = sys.stdin.read() if not sys.stdin.isatty() else DEMO_PROMPT
+    if parallel.world_size() > 1:
+        box = [text]
+        dist.broadcast_object_list(box, src=0)
+        text = box[0]
+    return text
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        parallel.setup()
         model = zoo.load(args.ckpt, dtype=DTYPES[args.dtype], device=args.device)
-    except (FileNotFoundError, zoo.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if model.tokenizer is None:
-        print(f"error: no tokenizer (tokenizer.model or tokenizer.json) in {zoo.find_checkpoint(args.ckpt)}",
-              file=sys.stderr)
-        return 2
-    if args.interactive:
-        while True:
-            try:
-                text = input("> ")
-            except EOFError:
-                return 0
+        if model.tokenizer is None:
+            raise zoo.CheckpointError(f"{zoo.find_checkpoint(args.ckpt)}: no tokenizer (tokenizer.model or "
+                                      f"tokenizer.json)")
+        while (text := read_prompt(args, args.interactive)) is not None:
             complete(model, text, args)
-    text = args.prompt if args.prompt is not None else (sys.stdin.read() if not sys.stdin.isatty() else DEMO_PROMPT)
-    try:
-        complete(model, text, args)
-    except ValueError as e:  # a prompt longer than the context, ...
-        print(f"\nerror: {e}", file=sys.stderr)
+            if not args.interactive:
+                break
+    except (FileNotFoundError, RuntimeError, ValueError) as e:  # CheckpointError is a ValueError
+        say(f"\nerror: {e}", file=sys.stderr)  # every rank meets the same error and exits: no rank hangs
         return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

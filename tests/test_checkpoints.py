@@ -187,6 +187,15 @@ def test_missing_meta_shard(hf_dir, tmp_path):
         zoo.load(directory)
 
 
+def test_missing_last_meta_shards(hf_dir, tmp_path):
+    directory = save_meta(zoo.load(hf_dir, dtype=torch.float32), tmp_path / "m", shards=4)
+    (directory / "consolidated.03.pth").unlink()
+    (directory / "consolidated.02.pth").unlink()
+    with pytest.raises(CheckpointError, match=r"a checkpoint of 4 model-parallel shards whose consolidated.02.pth "
+                                              r"... consolidated.03.pth are missing"):
+        zoo.load(directory)
+
+
 def test_missing_shard_listed_in_index(tmp_path):
     directory = save_hf(hf_llama("gqa"), tmp_path, max_shard_size="100KB")
     victim = sorted(directory.glob("*.safetensors"))[1]

@@ -1,7 +1,12 @@
 """Tensor parallelism at world size 2 (gloo, CPU): same logits as one process, any checkpoint split onto any world size."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT
 from helpers import hf_llama, save_hf, save_meta, spawn
 
 import zoo
@@ -115,3 +120,35 @@ def _check_layers_against_fairscale(rank):
 def test_layers_match_fairscale_forward_and_backward():
     pytest.importorskip("fairscale")
     spawn(_check_layers_against_fairscale, 2)
+
+
+def torchrun(*args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "run.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_run_py_under_torchrun_prints_once_and_matches_one_process(tiny_dir):
+    args = ("--prompt", "The for statement", "--max-new-tokens", "16", "--temperature", "0", "--dtype", "float32")
+    one = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, timeout=300)
+    two = torchrun(*args)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert two.stdout == one.stdout  # the same text, printed by rank 0 only
+    assert two.stderr.count("[prefill") == 1
+
+
+def test_run_py_under_torchrun_missing_shard_exits_on_every_rank(hf_and_meta2):
+    directory = hf_and_meta2
+    (directory / "consolidated.01.pth").unlink()
+    r = torchrun("--ckpt", str(directory), "--max-new-tokens", "4")
+    assert r.returncode != 0
+    assert r.stderr.count("consolidated.01.pth ... consolidated.01.pth are missing") == 1  # said once, by rank 0
+    assert r.stderr.count("error: ") == 1  # (torchrun then reports the failed ranks itself)
+
+
+@pytest.fixture
+def hf_and_meta2(checkpoints, tmp_path):
+    import shutil
+    shutil.copytree(checkpoints[0]["meta2"], tmp_path / "m")
+    return tmp_path / "m"

@@ -153,9 +153,17 @@ def _merge_shards(parts: list[StoredTensor], full: tuple) -> Source:
     """
     where = f"{parts[0].path}: {parts[0].key}"
     shapes = [p.shape for p in parts]
+    dims = [d for d in range(len(full)) if len(shapes[0]) == len(full) and shapes[0][d] != full[d]]
+    if len(dims) == 1 and all(len(s) == len(full) for s in shapes):
+        have = sum(s[dims[0]] for s in shapes)
+        if have < full[dims[0]] and full[dims[0]] % shapes[0][dims[0]] == 0:  # shards at the end are missing
+            n = full[dims[0]] // shapes[0][dims[0]]
+            raise CheckpointError(f"{parts[0].path.parent}: {parts[0].key!r} has {have} of {full[dims[0]]} rows "
+                                  f"along dim {dims[0]} in {len(parts)} file(s): a checkpoint of {n} model-parallel "
+                                  f"shards whose consolidated.{len(parts):02d}.pth ... consolidated.{n - 1:02d}.pth "
+                                  f"are missing")
     if len(parts) == 1 or all(s == full for s in shapes):  # one file, or a replicated tensor
         return Source(where, shapes[0], lambda split: parts[0].read(*(split or ())))
-    dims = [d for d in range(len(full)) if shapes[0][d] != full[d]]
     if (len(dims) != 1 or any(len(s) != len(full) for s in shapes)
             or any(s[i] != full[i] for s in shapes for i in range(len(full)) if i != dims[0])
             or sum(s[dims[0]] for s in shapes) != full[dims[0]]):
