@@ -37,14 +37,28 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
-def positions_and_mask(seq: int, start: int, left_pad: torch.Tensor | None,
-                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Positions of `seq` new tokens written at slot `start`, and the mask over all start+seq slots.
+    @classmethod
+    def for_model(cls, model: nn.Module, batch: int, max_len: int, left_pad: torch.Tensor | None = None) -> "KVCache":
+        """A cache shaped for `model` (any family: they all have `blocks[i].attn` and `embed`), on its device."""
+        attn, w = model.blocks[0].attn, model.embed.weight
+        return cls(len(model.blocks), batch, attn.n_kv_heads, attn.head_dim, max_len, w.dtype, w.device, left_pad)
+
+
+def positions_and_mask(tokens: torch.Tensor, cache: KVCache | None,
+                       left_pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Positions of the new tokens (written after the cache's `pos` slots) and the attention mask.
 
     Returns positions (batch or 1, seq) and a boolean mask (batch or 1, 1, seq, start+seq) that
     is True where a query may attend, or None when plain causal attention is exact (a prefill
-    from slot 0, or a single new token that sees everything before it).
+    from slot 0, or a single new token that sees everything before it). `left_pad` (batch,) marks
+    leading padding when there is no cache; a cache carries its own.
     """
+    seq, device = tokens.shape[1], tokens.device
+    start = 0
+    if cache is not None:
+        start, left_pad = cache.pos, cache.left_pad
+        if start + seq > cache.max_len:
+            raise ValueError(f"{start + seq} positions do not fit the KV cache of {cache.max_len}")
     slots = torch.arange(start, start + seq, device=device)  # (seq,)
     if left_pad is None:
         if start == 0 or seq == 1:

@@ -26,9 +26,9 @@ class Family(NamedTuple):
     """What the loader needs to know of a model family stored in Hugging Face's layout."""
     config_from_hf: Callable
     model: type
-    hf_to_zoo: Callable  # checkpoint key -> our parameter name (None: skip the key)
+    hf_to_zoo: Callable  # checkpoint key -> our parameter names ([]: skip the key; several: a fused tensor)
     zoo_to_hf: Callable  # the other way, to name a missing tensor in the checkpoint's words
-    hf_tensor_to_zoo: Callable  # (name, tensor, config) -> tensor in our layout
+    hf_tensor_to_zoo: Callable  # (name, tensor or its slice, config) -> the tensor of `name` in our layout
 
 
 # config.json's model_type -> family
@@ -208,15 +208,19 @@ def _hf_checkpoint(directory: Path, max_seq_len: int | None):
     expected = _full_shapes(model)
     sources = {}
     for key, stored in _hf_tensors(directory).items():
-        name = family.hf_to_zoo(key)
-        if name is None:
-            continue
-        if name not in expected:
-            raise CheckpointError(f"{stored.path}: unexpected tensor {key!r} (no such parameter in a "
-                                  f"{model_type} model with this config.json)")
-        def read(split, stored=stored, name=name):
-            return family.hf_tensor_to_zoo(name, stored.read(*(split or ())), cfg)
-        sources[name] = Source(f"{stored.path}: {key}", stored.shape, read)
+        for name in family.hf_to_zoo(key):  # one name, none (a key to skip), or several (a fused tensor)
+            if name not in expected:
+                raise CheckpointError(f"{stored.path}: unexpected tensor {key!r} (no such parameter in a "
+                                      f"{model_type} model with this config.json)")
+            try:  # the shape after conversion, found by converting a tensor without data
+                shape = family.hf_tensor_to_zoo(name, torch.empty(stored.shape, device="meta"), cfg).shape
+            except RuntimeError:
+                raise CheckpointError(f"{stored.path}: {key}: shape {stored.shape} does not match the config, "
+                                      f"which gives {expected[name]} for zoo's {name}") from None
+
+            def read(split, stored=stored, name=name):
+                return family.hf_tensor_to_zoo(name, stored.read(*(split or ())), cfg)
+            sources[name] = Source(f"{stored.path}: {key}", tuple(shape), read)
     model.tokenizer = load_tokenizer(directory, config)
     return model, sources, family.zoo_to_hf
 

@@ -146,8 +146,7 @@ class Llama(nn.Module):
         self.tokenizer = None  # set by zoo.load
 
     def new_cache(self, batch: int, max_len: int, left_pad: torch.Tensor | None = None) -> KVCache:
-        attn, w = self.blocks[0].attn, self.embed.weight
-        return KVCache(len(self.blocks), batch, attn.n_kv_heads, attn.head_dim, max_len, w.dtype, w.device, left_pad)
+        return KVCache.for_model(self, batch, max_len, left_pad)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *,
                 left_pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
@@ -156,13 +155,7 @@ class Llama(nn.Module):
         With a cache, the tokens are written after the `cache.pos` positions already there.
         `left_pad` (batch,) marks leading padding when there is no cache (a cache carries its own).
         """
-        batch, seq = tokens.shape
-        start = cache.pos if cache is not None else 0
-        if cache is not None:
-            left_pad = cache.left_pad
-            if start + seq > cache.max_len:
-                raise ValueError(f"{start + seq} positions do not fit the KV cache of {cache.max_len}")
-        positions, mask = positions_and_mask(seq, start, left_pad, tokens.device)
+        positions, mask = positions_and_mask(tokens, cache, left_pad)  # (batch or 1, seq), see attention.py
         rope = rope_angles(self.inv_freq, positions)
 
         h = self.embed(tokens)  # (batch, seq, dim)
@@ -172,7 +165,7 @@ class Llama(nn.Module):
             h = h[:, -1:]
         logits = self.output(self.norm(h)).float()  # (batch, seq, vocab)
         if cache is not None:
-            cache.pos += seq
+            cache.pos += tokens.shape[1]
         return logits
 
 
@@ -208,12 +201,12 @@ def zoo_to_meta(name: str) -> str:
     return ".".join(inverse.get(part, part) for part in name.split("."))
 
 
-def hf_to_zoo(key: str) -> str | None:
-    """Our name for a key of a Hugging Face LlamaForCausalLM checkpoint, or None for a key to skip."""
+def hf_to_zoo(key: str) -> list[str]:
+    """Our name(s) for a key of a Hugging Face LlamaForCausalLM checkpoint ([] for a key to skip)."""
     if HF_IGNORED.search(key):
-        return None
+        return []
     key = key.removeprefix("model.")
-    return ".".join(HF_NAMES.get(part, part) for part in key.split("."))
+    return [".".join(HF_NAMES.get(part, part) for part in key.split("."))]
 
 
 def zoo_to_hf(name: str) -> str:
