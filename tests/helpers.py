@@ -119,3 +119,31 @@ def _worker(rank: int, world: int, port: int, fn, args) -> None:
     fn(rank, *args)
     dist.barrier()  # nobody tears the group down while another rank still uses it
     dist.destroy_process_group()
+
+
+# OPT and GPT-NeoX variants, as Hugging Face config keyword arguments.
+FAMILY_VARIANTS = {
+    "opt-pre-ln": ("opt", dict()),
+    "opt-post-ln-proj": ("opt", dict(do_layer_norm_before=False, word_embed_proj_dim=32)),
+    "neox-rotary-0.25-parallel": ("gpt_neox", dict(rotary_pct=0.25)),
+    "neox-rotary-1.0-sequential": ("gpt_neox", dict(rotary_pct=1.0, use_parallel_residual=False)),
+}
+
+
+def hf_family(variant: str, seed: int = 0):
+    """A Hugging Face OPTForCausalLM / GPTNeoXForCausalLM with random weights (as `hf_llama`)."""
+    import transformers
+    family, overrides = FAMILY_VARIANTS[variant]
+    torch.manual_seed(seed)
+    if family == "opt":
+        cfg = transformers.OPTConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, ffn_dim=160,
+                                     num_attention_heads=4, max_position_embeddings=256, **overrides)
+        model = transformers.OPTForCausalLM(cfg)
+    else:
+        cfg = transformers.GPTNeoXConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, intermediate_size=160,
+                                         num_attention_heads=4, max_position_embeddings=256, **overrides)
+        model = transformers.GPTNeoXForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.15)
+    return model.eval()

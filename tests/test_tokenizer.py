@@ -49,7 +49,7 @@ def test_bpe_tokenizer_json_matches_hf(hf_bpe):
 def test_llama3_tiktoken_file_matches_same_vocab(hf_bpe, tmp_path):
     """The same vocabulary written as LLaMA 3's tokenizer.model (base64 token, rank): ids shift by the 2 specials."""
     reference, directory = hf_bpe
-    bpe = BPETokenizer(directory / "tokenizer.json")
+    bpe = BPETokenizer.from_tokenizer_json(directory / "tokenizer.json")
     specials = {reference.token_to_id("<|begin_of_text|>"), reference.token_to_id("<|end_of_text|>")}
     lines = [f"{base64.b64encode(bpe.id_to_bytes[i]).decode()} {rank}"
              for rank, i in enumerate(sorted(set(bpe.id_to_bytes) - specials))]

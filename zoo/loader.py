@@ -18,7 +18,7 @@ from torch import nn
 
 from zoo import parallel
 from zoo.checkpoint import CheckpointError, StoredTensor, open_tensors
-from zoo.models import llama
+from zoo.models import gpt_neox, llama, opt
 from zoo.tokenizer import load_tokenizer
 
 
@@ -34,6 +34,9 @@ class Family(NamedTuple):
 # config.json's model_type -> family
 FAMILIES = {
     "llama": Family(llama.LlamaConfig.from_hf, llama.Llama, llama.hf_to_zoo, llama.zoo_to_hf, llama.hf_tensor_to_zoo),
+    "opt": Family(opt.OPTConfig.from_hf, opt.OPT, opt.hf_to_zoo, opt.zoo_to_hf, opt.hf_tensor_to_zoo),
+    "gpt_neox": Family(gpt_neox.GPTNeoXConfig.from_hf, gpt_neox.GPTNeoX, gpt_neox.hf_to_zoo, gpt_neox.zoo_to_hf,
+                       gpt_neox.hf_tensor_to_zoo),
 }
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")

@@ -3,8 +3,9 @@
 - SentencePiece `tokenizer.model` (LLaMA 1 and 2, and the tiny bundled model).
 - LLaMA 3's `tokenizer.model`: a tiktoken ranks file (base64 token, rank per line) plus 256
   special tokens numbered after the ranks.
-- A Hugging Face `tokenizer.json` holding a byte-level BPE (LLaMA 3 on the Hub, GPT-2 style
-  vocabularies), run on tiktoken: its mergeable ranks are built from the file's merges.
+- A byte-level BPE, from a Hugging Face `tokenizer.json` (LLaMA 3 on the Hub, GPT-NeoX/Pythia) or
+  GPT-2's `vocab.json` + `merges.txt` (OPT), run on tiktoken: its mergeable ranks are built from
+  the merges.
 """
 import base64
 import json
@@ -103,24 +104,22 @@ def _byte_decoder() -> dict[str, int]:
 
 
 class BPETokenizer(Tokenizer):
-    """A byte-level BPE from a Hugging Face tokenizer.json, encoded by tiktoken.
+    """A byte-level BPE (GPT-2's scheme), encoded by tiktoken.
 
     tiktoken merges the adjacent pair whose concatenation has the lowest rank, so a token's rank is
     the position of the merge that first makes it (bytes come first); `rank_to_id` maps back to the
     file's ids. Added tokens (special or not) are recognised in the text, as Hugging Face does.
+    Built from a `tokenizer.json` (`from_tokenizer_json`) or GPT-2's `vocab.json` + `merges.txt`.
     """
 
-    def __init__(self, path: Path, bos: str | int | None = None, eos: str | int | list | None = None):
+    def __init__(self, vocab: dict[str, int], merges: list, added: dict[str, int], pattern: str,
+                 prefix_space: bool = False, bos: str | int | None = None, eos: str | int | list | None = None,
+                 name: str = "bpe"):
         import tiktoken
-        spec = json.loads(path.read_text())
-        model = spec.get("model", {})
-        if model.get("type") != "BPE" or not _is_byte_level(spec):
-            raise ValueError(f"{path}: only byte-level BPE tokenizer.json files are supported "
-                             f"(found model type {model.get('type')!r})")
-        vocab, to_byte = model["vocab"], _byte_decoder()
+        to_byte = _byte_decoder()
         as_bytes = lambda tok: bytes(to_byte[c] for c in tok)  # noqa: E731
         ranks = {bytes([b]): b for b in range(256)}
-        for merge in model["merges"]:
+        for merge in merges:
             left, right = merge.split(" ") if isinstance(merge, str) else merge
             ranks.setdefault(as_bytes(left) + as_bytes(right), len(ranks))
         rank_to_id = np.full(len(ranks), -1, dtype=np.int64)
@@ -129,20 +128,37 @@ class BPETokenizer(Tokenizer):
             self.id_to_bytes[i] = as_bytes(tok)
             if self.id_to_bytes[i] in ranks:
                 rank_to_id[ranks[self.id_to_bytes[i]]] = i
-        added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
         for text, i in added.items():
             self.id_to_bytes[i] = text.encode()
-        self.added = added
-        self.token_ids = {**vocab, **added}
+        self.added, self.token_ids = added, {**vocab, **added}
         specials = {text: len(ranks) + k for k, text in enumerate(added)}
         self.rank_to_id = np.concatenate([rank_to_id, np.array(list(added.values()), dtype=np.int64)])
-        pattern, self.prefix_space = _pre_tokenizer(spec.get("pre_tokenizer"))
-        self.model = tiktoken.Encoding(path.name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+        self.prefix_space = prefix_space
+        self.model = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
         self.n_words = max(self.id_to_bytes) + 1
         eos_all = eos if isinstance(eos, list) else [eos]
         self.bos_id = self._id(bos)
         self.eos_id = self._id(eos_all[0])
         self.stop_ids = {self._id(e) for e in eos_all} - {None}
+
+    @classmethod
+    def from_tokenizer_json(cls, path: Path, bos=None, eos=None) -> "BPETokenizer":
+        spec = json.loads(path.read_text())
+        model = spec.get("model", {})
+        if model.get("type") != "BPE" or not _is_byte_level(spec):
+            raise ValueError(f"{path}: only byte-level BPE tokenizer.json files are supported "
+                             f"(found model type {model.get('type')!r})")
+        pattern, prefix_space = _pre_tokenizer(spec.get("pre_tokenizer"))
+        added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+        return cls(model["vocab"], model["merges"], added, pattern, prefix_space, bos, eos, name=path.name)
+
+    @classmethod
+    def from_vocab_merges(cls, vocab: Path, merges: Path, added: dict[str, int], bos=None, eos=None) -> "BPETokenizer":
+        """GPT-2's files: vocab.json (token -> id) and merges.txt (a '#version' line, then 'left right' per line)."""
+        lines = [line for line in merges.read_text(encoding="utf-8").split("\n")
+                 if line and not line.startswith("#version")]
+        return cls(json.loads(vocab.read_text(encoding="utf-8")), lines, added, GPT2_PATTERN, False, bos, eos,
+                   name=vocab.name)
 
     def _id(self, token: str | int | None) -> int | None:
         if token is None or isinstance(token, int):
@@ -187,7 +203,8 @@ def load_tokenizer(directory: Path, config: dict | None = None) -> Tokenizer | N
     """The tokenizer stored beside a checkpoint, or None if there is none.
 
     `tokenizer.model` comes first (SentencePiece or tiktoken, told apart by its content); else a
-    byte-level BPE `tokenizer.json`, with bos/eos from config.json or tokenizer_config.json.
+    byte-level BPE `tokenizer.json`, else GPT-2's `vocab.json` + `merges.txt` (OPT), with bos/eos
+    ids from config.json, or their names from tokenizer_config.json.
     """
     model = directory / "tokenizer.model"
     if model.exists():
@@ -195,14 +212,16 @@ def load_tokenizer(directory: Path, config: dict | None = None) -> Tokenizer | N
         if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", first):
             return TiktokenTokenizer(model)
         return SentencePieceTokenizer(model)
+    config = config or {}
+    bos, eos = config.get("bos_token_id"), config.get("eos_token_id")
+    named = json.loads((directory / "tokenizer_config.json").read_text()) \
+        if (directory / "tokenizer_config.json").exists() else {}
+    content = lambda t: t.get("content") if isinstance(t, dict) else t  # noqa: E731
+    bos = bos if bos is not None else content(named.get("bos_token"))
+    eos = eos if eos is not None else content(named.get("eos_token"))
     if (directory / "tokenizer.json").exists():
-        config = config or {}
-        bos, eos = config.get("bos_token_id"), config.get("eos_token_id")
-        extra = directory / "tokenizer_config.json"
-        if extra.exists():
-            named = json.loads(extra.read_text())
-            content = lambda t: t.get("content") if isinstance(t, dict) else t  # noqa: E731
-            bos = bos if bos is not None else content(named.get("bos_token"))
-            eos = eos if eos is not None else content(named.get("eos_token"))
-        return BPETokenizer(directory / "tokenizer.json", bos=bos, eos=eos)
+        return BPETokenizer.from_tokenizer_json(directory / "tokenizer.json", bos=bos, eos=eos)
+    if (directory / "vocab.json").exists() and (directory / "merges.txt").exists():
+        added = {content(t): int(i) for i, t in named.get("added_tokens_decoder", {}).items()}
+        return BPETokenizer.from_vocab_merges(directory / "vocab.json", directory / "merges.txt", added, bos, eos)
     return None

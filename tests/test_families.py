@@ -1,0 +1,90 @@
+"""OPT and GPT-NeoX against Hugging Face's OPTForCausalLM and GPTNeoXForCausalLM on the same weights."""
+import pytest
+import torch
+from helpers import FAMILY_VARIANTS, hf_family, save_hf, spawn
+
+import zoo
+from zoo import parallel
+
+pytest.importorskip("transformers")
+FP32_TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_VARIANTS))
+def pair(request, tmp_path_factory):
+    hf = hf_family(request.param)
+    directory = save_hf(hf, tmp_path_factory.mktemp(request.param))
+    return request.param, hf, zoo.load(directory, dtype=torch.float32), directory
+
+
+def test_logits_match_hf_fp32(pair):
+    _, hf, model, _ = pair
+    tokens = torch.randint(0, 320, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = hf(tokens).logits, model(tokens)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() < FP32_TOL
+    assert want.std() > 0.5
+
+
+def test_left_padded_batch_matches_hf(pair):
+    _, hf, model, _ = pair
+    tokens = torch.randint(3, 320, (3, 20), generator=torch.Generator().manual_seed(2))
+    left_pad = torch.tensor([0, 6, 13])
+    mask = (torch.arange(20)[None] >= left_pad[:, None]).long()
+    with torch.no_grad():
+        want, got = hf(tokens, attention_mask=mask).logits, model(tokens, left_pad=left_pad)
+    assert (got - want)[mask.bool()].abs().max() < FP32_TOL
+
+
+def test_greedy_generation_with_kv_cache_matches_hf(pair):
+    _, hf, model, _ = pair
+    prompt = torch.randint(3, 320, (1, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, do_sample=False,
+                           eos_token_id=None, pad_token_id=1)[0, 10:].tolist()
+    assert zoo.generate(model, [prompt[0].tolist()], max_new_tokens=32, stop_ids=set())[0] == want
+    assert len(want) == 32
+
+
+def test_opt_without_model_prefix_and_with_bin(tmp_path):
+    """opt-350m's hub file has keys without "model."; older checkpoints are pytorch_model.bin."""
+    hf = hf_family("opt-post-ln-proj")
+    hf.config.save_pretrained(tmp_path)
+    torch.save({k.removeprefix("model."): v.clone() for k, v in hf.state_dict().items()}, tmp_path / "pytorch_model.bin")
+    tokens = torch.randint(0, 320, (1, 12))
+    with torch.no_grad():
+        assert (zoo.load(tmp_path, dtype=torch.float32)(tokens) - hf(tokens).logits).abs().max() < FP32_TOL
+
+
+def _check_tp(rank, directories, tokens, want):
+    for name, directory in directories.items():
+        model = zoo.load(directory, dtype=torch.float32)
+        assert isinstance(model.blocks[0].attn.wq, parallel.ColumnParallelLinear)
+        with torch.no_grad():
+            got = model(tokens)
+            cache = model.new_cache(tokens.shape[0], tokens.shape[1])
+            stepped = torch.cat([model(tokens[:, :8], cache=cache)] +
+                                [model(tokens[:, i : i + 1], cache=cache) for i in range(8, tokens.shape[1])], dim=1)
+        assert (got - want[name]).abs().max() < 1e-5, name
+        assert (stepped - want[name]).abs().max() < 1e-5, name
+
+
+def test_tensor_parallel_world_2_equals_single_process(tmp_path):
+    """NeoX's fused qkv must be split per head (not by rows) for the ranks' slices to be right."""
+    directories = {v: save_hf(hf_family(v), tmp_path / v) for v in FAMILY_VARIANTS}
+    tokens = torch.randint(0, 320, (2, 14), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = {v: zoo.load(d, dtype=torch.float32)(tokens) for v, d in directories.items()}
+    spawn(_check_tp, 2, directories, tokens, want)
+
+
+def test_unknown_model_type_lists_every_family(tmp_path):
+    import json
+    hf = hf_family("opt-pre-ln")
+    save_hf(hf, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model_type"] = "bloom"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(zoo.CheckpointError, match="unknown model_type 'bloom'; supported: llama, opt, gpt_neox"):
+        zoo.load(tmp_path)

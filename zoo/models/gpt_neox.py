@@ -1,0 +1,171 @@
+"""GPT-NeoX and the Pythia suite (EleutherAI), read top to bottom.
+
+    tokens ─ embed ─ block 0 ... block n-1 ─ norm ─ output (untied)
+
+    parallel residual (Pythia, NeoX-20B):        sequential residual (use_parallel_residual=False):
+        out = x + attn(attn_norm(x))                 h = x + attn(attn_norm(x))
+                + mlp(mlp_norm(x))                   out = h + mlp(mlp_norm(h))
+
+Rotary embeddings on the first `rotary_pct` of each head's dims only, half-split pairing
+(i, i + rotary_dim/2), base `rotary_emb_base`; LayerNorm with biases; GELU (exact erf) MLP.
+The checkpoint fuses q, k and v into one `query_key_value` weight, interleaved per head
+(rows: head 0's q, k, v, then head 1's ...); it is split into wq/wk/wv when loading.
+"""
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.attention import Attention, KVCache, positions_and_mask
+from zoo.mlp import MLP
+from zoo.parallel import column_parallel_linear, parallel_embedding
+from zoo.rotary import inv_frequencies, rope_angles
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+               "gelu_fast": lambda x: F.gelu(x, approximate="tanh")}
+
+
+@dataclass
+class GPTNeoXConfig:
+    dim: int = 6144
+    n_layers: int = 44
+    n_heads: int = 64
+    hidden_dim: int = 24576
+    vocab_size: int = 50432
+    max_seq_len: int = 2048
+    rotary_pct: float = 0.25
+    rope_theta: float = 10000.0  # rotary_emb_base
+    norm_eps: float = 1e-5
+    parallel_residual: bool = True
+    bias: bool = True  # attention_bias
+    activation: str = "gelu"
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        self.head_dim = self.dim // self.n_heads
+        self.n_kv_heads = self.n_heads
+        self.rotary_dim = int(self.head_dim * self.rotary_pct)
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.activation!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "GPTNeoXConfig":
+        """From config.json: rotary settings as `rotary_pct`/`rotary_emb_base` or transformers 5's `rope_parameters`."""
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"rope type {rope['rope_type']!r} is not supported for GPT-NeoX")
+        return cls(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+                   hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+                   max_seq_len=cfg.get("max_position_embeddings", 2048),
+                   rotary_pct=rope.get("partial_rotary_factor", cfg.get("rotary_pct", 0.25)),
+                   rope_theta=rope.get("rope_theta", cfg.get("rotary_emb_base", 10000.0)),
+                   norm_eps=cfg.get("layer_norm_eps", 1e-5), parallel_residual=cfg.get("use_parallel_residual", True),
+                   bias=cfg.get("attention_bias", True), activation=cfg.get("hidden_act", "gelu"),
+                   tie_embeddings=cfg.get("tie_word_embeddings", False))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTNeoXConfig):
+        super().__init__()
+        self.parallel_residual = cfg.parallel_residual
+        self.attn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_heads, cfg.head_dim, bias=cfg.bias, rotary="half")
+        self.mlp_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg.dim, cfg.hidden_dim, ACTIVATIONS[cfg.activation], bias=True)
+
+    def forward(self, x, rope, mask, cache, layer):
+        attn = self.attn(self.attn_norm(x), rope, mask, cache, layer)
+        if self.parallel_residual:  # both branches read x
+            return x + attn + self.mlp(self.mlp_norm(x))
+        h = x + attn
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class GPTNeoX(nn.Module):
+    def __init__(self, cfg: GPTNeoXConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = parallel_embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.output = column_parallel_linear(cfg.dim, cfg.vocab_size, bias=False, gather_output=True)
+        self.register_buffer("inv_freq", inv_frequencies(cfg.rotary_dim, cfg.rope_theta), persistent=False)
+        self.tokenizer = None  # set by zoo.load
+
+    def new_cache(self, batch: int, max_len: int, left_pad: torch.Tensor | None = None) -> KVCache:
+        return KVCache.for_model(self, batch, max_len, left_pad)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *,
+                left_pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """tokens (batch, seq) int64 -> logits (batch, seq, vocab) fp32; see Llama.forward."""
+        positions, mask = positions_and_mask(tokens, cache, left_pad)  # (batch or 1, seq)
+        rope = rope_angles(self.inv_freq, positions)  # for the first rotary_dim dims of each head
+        h = self.embed(tokens)  # (batch, seq, dim)
+        for i, block in enumerate(self.blocks):
+            h = block(h, rope, mask, cache, i)
+        if last_only:
+            h = h[:, -1:]
+        logits = self.output(self.norm(h)).float()  # (batch, seq, vocab)
+        if cache is not None:
+            cache.pos += tokens.shape[1]
+        return logits
+
+
+# ---- checkpoint names -------------------------------------------------------------------------
+# Hugging Face GPTNeoXForCausalLM keys:
+#   gpt_neox.embed_in.weight                                    -> embed.weight
+#   gpt_neox.layers.{i}.input_layernorm / post_attention_layernorm -> blocks.{i}.attn_norm / mlp_norm
+#   gpt_neox.layers.{i}.attention.query_key_value (fused)       -> blocks.{i}.attn.wq, wk, wv
+#   gpt_neox.layers.{i}.attention.dense                         -> blocks.{i}.attn.wo
+#   gpt_neox.layers.{i}.mlp.dense_h_to_4h / dense_4h_to_h       -> blocks.{i}.mlp.w_in / w_out
+#   gpt_neox.final_layer_norm, embed_out                        -> norm, output
+# Older files also hold the buffers attention.bias, attention.masked_bias, rotary_emb.inv_freq: skipped.
+LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm", "attention.dense": "attn.wo",
+               "mlp.dense_h_to_4h": "mlp.w_in", "mlp.dense_4h_to_h": "mlp.w_out"}
+TOP_NAMES = {"gpt_neox.embed_in": "embed", "gpt_neox.final_layer_norm": "norm", "embed_out": "output"}
+IGNORED = re.compile(r"attention\.(bias|masked_bias|rotary_emb\.inv_freq)$")
+
+
+def hf_to_zoo(key: str) -> list[str]:
+    """Our name(s) for a key of a Hugging Face GPTNeoXForCausalLM checkpoint (the fused qkv gives three)."""
+    if IGNORED.search(key):
+        return []
+    layer = re.fullmatch(r"gpt_neox\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+    if layer:
+        i, module, param = layer.groups()
+        if module == "attention.query_key_value":
+            return [f"blocks.{i}.attn.{w}.{param}" for w in ("wq", "wk", "wv")]
+        return [f"blocks.{i}.{LAYER_NAMES.get(module, module)}.{param}"]
+    module, _, param = key.rpartition(".")
+    return [f"{TOP_NAMES.get(module, module)}.{param}"]
+
+
+def zoo_to_hf(name: str) -> str:
+    layer = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", name)
+    if layer:
+        i, module, param = layer.groups()
+        module = "attention.query_key_value" if module in ("attn.wq", "attn.wk", "attn.wv") else \
+            _LAYER_KEYS.get(module, module)
+        return f"gpt_neox.layers.{i}.{module}.{param}"
+    module, _, param = name.rpartition(".")
+    return f"{_TOP_KEYS.get(module, module)}.{param}"
+
+
+_LAYER_KEYS = {v: k for k, v in LAYER_NAMES.items()}
+_TOP_KEYS = {v: k for k, v in TOP_NAMES.items()}
+
+
+def hf_tensor_to_zoo(name: str, t: torch.Tensor, cfg: GPTNeoXConfig) -> torch.Tensor:
+    """Cut wq, wk or wv out of the fused query_key_value weight (or bias), or of a slice of whole heads of it.
+
+    Its rows are (heads, 3, head_dim): for each head its q rows, then k rows, then v rows.
+    """
+    which = re.search(r"attn\.(wq|wk|wv)\.", name)
+    if which is None:
+        return t
+    heads = t.shape[0] // (3 * cfg.head_dim)
+    part = ("wq", "wk", "wv").index(which.group(1))
+    return t.reshape(heads, 3, cfg.head_dim, *t.shape[1:])[:, part].reshape(heads * cfg.head_dim, *t.shape[1:])
+

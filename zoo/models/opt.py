@@ -1,0 +1,159 @@
+"""OPT (Meta's Open Pre-trained Transformers, 125M ... 66B), read top to bottom.
+
+    tokens ─ embed ─ [project_in] ─ + pos_embed(position + 2) ─ block 0 ... block n-1 ─ [norm] ─ [project_out] ─ output
+
+    pre-LN block (most sizes):            post-LN block (opt-350m, do_layer_norm_before=False):
+        h = x + attn(attn_norm(x))            h = attn_norm(x + attn(x))
+        out = h + mlp(mlp_norm(h))            out = mlp_norm(h + mlp(h))
+
+Learned positions with an offset of 2 (rows 0 and 1 of the table are never used by real tokens);
+positions count real tokens only, so left padding does not shift them. ReLU MLP, biases everywhere,
+output tied to the embedding. `word_embed_proj_dim` < hidden (opt-350m) adds project_in/out.
+"""
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.attention import Attention, KVCache, positions_and_mask
+from zoo.mlp import MLP
+from zoo.parallel import column_parallel_linear, parallel_embedding, world_size
+
+POSITION_OFFSET = 2
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+@dataclass
+class OPTConfig:
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    hidden_dim: int = 3072
+    vocab_size: int = 50272
+    max_seq_len: int = 2048
+    embed_dim: int | None = None  # word_embed_proj_dim; None: same as dim
+    pre_norm: bool = True  # do_layer_norm_before
+    final_norm: bool = True  # False when _remove_final_layer_norm (or post-LN)
+    norm_affine: bool = True  # layer_norm_elementwise_affine
+    bias: bool = True  # enable_bias
+    activation: str = "relu"
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        self.embed_dim = self.embed_dim or self.dim
+        self.head_dim = self.dim // self.n_heads
+        self.n_kv_heads = self.n_heads
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation_function {self.activation!r} is not supported; supported: "
+                             f"{', '.join(ACTIVATIONS)}")
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "OPTConfig":
+        pre_norm = cfg.get("do_layer_norm_before", True)
+        return cls(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+                   hidden_dim=cfg["ffn_dim"], vocab_size=cfg["vocab_size"],
+                   max_seq_len=cfg.get("max_position_embeddings", 2048), embed_dim=cfg.get("word_embed_proj_dim"),
+                   pre_norm=pre_norm, final_norm=pre_norm and not cfg.get("_remove_final_layer_norm", False),
+                   norm_affine=cfg.get("layer_norm_elementwise_affine", True), bias=cfg.get("enable_bias", True),
+                   activation=cfg.get("activation_function", "relu"),
+                   tie_embeddings=cfg.get("tie_word_embeddings", True))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: OPTConfig):
+        super().__init__()
+        self.pre_norm = cfg.pre_norm
+        self.attn_norm = nn.LayerNorm(cfg.dim, elementwise_affine=cfg.norm_affine)
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_heads, cfg.head_dim, bias=cfg.bias, rotary=None)
+        self.mlp_norm = nn.LayerNorm(cfg.dim, elementwise_affine=cfg.norm_affine)
+        self.mlp = MLP(cfg.dim, cfg.hidden_dim, ACTIVATIONS[cfg.activation], bias=cfg.bias)
+
+    def forward(self, x, mask, cache, layer):
+        if self.pre_norm:
+            h = x + self.attn(self.attn_norm(x), None, mask, cache, layer)
+            return h + self.mlp(self.mlp_norm(h))
+        h = self.attn_norm(x + self.attn(x, None, mask, cache, layer))
+        return self.mlp_norm(h + self.mlp(h))
+
+
+class OPT(nn.Module):
+    def __init__(self, cfg: OPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = parallel_embedding(cfg.vocab_size, cfg.embed_dim)
+        self.project_in = nn.Linear(cfg.embed_dim, cfg.dim, bias=False) if cfg.embed_dim != cfg.dim else None
+        self.pos_embed = nn.Embedding(cfg.max_seq_len + POSITION_OFFSET, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.dim, elementwise_affine=cfg.norm_affine) if cfg.final_norm else None
+        self.project_out = nn.Linear(cfg.dim, cfg.embed_dim, bias=False) if cfg.embed_dim != cfg.dim else None
+        self.output = column_parallel_linear(cfg.embed_dim, cfg.vocab_size, bias=False, gather_output=True)
+        if cfg.tie_embeddings and world_size() == 1:  # split differently under TP: loaded twice instead
+            self.output.weight = self.embed.weight
+        self.tokenizer = None  # set by zoo.load
+
+    def new_cache(self, batch: int, max_len: int, left_pad: torch.Tensor | None = None) -> KVCache:
+        return KVCache.for_model(self, batch, max_len, left_pad)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *,
+                left_pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """tokens (batch, seq) int64 -> logits (batch, seq, vocab) fp32; see Llama.forward."""
+        positions, mask = positions_and_mask(tokens, cache, left_pad)  # (batch or 1, seq)
+        h = self.embed(tokens)  # (batch, seq, embed_dim)
+        if self.project_in is not None:
+            h = self.project_in(h)  # (batch, seq, dim)
+        h = h + self.pos_embed(positions + POSITION_OFFSET)
+        for i, block in enumerate(self.blocks):
+            h = block(h, mask, cache, i)
+        if last_only:
+            h = h[:, -1:]
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.project_out is not None:
+            h = self.project_out(h)
+        logits = self.output(h).float()  # (batch, seq, vocab)
+        if cache is not None:
+            cache.pos += tokens.shape[1]
+        return logits
+
+
+# ---- checkpoint names -------------------------------------------------------------------------
+# Hugging Face OPTForCausalLM keys, with or without the "model." prefix (opt-350m has none):
+#   model.decoder.embed_tokens / embed_positions / project_in / project_out / final_layer_norm
+#   model.decoder.layers.{i}.self_attn.{q,k,v,out}_proj, self_attn_layer_norm, fc1, fc2, final_layer_norm
+#   lm_head.weight (usually absent: tied to embed_tokens)
+TOP_NAMES = {"embed_tokens": "embed", "embed_positions": "pos_embed", "project_in": "project_in",
+             "project_out": "project_out", "final_layer_norm": "norm", "lm_head": "output"}
+LAYER_NAMES = {"self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
+               "self_attn.out_proj": "attn.wo", "self_attn_layer_norm": "attn_norm", "fc1": "mlp.w_in",
+               "fc2": "mlp.w_out", "final_layer_norm": "mlp_norm"}
+
+
+def hf_to_zoo(key: str) -> list[str]:
+    """Our name(s) for a key of a Hugging Face OPTForCausalLM checkpoint."""
+    key = re.sub(r"^(model\.)?(decoder\.)?", "", key)
+    layer = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", key)
+    if layer:
+        i, module, param = layer.groups()
+        return [f"blocks.{i}.{LAYER_NAMES.get(module, module)}.{param}"]
+    module, _, param = key.rpartition(".")
+    return [f"{TOP_NAMES.get(module, module)}.{param}"]
+
+
+def zoo_to_hf(name: str) -> str:
+    layer = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", name)
+    if layer:
+        i, module, param = layer.groups()
+        return f"model.decoder.layers.{i}.{_LAYER_KEYS.get(module, module)}.{param}"
+    module, _, param = name.rpartition(".")
+    key = _TOP_KEYS.get(module, module)
+    return f"{key}.{param}" if key == "lm_head" else f"model.decoder.{key}.{param}"
+
+
+_TOP_KEYS = {v: k for k, v in TOP_NAMES.items()}
+_LAYER_KEYS = {v: k for k, v in LAYER_NAMES.items()}
+
+
+def hf_tensor_to_zoo(name: str, t: torch.Tensor, cfg: OPTConfig) -> torch.Tensor:
+    return t  # same layout
