@@ -86,3 +86,39 @@ def test_sentencepiece(tiny_dir):
 
 def test_no_tokenizer_is_none(tmp_path):
     assert load_tokenizer(tmp_path) is None
+
+
+@pytest.fixture(scope="module")
+def gpt2_bpe(tmp_path_factory):
+    """A GPT-2 style byte-level BPE (as OPT and Pythia ship them), trained here with `tokenizers`."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from pydoc_data.topics import topics
+    tok = tokenizers.ByteLevelBPETokenizer()
+    tok.train_from_iterator([topics[k] for k in sorted(topics)][:80], vocab_size=900,
+                            special_tokens=["<|endoftext|>", "<pad>"], show_progress=False)
+    tok.add_tokens(["<added one>"])
+    directory = tmp_path_factory.mktemp("gpt2")
+    tok.save_model(str(directory))  # vocab.json + merges.txt
+    tok.save(str(directory / "tokenizer.json"))
+    return tok, directory
+
+
+MORE_TEXTS = TEXTS + ["   x  =  [1,2,3]\r\n\tyield  from  g()", "ﬁ ligatures, Ωmega, 🧪🧪🧪, naïve—dash", "x" * 5 + " 2024-01-01T00:00"]
+
+
+def test_gpt2_vocab_merges_and_tokenizer_json_match_hf(gpt2_bpe, tmp_path):
+    reference, directory = gpt2_bpe
+    from_json = BPETokenizer.from_tokenizer_json(directory / "tokenizer.json", eos="<|endoftext|>")
+    for f in ("vocab.json", "merges.txt"):
+        (tmp_path / f).write_bytes((directory / f).read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|endoftext|>", "added_tokens_decoder": {"0": {"content": "<|endoftext|>"}}}))
+    from_files = load_tokenizer(tmp_path)
+    assert isinstance(from_files, BPETokenizer) and from_files.eos_id == reference.token_to_id("<|endoftext|>")
+    for text in MORE_TEXTS:
+        want = reference.encode(text).ids
+        assert from_json.encode(text) == want, text
+        assert from_json.decode(want) == reference.decode(want, skip_special_tokens=False)
+        if "<added one>" not in text:
+            assert from_files.encode(text) == want, text
+    assert from_json.encode("a <added one> b") == reference.encode("a <added one> b").ids  # added tokens split out
