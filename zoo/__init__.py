@@ -6,9 +6,10 @@
     new = zoo.generate(model, [ids], max_new_tokens=32)[0]
     print(model.tokenizer.decode(new))
 """
+from zoo import hooks
 from zoo.checkpoint import CheckpointError
 from zoo.generate import generate, steps, stream
 from zoo.loader import find_checkpoint, load
 
-__all__ = ["load", "generate", "stream", "steps", "find_checkpoint", "CheckpointError"]
+__all__ = ["load", "generate", "stream", "steps", "find_checkpoint", "CheckpointError", "hooks"]
 __version__ = "0.1.0"

@@ -4,6 +4,8 @@ One `Attention` module covers LLaMA (grouped-query heads, interleaved rotary, no
 GPT-NeoX (half-split partial rotary, biases) and OPT (learned positions, so no rotary, biases).
 The weights are always four separate projections wq/wk/wv/wo, whatever the checkpoint fuses.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,8 +28,14 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_len = max_len
-        self.pos = 0
+        self.pos = 0  # positions filled
+        self.steps = 0  # forwards done (0 until the prefill is done)
         self.left_pad = None if left_pad is None else left_pad.to(device)
+
+    def advance(self, seq: int) -> None:
+        """Called by the model once all layers have written their `seq` new positions."""
+        self.pos += seq
+        self.steps += 1
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new (batch, n_kv_heads, seq, head_dim) keys/values; return all of them so far."""
@@ -95,18 +103,39 @@ class Attention(nn.Module):
         self.wo = row_parallel_linear(n_heads * head_dim, dim, bias=bias, input_is_parallel=True)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: KVCache | None = None, layer: int = 0, hooks=None) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim)
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        if hooks:
+            q, k, v = hooks(layer, "q", q), hooks(layer, "k", k), hooks(layer, "v", v)
         if self.rotary:
             q = apply_rotary(q, *rope, interleaved=self.interleaved)
             k = apply_rotary(k, *rope, interleaved=self.interleaved)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (batch, heads, seq, head_dim)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (batch, n_kv_heads, start+seq, head_dim)
-        # softmax(q k^T / sqrt(head_dim) + mask) v; each group of n_heads/n_kv_heads query heads shares a kv head
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))  # (batch, seq, dim), summed over ranks
+        if hooks and hooks.wants(layer, "pattern"):
+            out = attention_with_pattern(q, k, v, mask, lambda p: hooks(layer, "pattern", p))
+        else:
+            # softmax(q k^T / sqrt(head_dim) + mask) v; each group of n_heads/n_kv_heads query heads shares a kv head
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
+                                                 enable_gqa=self.n_kv_heads != self.n_heads)
+        z = out.transpose(1, 2)  # (batch, seq, heads, head_dim)
+        if hooks:
+            z = hooks(layer, "z", z)
+        return self.wo(z.reshape(batch, seq, -1))  # (batch, seq, dim), summed over ranks
+
+
+def attention_with_pattern(q, k, v, mask, on_pattern) -> torch.Tensor:
+    """The same attention written out, so that the probabilities (batch, heads, seq, keys) can be hooked."""
+    repeat = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # (batch, heads, keys, head_dim)
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (batch, heads, seq, keys)
+    if mask is None and q.shape[2] > 1:  # a prefill from slot 0: plain causal
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    pattern = on_pattern(torch.softmax(scores, dim=-1).to(q.dtype))
+    return pattern @ v  # (batch, heads, seq, head_dim)

@@ -15,12 +15,13 @@ from zoo.sampling import sample
 @torch.inference_mode()
 def steps(model, prompts: list[list[int]], max_new_tokens: int = 128, temperature: float = 0.0,
           top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-          stop_ids: set[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+          stop_ids: set[int] | None = None, hooks=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens, done) per step: the next token of every row (batch,) and which rows had already stopped.
 
     The first yield comes right after the prefill. Rows are left-padded to the longest prompt, so all
     rows write the KV cache at the same slot; padding is masked out and does not shift positions.
-    `stop_ids` default to the tokenizer's (EOS; LLaMA 3 also <|eot_id|>).
+    `stop_ids` default to the tokenizer's (EOS; LLaMA 3 also <|eot_id|>). `hooks` are passed to
+    every forward (the prefill is step 0; see zoo/hooks.py).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (encode with bos=True)")
@@ -44,23 +45,23 @@ def steps(model, prompts: list[list[int]], max_new_tokens: int = 128, temperatur
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    logits = model(tokens, cache=cache, last_only=True)[:, -1]  # (batch, vocab)
+    logits = model(tokens, cache=cache, hooks=hooks, last_only=True)[:, -1]  # (batch, vocab)
     for step in range(total - longest):
         next_tokens = sample(logits, temperature, top_k, top_p, generator)
         yield next_tokens, done.clone()
         done |= torch.isin(next_tokens, stop)
         if done.all() or step == total - longest - 1:
             return
-        logits = model(next_tokens[:, None], cache=cache)[:, -1]
+        logits = model(next_tokens[:, None], cache=cache, hooks=hooks)[:, -1]
 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int = 128, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop_ids: set[int] | None = None) -> list[list[int]]:
+             stop_ids: set[int] | None = None, hooks=None) -> list[list[int]]:
     """The new tokens of every prompt, ending before the first stop token (or after max_new_tokens)."""
     out = [[] for _ in prompts]
     stop_ids = stop_ids if stop_ids is not None else (model.tokenizer.stop_ids if model.tokenizer else set())
-    for tokens, done in steps(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids):
+    for tokens, done in steps(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, hooks):
         for row, (t, d) in enumerate(zip(tokens.tolist(), done.tolist())):
             if not d and t not in stop_ids:
                 out[row].append(t)

@@ -18,5 +18,11 @@ class MLP(nn.Module):
         self.w_out = row_parallel_linear(hidden_dim, dim, bias=bias, input_is_parallel=True)
         self.activation = activation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_out(self.activation(self.w_in(x)))  # (batch, seq, dim)
+    def forward(self, x: torch.Tensor, hooks=None, layer: int = 0) -> torch.Tensor:
+        pre = self.w_in(x)  # (batch, seq, hidden_dim), this rank's slice under TP
+        if hooks:
+            pre = hooks(layer, "mlp_pre", pre)
+        neurons = self.activation(pre)
+        if hooks:
+            neurons = hooks(layer, "mlp_post", neurons)
+        return self.w_out(neurons)  # (batch, seq, dim)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.attention import Attention, KVCache, positions_and_mask
+from zoo.hooks import hook_points, resolve
 from zoo.mlp import MLP
 from zoo.parallel import column_parallel_linear, parallel_embedding
 from zoo.rotary import inv_frequencies, rope_angles
@@ -75,12 +76,31 @@ class Block(nn.Module):
         self.mlp_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg.dim, cfg.hidden_dim, ACTIVATIONS[cfg.activation], bias=True)
 
-    def forward(self, x, rope, mask, cache, layer):
-        attn = self.attn(self.attn_norm(x), rope, mask, cache, layer)
-        if self.parallel_residual:  # both branches read x
-            return x + attn + self.mlp(self.mlp_norm(x))
-        h = x + attn
-        return h + self.mlp(self.mlp_norm(h))
+    def forward(self, x, rope, mask, cache, layer, hooks=None):
+        if hooks:  # every `if hooks:` line is a hook point (zoo/hooks.py); without hooks they cost nothing
+            x = hooks(layer, "resid_pre", x)
+        a = self.attn_norm(x)
+        if hooks:
+            a = hooks(layer, "attn_in", a)
+        a = self.attn(a, rope, mask, cache, layer, hooks)
+        if hooks:
+            a = hooks(layer, "attn_out", a)
+        if self.parallel_residual:  # both branches read x: there is no resid_mid
+            m = self.mlp_norm(x)
+        else:
+            h = x + a
+            if hooks:
+                h = hooks(layer, "resid_mid", h)
+            m = self.mlp_norm(h)
+        if hooks:
+            m = hooks(layer, "mlp_in", m)
+        m = self.mlp(m, hooks, layer)
+        if hooks:
+            m = hooks(layer, "mlp_out", m)
+        out = x + a + m if self.parallel_residual else h + m
+        if hooks:
+            out = hooks(layer, "resid_post", out)
+        return out
 
 
 class GPTNeoX(nn.Module):
@@ -97,19 +117,30 @@ class GPTNeoX(nn.Module):
     def new_cache(self, batch: int, max_len: int, left_pad: torch.Tensor | None = None) -> KVCache:
         return KVCache.for_model(self, batch, max_len, left_pad)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *,
+    def hook_points(self, tokens: torch.Tensor | None = None) -> dict[str, tuple]:
+        return hook_points(self, tokens)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *, hooks=None,
                 left_pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab) fp32; see Llama.forward."""
+        hooks = resolve(hooks, self, cache)  # None when there are none
         positions, mask = positions_and_mask(tokens, cache, left_pad)  # (batch or 1, seq)
         rope = rope_angles(self.inv_freq, positions)  # for the first rotary_dim dims of each head
         h = self.embed(tokens)  # (batch, seq, dim)
+        if hooks:
+            h = hooks(None, "embed", h)
         for i, block in enumerate(self.blocks):
-            h = block(h, rope, mask, cache, i)
+            h = block(h, rope, mask, cache, i, hooks)
         if last_only:
             h = h[:, -1:]
-        logits = self.output(self.norm(h)).float()  # (batch, seq, vocab)
+        h = self.norm(h)
+        if hooks:
+            h = hooks(None, "ln_final", h)
+        logits = self.output(h).float()  # (batch, seq, vocab)
+        if hooks:
+            logits = hooks(None, "logits", logits)
         if cache is not None:
-            cache.pos += tokens.shape[1]
+            cache.advance(tokens.shape[1])
         return logits
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.attention import Attention, KVCache, positions_and_mask
+from zoo.hooks import hook_points, resolve
 from zoo.norm import RMSNorm
 from zoo.parallel import column_parallel_linear, parallel_embedding, row_parallel_linear, world_size
 from zoo.rotary import ROPE_TYPES, inv_frequencies, rope_angles
@@ -112,8 +113,14 @@ class FeedForward(nn.Module):
         self.w_in = column_parallel_linear(dim, hidden_dim, bias=bias, gather_output=False)
         self.w_out = row_parallel_linear(hidden_dim, dim, bias=bias, input_is_parallel=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_out(F.silu(self.w_gate(x)) * self.w_in(x))
+    def forward(self, x: torch.Tensor, hooks=None, layer: int = 0) -> torch.Tensor:
+        gate = self.w_gate(x)  # (batch, seq, hidden_dim), this rank's slice under TP
+        if hooks:
+            gate = hooks(layer, "mlp_pre", gate)
+        neurons = F.silu(gate) * self.w_in(x)
+        if hooks:
+            neurons = hooks(layer, "mlp_post", neurons)
+        return self.w_out(neurons)
 
 
 class Block(nn.Module):
@@ -125,9 +132,28 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FeedForward(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
 
-    def forward(self, x, rope, mask, cache, layer):
-        h = x + self.attn(self.attn_norm(x), rope, mask, cache, layer)
-        return h + self.mlp(self.mlp_norm(h))
+    def forward(self, x, rope, mask, cache, layer, hooks=None):
+        if hooks:  # every `if hooks:` line is a hook point (zoo/hooks.py); without hooks they cost nothing
+            x = hooks(layer, "resid_pre", x)
+        a = self.attn_norm(x)
+        if hooks:
+            a = hooks(layer, "attn_in", a)
+        a = self.attn(a, rope, mask, cache, layer, hooks)
+        if hooks:
+            a = hooks(layer, "attn_out", a)
+        h = x + a
+        if hooks:
+            h = hooks(layer, "resid_mid", h)
+        m = self.mlp_norm(h)
+        if hooks:
+            m = hooks(layer, "mlp_in", m)
+        m = self.mlp(m, hooks, layer)
+        if hooks:
+            m = hooks(layer, "mlp_out", m)
+        out = h + m
+        if hooks:
+            out = hooks(layer, "resid_post", out)
+        return out
 
 
 class Llama(nn.Module):
@@ -148,24 +174,36 @@ class Llama(nn.Module):
     def new_cache(self, batch: int, max_len: int, left_pad: torch.Tensor | None = None) -> KVCache:
         return KVCache.for_model(self, batch, max_len, left_pad)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *,
+    def hook_points(self, tokens: torch.Tensor | None = None) -> dict[str, tuple]:
+        return hook_points(self, tokens)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *, hooks=None,
                 left_pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab) fp32 (seq 1 with last_only).
 
         With a cache, the tokens are written after the `cache.pos` positions already there.
         `left_pad` (batch,) marks leading padding when there is no cache (a cache carries its own).
+        `hooks`: functions to call at hook points, by name (see zoo/hooks.py).
         """
+        hooks = resolve(hooks, self, cache)  # None when there are none
         positions, mask = positions_and_mask(tokens, cache, left_pad)  # (batch or 1, seq), see attention.py
         rope = rope_angles(self.inv_freq, positions)
 
         h = self.embed(tokens)  # (batch, seq, dim)
+        if hooks:
+            h = hooks(None, "embed", h)
         for i, block in enumerate(self.blocks):
-            h = block(h, rope, mask, cache, i)
+            h = block(h, rope, mask, cache, i, hooks)
         if last_only:
             h = h[:, -1:]
-        logits = self.output(self.norm(h)).float()  # (batch, seq, vocab)
+        h = self.norm(h)
+        if hooks:
+            h = hooks(None, "ln_final", h)
+        logits = self.output(h).float()  # (batch, seq, vocab)
+        if hooks:
+            logits = hooks(None, "logits", logits)
         if cache is not None:
-            cache.pos += tokens.shape[1]
+            cache.advance(tokens.shape[1])
         return logits
 
 

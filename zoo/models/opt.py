@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.attention import Attention, KVCache, positions_and_mask
+from zoo.hooks import hook_points, resolve
 from zoo.mlp import MLP
 from zoo.parallel import column_parallel_linear, parallel_embedding, world_size
 
@@ -70,12 +71,28 @@ class Block(nn.Module):
         self.mlp_norm = nn.LayerNorm(cfg.dim, elementwise_affine=cfg.norm_affine)
         self.mlp = MLP(cfg.dim, cfg.hidden_dim, ACTIVATIONS[cfg.activation], bias=cfg.bias)
 
-    def forward(self, x, mask, cache, layer):
-        if self.pre_norm:
-            h = x + self.attn(self.attn_norm(x), None, mask, cache, layer)
-            return h + self.mlp(self.mlp_norm(h))
-        h = self.attn_norm(x + self.attn(x, None, mask, cache, layer))
-        return self.mlp_norm(h + self.mlp(h))
+    def forward(self, x, mask, cache, layer, hooks=None):
+        if hooks:  # every `if hooks:` line is a hook point (zoo/hooks.py); without hooks they cost nothing
+            x = hooks(layer, "resid_pre", x)
+        a = self.attn_norm(x) if self.pre_norm else x
+        if hooks:
+            a = hooks(layer, "attn_in", a)
+        a = self.attn(a, None, mask, cache, layer, hooks)
+        if hooks:
+            a = hooks(layer, "attn_out", a)
+        h = x + a if self.pre_norm else self.attn_norm(x + a)
+        if hooks:
+            h = hooks(layer, "resid_mid", h)
+        m = self.mlp_norm(h) if self.pre_norm else h
+        if hooks:
+            m = hooks(layer, "mlp_in", m)
+        m = self.mlp(m, hooks, layer)
+        if hooks:
+            m = hooks(layer, "mlp_out", m)
+        out = h + m if self.pre_norm else self.mlp_norm(h + m)
+        if hooks:
+            out = hooks(layer, "resid_post", out)
+        return out
 
 
 class OPT(nn.Module):
@@ -96,25 +113,35 @@ class OPT(nn.Module):
     def new_cache(self, batch: int, max_len: int, left_pad: torch.Tensor | None = None) -> KVCache:
         return KVCache.for_model(self, batch, max_len, left_pad)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *,
+    def hook_points(self, tokens: torch.Tensor | None = None) -> dict[str, tuple]:
+        return hook_points(self, tokens)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *, hooks=None,
                 left_pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab) fp32; see Llama.forward."""
+        hooks = resolve(hooks, self, cache)  # None when there are none
         positions, mask = positions_and_mask(tokens, cache, left_pad)  # (batch or 1, seq)
         h = self.embed(tokens)  # (batch, seq, embed_dim)
         if self.project_in is not None:
             h = self.project_in(h)  # (batch, seq, dim)
         h = h + self.pos_embed(positions + POSITION_OFFSET)
+        if hooks:
+            h = hooks(None, "embed", h)
         for i, block in enumerate(self.blocks):
-            h = block(h, mask, cache, i)
+            h = block(h, mask, cache, i, hooks)
         if last_only:
             h = h[:, -1:]
         if self.norm is not None:
             h = self.norm(h)
         if self.project_out is not None:
-            h = self.project_out(h)
+            h = self.project_out(h)  # (batch, seq, embed_dim)
+        if hooks:
+            h = hooks(None, "ln_final", h)
         logits = self.output(h).float()  # (batch, seq, vocab)
+        if hooks:
+            logits = hooks(None, "logits", logits)
         if cache is not None:
-            cache.pos += tokens.shape[1]
+            cache.advance(tokens.shape[1])
         return logits
 
 
