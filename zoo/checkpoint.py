@@ -43,31 +43,58 @@ class StoredTensor:
     def nbytes(self) -> int:
         return self.dtype.itemsize * math.prod(self.shape)
 
-    def read(self, dim: int | None = None, index: int = 0, parts: int = 1) -> torch.Tensor:
+    def read(self, dim: int | None = None, index: int = 0, parts: int = 1,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor, or the index-th of `parts` equal slices of it along `dim`, as a CPU tensor owning its memory.
 
-        A slice along dim 0 of a safetensors tensor reads only its own bytes; other slices read the
-        tensor and keep the slice (one tensor at a time, never the whole checkpoint).
+        Floating-point data is converted to `dtype` (default: as stored) a chunk of rows at a time,
+        so at most CHUNK bytes of the stored dtype sit beside the result. A slice along dim 0 reads
+        only its own bytes; a slice along another dim reads the whole tensor first.
         """
         if dim is not None and self.shape[dim] % parts:
             raise CheckpointError(f"{self.path}: {self.key!r} of shape {self.shape} does not split into "
                                   f"{parts} equal parts along dim {dim}")
+        dtype = dtype if dtype is not None and self.dtype.is_floating_point else self.dtype
         if self.mapped is not None:
-            out = (self.mapped if dim is None else self.mapped.chunk(parts, dim)[index]).clone()
+            src = self.mapped if dim is None else self.mapped.chunk(parts, dim)[index]
+            out = torch.empty(src.shape, dtype=dtype)
+            if src.dim() == 0:
+                out.copy_(src)
+            for a in range(0, len(src) if src.dim() else 0, step := _rows_per_chunk(src.shape, src.dtype)):
+                out[a : a + step].copy_(src[a : a + step])
+                if src.is_contiguous():
+                    _drop_pages(src[a : a + step])
             _drop_pages(self.mapped)
             return out
         if dim not in (None, 0):
-            return self.read().chunk(parts, dim)[index].clone()
-        rows = self.shape[0] // parts if dim == 0 else None
-        shape = self.shape if rows is None else (rows, *self.shape[1:])
-        nbytes = self.dtype.itemsize * math.prod(shape)
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+            part = self.read().chunk(parts, dim)[index]
+            return torch.empty(part.shape, dtype=dtype).copy_(part)
+        shape = self.shape if dim is None else (self.shape[0] // parts, *self.shape[1:])
+        out = torch.empty(shape, dtype=dtype)
         with open(self.path, "rb") as f:
-            f.seek(self.offset + index * nbytes)
-            got = f.readinto(memoryview(buf.numpy()))
-        if got != nbytes:
+            f.seek(self.offset + index * self.dtype.itemsize * math.prod(shape))
+            if dtype == self.dtype or out.dim() == 0:  # straight into the result
+                self._read_exact(f, out.reshape(-1).view(torch.uint8))
+                return out
+            step = _rows_per_chunk(shape, self.dtype)
+            row = math.prod(shape[1:])
+            buf = torch.empty(step * row, dtype=self.dtype)
+            for a in range(0, shape[0], step):
+                n = min(step, shape[0] - a)
+                self._read_exact(f, buf[: n * row].view(torch.uint8))
+                out[a : a + n].copy_(buf[: n * row].view(n, *shape[1:]))
+        return out
+
+    def _read_exact(self, f, into: torch.Tensor) -> None:
+        if f.readinto(memoryview(into.numpy())) != into.numel():
             raise CheckpointError(f"{self.path}: truncated while reading {self.key!r}")
-        return buf.view(self.dtype).reshape(shape)
+
+
+CHUNK = 64 << 20  # bytes of stored data converted at a time
+
+
+def _rows_per_chunk(shape: tuple, dtype: torch.dtype) -> int:
+    return max(1, CHUNK // max(1, dtype.itemsize * math.prod(shape[1:])))
 
 
 def safetensors_tensors(path: Path) -> dict[str, StoredTensor]:
@@ -129,6 +156,12 @@ def open_tensors(path: Path) -> dict[str, StoredTensor]:
 # the pages are simply re-read from disk if touched again), so RSS stays at the model's size.
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 _MADV_DONTNEED = 4
+
+
+def release_freed_memory() -> None:
+    """Hand memory that glibc's malloc keeps after freeing the loading temporaries back to the system."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
 
 
 def _drop_pages(t: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from zoo import parallel
-from zoo.checkpoint import CheckpointError, StoredTensor, open_tensors
+from zoo.checkpoint import CheckpointError, StoredTensor, open_tensors, release_freed_memory
 from zoo.models import gpt_neox, llama, opt
 from zoo.tokenizer import load_tokenizer
 
@@ -52,7 +52,7 @@ class Split(NamedTuple):
 class Source(NamedTuple):
     where: str  # "file: key", for error messages
     shape: tuple  # the whole tensor's
-    read: Callable[[Split | None], torch.Tensor]  # the tensor (or a slice) in our layout, stored dtype, CPU
+    read: Callable[[Split | None, torch.dtype], torch.Tensor]  # the tensor (or a slice) in our layout, on the CPU
 
 
 def find_checkpoint(ckpt: str | os.PathLike) -> Path:
@@ -166,7 +166,7 @@ def _merge_shards(parts: list[StoredTensor], full: tuple) -> Source:
                                   f"shards whose consolidated.{len(parts):02d}.pth ... consolidated.{n - 1:02d}.pth "
                                   f"are missing")
     if len(parts) == 1 or all(s == full for s in shapes):  # one file, or a replicated tensor
-        return Source(where, shapes[0], lambda split: parts[0].read(*(split or ())))
+        return Source(where, shapes[0], lambda split, dtype: parts[0].read(*(split or ()), dtype=dtype))
     if (len(dims) != 1 or any(len(s) != len(full) for s in shapes)
             or any(s[i] != full[i] for s in shapes for i in range(len(full)) if i != dims[0])
             or sum(s[dims[0]] for s in shapes) != full[dims[0]]):
@@ -174,22 +174,27 @@ def _merge_shards(parts: list[StoredTensor], full: tuple) -> Source:
                               f"which do not merge into the expected {full}")
     cat_dim = dims[0]
 
-    def read(split: Split | None) -> torch.Tensor:
-        if split is None:
-            return torch.cat([p.read() for p in parts], dim=cat_dim)
-        if split.dim != cat_dim:  # e.g. an embedding saved split on dim 1, wanted split on dim 0
-            return torch.cat([p.read(*split) for p in parts], dim=cat_dim)
-        # same dimension, another number of parts: take the rows [start, end) from the shards they lie in
-        step = full[cat_dim] // split.parts
-        start, end, pieces, offset = split.index * step, (split.index + 1) * step, [], 0
-        for p in parts:
-            size = p.shape[cat_dim]
-            lo, hi = max(start, offset), min(end, offset + size)
-            if lo < hi:
-                whole = p.read()
-                pieces.append(whole.narrow(cat_dim, lo - offset, hi - lo).clone())
-            offset += size
-        return torch.cat(pieces, dim=cat_dim)
+    def read(split: Split | None, dtype: torch.dtype) -> torch.Tensor:
+        if split is not None and split.dim != cat_dim:  # e.g. an embedding saved split on dim 1, wanted on dim 0
+            pieces = [lambda p=p: p.read(*split, dtype=dtype) for p in parts]
+            shape = list(full)
+            shape[split.dim] //= split.parts
+        else:  # the rows [start, end) along cat_dim (all of them without a split), from the shards they lie in
+            step = full[cat_dim] // (split.parts if split else 1)
+            start = split.index * step if split else 0
+            end, pieces, offset, shape = start + step, [], 0, list(full)
+            shape[cat_dim] = step
+            for p in parts:
+                lo, hi = max(start, offset), min(end, offset + p.shape[cat_dim])
+                if lo < hi:
+                    pieces.append(lambda p=p, lo=lo - offset, n=hi - lo: p.read(dtype=dtype).narrow(cat_dim, lo, n))
+                offset += p.shape[cat_dim]
+        out, at = torch.empty(shape, dtype=dtype if parts[0].dtype.is_floating_point else parts[0].dtype), 0
+        for piece in pieces:  # one shard's piece in memory at a time, copied into its place
+            t = piece()
+            out.narrow(cat_dim, at, t.shape[cat_dim]).copy_(t)
+            at += t.shape[cat_dim]
+        return out
 
     return Source(where, full, read)
 
@@ -221,8 +226,8 @@ def _hf_checkpoint(directory: Path, max_seq_len: int | None):
                 raise CheckpointError(f"{stored.path}: {key}: shape {stored.shape} does not match the config, "
                                       f"which gives {expected[name]} for zoo's {name}") from None
 
-            def read(split, stored=stored, name=name):
-                return family.hf_tensor_to_zoo(name, stored.read(*(split or ())), cfg)
+            def read(split, dtype, stored=stored, name=name):
+                return family.hf_tensor_to_zoo(name, stored.read(*(split or ()), dtype=dtype), cfg)
             sources[name] = Source(f"{stored.path}: {key}", tuple(shape), read)
     model.tokenizer = load_tokenizer(directory, config)
     return model, sources, family.zoo_to_hf
@@ -252,12 +257,19 @@ def _hf_tensors(directory: Path) -> dict[str, StoredTensor]:
 
 
 def _build(model_class: type, cfg, config_file: Path) -> nn.Module:
-    """The model with parameters on the meta device (no memory), for _fill to put real tensors in."""
+    """The model with parameters on the meta device (no memory), for _fill to put real tensors in.
+
+    nn.Embedding's random init is skipped: the weights are about to be read, and the first normal_
+    on a meta tensor costs a one-time import of about 2 s and 170 MB.
+    """
+    init, nn.Embedding.reset_parameters = nn.Embedding.reset_parameters, lambda self: None
     try:
         with torch.device("meta"):
             return model_class(cfg)
     except ValueError as e:  # a config the model cannot be built from (at this world size)
         raise CheckpointError(f"{config_file}: {e}") from None
+    finally:
+        nn.Embedding.reset_parameters = init
 
 
 def _split_dim(model: nn.Module, name: str) -> int | None:
@@ -303,14 +315,14 @@ def _fill(model: nn.Module, sources: dict[str, Source], dtype: torch.dtype, devi
         if tuple(source.shape) != want:
             raise CheckpointError(f"{source.where}: shape {tuple(source.shape)} does not match the config, "
                                   f"which gives {want} for zoo's {names[0]}")
-        t = source.read(None if dim is None else Split(dim, rank, world))
-        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        t = source.read(None if dim is None else Split(dim, rank, world), dtype).to(device)
         param = nn.Parameter(t, requires_grad=False)
         for name in names:
             module_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(module_name), attr, param)
         bar.update(math.prod(source.shape))
     bar.close()
+    release_freed_memory()
 
 
 class _Progress:
