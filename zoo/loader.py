@@ -96,6 +96,24 @@ def load(ckpt: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: s
     return model.to(device).eval()
 
 
+def build_empty(ckpt: str | os.PathLike) -> nn.Module:
+    """The model a checkpoint describes, from its params.json / config.json alone: parameters on the
+    meta device, no weights read (for counting parameters and bytes: `python -m zoo inspect`)."""
+    directory = find_checkpoint(ckpt)
+    if (directory / "params.json").exists():
+        params = _read_json(directory / "params.json")
+        tokenizer = load_tokenizer(directory)
+        # vocab_size -1 means the tokenizer's; without one, LLaMA 1/2's SentencePiece vocabulary of 32000
+        cfg = llama.LlamaConfig.from_meta(params, vocab_size=tokenizer.n_words if tokenizer else 32000)
+        return _build(llama.Llama, cfg, directory / "params.json")
+    config = _read_json(directory / "config.json")
+    if config.get("model_type") not in FAMILIES:
+        raise CheckpointError(f"{directory / 'config.json'}: unknown model_type {config.get('model_type')!r}; "
+                              f"supported: {', '.join(FAMILIES)}")
+    family = FAMILIES[config["model_type"]]
+    return _build(family.model, family.config_from_hf(config), directory / "config.json")
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())

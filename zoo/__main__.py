@@ -1,0 +1,95 @@
+"""Command line: `python -m zoo inspect <ckpt> [--prompt TEXT]`.
+
+inspect prints a checkpoint's config, its module tree with parameter counts (from the config
+alone: no weights are read), the memory the weights need per dtype and per weight-only
+quantization, and, with --prompt, every hook point with its shape for that prompt.
+"""
+import argparse
+import dataclasses
+import sys
+
+import torch
+from torch import nn
+
+import zoo
+from zoo.loader import build_empty
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())  # shared (tied) parameters once
+
+
+def tree(module: nn.Module, name: str = "", depth: int = 0, max_depth: int = 3, out=None) -> list[str]:
+    """One line per module down to max_depth: name, class, parameters. Repeated blocks are shown once."""
+    out = [] if out is None else out
+    out.append(f"{'  ' * depth}{name or type(module).__name__:<24} {type(module).__name__:<22} {count(module):>15,}")
+    if depth >= max_depth:
+        return out
+    children = list(module.named_children())
+    if isinstance(module, nn.ModuleList) and len(children) > 1:
+        tree(children[0][1], "0", depth + 1, max_depth, out)
+        out.append(f"{'  ' * (depth + 1)}1..{len(children) - 1}{'':<20} (the same as 0)")
+        return out
+    for child_name, child in children:
+        tree(child, child_name, depth + 1, max_depth, out)
+    return out
+
+
+def weight_bytes(model: nn.Module, group_size: int = 128) -> dict[str, int]:
+    """Bytes of the weights stored as each dtype, and with the linear layers' weights in int8 / int4.
+
+    int8: 1 byte per weight + a bf16 scale per output row. int4: half a byte per weight + a bf16 scale
+    and zero per group of `group_size` inputs. Embeddings, norms and biases stay in bf16.
+    """
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    rows = sum(m.weight.shape[0] for m in model.modules() if isinstance(m, nn.Linear))
+    total = count(model)
+    if getattr(model.config, "tie_embeddings", False):  # the tied output stays a bf16 embedding
+        linear -= model.output.weight.numel()
+        rows -= model.output.weight.shape[0]
+    out = {dtype: total * size for dtype, size in DTYPE_BYTES.items()}
+    out["int8"] = linear + 2 * rows + 2 * (total - linear)
+    out[f"int4 (group {group_size})"] = linear // 2 + 4 * (linear // group_size) + 2 * (total - linear)
+    return out
+
+
+def inspect(args) -> int:
+    model = build_empty(args.ckpt)
+    cfg = model.config
+    print(f"checkpoint: {zoo.find_checkpoint(args.ckpt)}\n\n{type(cfg).__name__}:")
+    for field in dataclasses.fields(cfg):
+        if field.name != "extra":
+            print(f"  {field.name:<20} {getattr(cfg, field.name)}")
+    print(f"\n{'module':<24} {'class':<22} {'parameters':>15}")
+    print("\n".join(tree(model, max_depth=args.depth)))
+    print(f"\ntotal parameters: {count(model):,}\n\nweights in memory:")
+    for kind, size in weight_bytes(model).items():
+        print(f"  {kind:<18} {size / 2**30:8.2f} GiB")
+    if args.prompt is not None:
+        loaded = zoo.load(args.ckpt, dtype=torch.float32, device="cpu")
+        tokens = torch.tensor([loaded.tokenizer.encode(args.prompt, bos=True)])
+        print(f"\nhook points for {tokens.shape[1]} tokens:")
+        for name, shape in loaded.hook_points(tokens).items():
+            print(f"  {name:<28} {shape}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m zoo")
+    sub = p.add_subparsers(dest="command", required=True)
+    i = sub.add_parser("inspect", help="config, module tree, parameter counts, memory, hook points")
+    i.add_argument("ckpt")
+    i.add_argument("--prompt", help="also list every hook point with its shape for this prompt (loads the weights)")
+    i.add_argument("--depth", type=int, default=3, help="module tree depth (default: %(default)s)")
+    args = p.parse_args(argv)
+    try:
+        return inspect(args)
+    except (FileNotFoundError, zoo.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
