@@ -6,6 +6,9 @@ setup(
     description="Readable LLaMA, OPT and GPT-NeoX with tensor parallelism, hooks and weight-only quantization",
     packages=find_packages(include=["zoo", "zoo.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4,<2.15", "sentencepiece", "tiktoken", "safetensors", "numpy"],
-    extras_require={"test": ["pytest", "transformers>=4.45", "psutil"]},
+    install_requires=["torch>=2.4,<2.15", "sentencepiece", "tiktoken", "safetensors", "numpy",
+                      "triton==3.9.0; platform_system == 'Linux'"],  # the CUDA kernels (tested on CPU by its interpreter)
+    # transformers: numerical reference only (models built from configs, never downloaded);
+    # fairscale: reference for the tensor-parallel layers; tokenizers: reference BPE encoders
+    extras_require={"test": ["pytest", "transformers>=4.45", "fairscale==0.4.13", "tokenizers", "psutil"]},
 )

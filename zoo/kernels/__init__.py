@@ -1,1 +1,160 @@
-"""Triton and CPU dequantize-matmul kernels: not built yet, see the quantization issue."""
+"""Weight-only quantized matmul: y = x @ w.T with w stored as int8 or int4, one entry point per format.
+
+    weight = Int4Weight(packed, scales, zeros, group_size)  # zoo's stored format (reference.py), on its device
+    weight.prepare()                                         # once, at load: lays out what the device needs
+    y = int4_linear(x, weight)                               # x [..., K] -> y [..., N], in x's dtype
+
+    weight = Int8Weight(qweight, scales).prepare()
+    y = int8_linear(x, weight)
+
+Which code runs, by device, activation dtype and M = rows of x (x.numel() // K):
+
+    device  format  x dtype         M       path
+    cuda    int8    fp16/bf16/fp32  any     Triton fused dequantize-matmul (triton_matmul.py)
+    cuda    int4    fp16/bf16/fp32  any     Triton fused dequantize-matmul
+    cpu     int8    bf16            <= 128  torch's _weight_int8pack_mm (cpu.py)
+    cpu     int8    bf16            > 128   dequantize to bf16 on each call, then F.linear (cpu.py)
+    cpu     int4    bf16            any     torch's _weight_int4pack_mm_for_cpu (cpu.py)
+    cpu     int4    bf16            any     dequantize, then F.linear: only if torch lacks that operator
+    cpu     any     fp32 / fp16     any     x cast to bf16, the bf16 row above, y cast back
+
+The CPU rows come from `python -m zoo.kernels.bench` on a 2-core AVX512 AMD EPYC shared with other
+jobs (torch 2.13; LLaMA-7B weight shapes; 1 thread, the steadier numbers there):
+  - M = 1, bf16 x, 4096 x 4096: int4 operator 0.9 ms, int8 operator 1.9 ms, bf16 F.linear 4.7 ms.
+    The operators' cost grows with every row (~0.4 and ~0.6 ms per row), F.linear's hardly up to
+    M ~ 16, so they fall behind it from M ~ 8-16: the price of 2x / 4x less memory.
+  - int8, growing M: dequantizing first costs a fixed ~50 ms (4096 x 4096; ~140 ms for 11008 x 4096)
+    and then runs at F.linear's rate. The paths cross at M ~ 128 on both shapes (with 2 contended
+    threads between 128 and 270): INT8_CPU_OP_MAX_M = 128.
+  - int4: the paths cross later, M ~ 250-500, and at M = 512 dequantizing first is at most 1.3x
+    faster; it would need our packed weight kept beside torch's layout (twice the memory), so the
+    operator serves every M.
+  - fp32 x fed to the operators as is (2 threads): 2-15x slower than bf16 x at M = 1 and 15-60x at
+    M = 32, as they have no fast fp32 kernel (int4, 4096 x 4096, M = 32: 944 ms against 24 ms), and
+    dequantizing per call costs 40-450 ms whatever M. Casting x to bf16 costs microseconds; its
+    price is accuracy: y is within ~4e-3 of max|y| of the fp32 reference (x and y rounded to bf16;
+    measured 3-5e-3 for K = 512-4096), well below int4's quantization error, about int8's.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from zoo.kernels.cpu import (CpuInt4Weight, int4_dequantize_mm, int4_mm_cpu, int8_dequantize_mm, int8_mm_cpu,
+                             pack_int4_for_cpu)
+from zoo.kernels.reference import (dequantize_int4, dequantize_int8, int4_linear_ref, int8_linear_ref, pack_int4,
+                                   unpack_int4)
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+CPU_DTYPE = torch.bfloat16  # the CPU paths compute in bf16 whatever x's dtype
+INT8_CPU_OP_MAX_M = 128  # rows of x up to which torch's int8 operator beats dequantize-then-F.linear on CPU
+CPU_INT4_OP = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")  # torch >= 2.5
+
+
+@dataclass
+class Int8Weight:
+    """int8 [N, K], symmetric, one scale per output channel: w[n, k] = qweight[n, k] * scales[n]."""
+    qweight: torch.Tensor  # int8 [N, K]
+    scales: torch.Tensor   # [N], fp32 or the activation dtype
+
+    def __post_init__(self):
+        n = self.qweight.shape[0]
+        if self.qweight.dtype != torch.int8 or self.qweight.dim() != 2 or self.scales.shape != (n,):
+            raise ValueError(f"Int8Weight needs qweight int8 [N, K] and scales [N], got qweight "
+                             f"{self.qweight.dtype} {tuple(self.qweight.shape)}, scales {tuple(self.scales.shape)}")
+
+    def prepare(self) -> "Int8Weight":
+        """Nothing to lay out: torch's CPU operator and the Triton kernel both read the stored format."""
+        return self
+
+
+@dataclass
+class Int4Weight:
+    """int4, one scale and zero per group of K: w[n, k] = (q[n, k] - zeros[n, k // g]) * scales[n, k // g].
+
+    `packed` holds two q per byte, column 2j in the low nibble (reference.pack_int4). `cpu` is torch's
+    CPU layout of the same weight, made by prepare() and never saved (it depends on the CPU's
+    instruction set). On CPU the 4-bit weight is then held twice, `packed` for saving or moving and
+    `cpu` for int4_linear, which reads only `cpu` there.
+    """
+    packed: torch.Tensor  # uint8 [N, K/2]
+    scales: torch.Tensor  # [N, K/group_size]
+    zeros: torch.Tensor   # [N, K/group_size], floating point
+    group_size: int
+    cpu: CpuInt4Weight | None = None
+
+    def __post_init__(self):
+        n, k = self.packed.shape[0], self.packed.shape[1] * 2
+        groups = k // self.group_size if self.group_size in INT4_GROUP_SIZES and k % self.group_size == 0 else None
+        if (self.packed.dtype != torch.uint8 or self.packed.dim() != 2 or groups is None
+                or self.scales.shape != (n, groups) or self.zeros.shape != (n, groups)):
+            raise ValueError(f"Int4Weight needs packed uint8 [N, K/2], group_size in {INT4_GROUP_SIZES} dividing K, "
+                             f"scales and zeros [N, K/group_size]; got packed {self.packed.dtype} "
+                             f"{tuple(self.packed.shape)}, group_size {self.group_size}, scales "
+                             f"{tuple(self.scales.shape)}, zeros {tuple(self.zeros.shape)}")
+
+    def prepare(self) -> "Int4Weight":
+        """Lay the weight out for the device it is on: torch's CPU layout on CPU, nothing on CUDA."""
+        if self.packed.device.type == "cpu" and CPU_INT4_OP:
+            self.cpu = pack_int4_for_cpu(self.packed, self.scales, self.zeros, self.group_size, CPU_DTYPE)
+        return self
+
+
+def int8_path(x: torch.Tensor, weight: Int8Weight) -> str:
+    """The code int8_linear runs for this x: "triton", "cpu-op" or "cpu-dequantize" (module docstring)."""
+    _check_device(x, weight.qweight)
+    if x.device.type == "cuda":
+        return "triton"
+    return "cpu-op" if x.numel() // x.shape[-1] <= INT8_CPU_OP_MAX_M else "cpu-dequantize"
+
+
+def int4_path(x: torch.Tensor, weight: Int4Weight) -> str:
+    """The code int4_linear runs for this x: "triton", "cpu-op" or "cpu-dequantize" (module docstring)."""
+    _check_device(x, weight.packed)
+    if x.device.type == "cuda":
+        return "triton"
+    if weight.cpu is not None:
+        return "cpu-op"
+    if CPU_INT4_OP:
+        raise RuntimeError("this Int4Weight was not prepared for the CPU: call weight.prepare() once, at load")
+    return "cpu-dequantize"
+
+
+def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
+    """y = x @ w.T for x [..., K] (fp32/fp16/bf16) -> [..., N] in x's dtype. Bias is the caller's."""
+    path = int8_path(x, weight)
+    if path == "triton":
+        from zoo.kernels.triton_matmul import w8a16_matmul  # imported here: CPU-only use needs no Triton
+        return w8a16_matmul(x, weight.qweight, weight.scales)
+    x2 = x.reshape(-1, x.shape[-1]).to(CPU_DTYPE).contiguous()  # [M, K]
+    if path == "cpu-op":
+        y = int8_mm_cpu(x2, weight.qweight, weight.scales)
+    else:
+        y = int8_dequantize_mm(x2, weight.qweight, weight.scales)
+    return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])  # [..., N]
+
+
+def int4_linear(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
+    """y = x @ w.T for x [..., K] (fp32/fp16/bf16) -> [..., N] in x's dtype. Bias is the caller's."""
+    path = int4_path(x, weight)
+    if path == "triton":
+        from zoo.kernels.triton_matmul import w4a16_matmul
+        return w4a16_matmul(x, weight.packed, weight.scales, weight.zeros, weight.group_size)
+    x2 = x.reshape(-1, x.shape[-1]).to(CPU_DTYPE).contiguous()  # [M, K]
+    if path == "cpu-op":
+        y = int4_mm_cpu(x2, weight.cpu)
+    else:
+        y = int4_dequantize_mm(x2, weight.packed, weight.scales, weight.zeros, weight.group_size)
+    return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])  # [..., N]
+
+
+def _check_device(x: torch.Tensor, w: torch.Tensor):
+    if x.device != w.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {w.device}")
+    if x.device.type not in ("cpu", "cuda"):
+        raise NotImplementedError(f"quantized matmul runs on cpu and cuda, not {x.device.type}")
+
+
+__all__ = [
+    "Int8Weight", "Int4Weight", "int8_linear", "int4_linear", "int8_path", "int4_path",
+    "pack_int4", "unpack_int4", "dequantize_int8", "dequantize_int4", "int8_linear_ref", "int4_linear_ref",
+]

@@ -21,6 +21,7 @@ Storage formats: see zoo/kernels/reference.py. fp32 activations use exact fp32 p
 TRITON_INTERPRET=1 runs these kernels on the CPU with numpy (one program at a time, 2-4 ms per
 program per K tile): the autotuner is then given one small config so it does not try them all.
 """
+import contextlib
 import os
 
 import torch
@@ -53,8 +54,12 @@ DOT_IN_FP32 = tl.constexpr(INTERPRET)
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Decode configs for M <= 16, prefill configs above; int4 also needs BLOCK_K to divide the group size."""
-    m, group_size = named_args["M"], named_args.get("GROUP_SIZE")
+    """Decode configs for M <= 16, prefill configs above; int4 also needs BLOCK_K to divide the group size.
+
+    The autotuner passes the kernel's positional arguments in `named_args` and its keyword arguments
+    (GROUP_SIZE, DOT_PRECISION) in `kwargs`."""
+    args = {**named_args, **kwargs}
+    m, group_size = args["M"], args.get("GROUP_SIZE")
     kept = [c for c in configs
             if (c.kwargs["BLOCK_M"] == 16) == (m <= 16)
             and c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(m))
@@ -129,10 +134,11 @@ def _w4a16_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     row_ok, col_ok = rows < M, cols < N
     HALF_K: tl.constexpr = BLOCK_K // 2  # bytes of w per row per K tile
+    tl.static_assert(GROUP_SIZE % BLOCK_K == 0, "a K tile must lie inside one group")
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # K is a multiple of GROUP_SIZE (the format) and GROUP_SIZE of BLOCK_K (the pruner): no ragged K
-    # tile, and every K tile lies inside one group.
+    # K is a multiple of GROUP_SIZE (the format) and GROUP_SIZE of BLOCK_K (the pruner, and the
+    # static_assert above): no ragged K tile, and every K tile lies inside one group.
     for k0 in range(0, K, BLOCK_K):
         group = k0 // GROUP_SIZE
         scale = tl.load(scales_ptr + cols * stride_sn + group * stride_sg, mask=col_ok, other=0.0).to(tl.float32)
@@ -157,12 +163,24 @@ def _w4a16_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _grid(m: int, n: int):
-    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+def _launch(kernel, device: torch.device, m: int, n: int, config: dict | None, *args, **constants):
+    """Run `kernel` over a grid of (M tiles, N tiles): autotuned, or with the block sizes in `config`."""
+    if config is not None:
+        kernel = kernel.fn  # the jitted kernel under the autotuner
+        constants.update(config)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+    # Triton launches on the current CUDA device: make it x's (the interpreter runs on the CPU)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[grid](*args, **constants)
 
 
-def w8a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [..., K] (fp16/bf16/fp32) @ (qweight int8 [N, K] * scales [N, 1]).T -> [..., N] in x's dtype."""
+def w8a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 config: dict | None = None) -> torch.Tensor:
+    """x [..., K] (fp16/bf16/fp32) @ (qweight int8 [N, K] * scales [N, 1]).T -> [..., N] in x's dtype.
+
+    config: {"BLOCK_M": .., "BLOCK_N": .., "BLOCK_K": .. (, "num_warps": ..)} to skip autotuning (tests,
+    experiments).
+    """
     n, k = qweight.shape
     if x.shape[-1] != k or qweight.dtype != torch.int8 or scales.shape != (n,):
         raise ValueError(f"w8a16_matmul: x {tuple(x.shape)}, qweight {tuple(qweight.shape)} {qweight.dtype}, "
@@ -171,28 +189,31 @@ def w8a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -
     m = x2.shape[0]
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m:
-        _w8a16_kernel[_grid(m, n)](
-            x2, qweight, scales, y, m, n, k, _m_bucket(m),
-            x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), y.stride(0), y.stride(1),
-            DOT_PRECISION=_dot_precision(x.dtype))
+        _launch(_w8a16_kernel, x.device, m, n, config,
+                x2, qweight, scales, y, m, n, k, _m_bucket(m),
+                x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), y.stride(0), y.stride(1),
+                DOT_PRECISION=_dot_precision(x.dtype))
     return y.view(*x.shape[:-1], n)
 
 
 def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 group_size: int) -> torch.Tensor:
-    """x [..., K] @ int4 weight (packed uint8 [N, K/2], scales/zeros [N, K/group_size]).T -> [..., N], x's dtype."""
+                 group_size: int, config: dict | None = None) -> torch.Tensor:
+    """x [..., K] @ int4 weight (packed uint8 [N, K/2], scales/zeros [N, K/group_size]).T -> [..., N], x's dtype.
+
+    config: {"BLOCK_M": .., "BLOCK_N": .., "BLOCK_K": ..} to skip autotuning; BLOCK_K must divide group_size.
+    """
     n, k = packed.shape[0], packed.shape[1] * 2
     if (x.shape[-1] != k or packed.dtype != torch.uint8 or group_size not in (32, 64, 128, 256)
-            or k % group_size or scales.shape != (n, k // group_size) or zeros.shape != scales.shape
-            or scales.stride() != zeros.stride()):
+            or k % group_size or scales.shape != (n, k // group_size) or zeros.shape != scales.shape):
         raise ValueError(f"w4a16_matmul: x {tuple(x.shape)}, packed {tuple(packed.shape)} {packed.dtype}, "
                          f"scales {tuple(scales.shape)}, zeros {tuple(zeros.shape)}, group_size {group_size}")
+    scales, zeros = scales.contiguous(), zeros.contiguous()  # one set of strides serves both
     x2 = x.reshape(-1, k)  # [M, K]
     m = x2.shape[0]
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m:
-        _w4a16_kernel[_grid(m, n)](
-            x2, packed, scales, zeros, y, m, n, k, _m_bucket(m),
-            x2.stride(0), x2.stride(1), packed.stride(0), packed.stride(1), scales.stride(0), scales.stride(1),
-            y.stride(0), y.stride(1), GROUP_SIZE=group_size, DOT_PRECISION=_dot_precision(x.dtype))
+        _launch(_w4a16_kernel, x.device, m, n, config,
+                x2, packed, scales, zeros, y, m, n, k, _m_bucket(m),
+                x2.stride(0), x2.stride(1), packed.stride(0), packed.stride(1), scales.stride(0), scales.stride(1),
+                y.stride(0), y.stride(1), GROUP_SIZE=group_size, DOT_PRECISION=_dot_precision(x.dtype))
     return y.view(*x.shape[:-1], n)
