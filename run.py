@@ -28,7 +28,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", default=DEMO_CHECKPOINT,
                    help="checkpoint directory, or a name under checkpoints/ or $ZOO_CHECKPOINTS (default: %(default)s)")
-    p.add_argument("--prompt", help="the prompt (default: read stdin if it is piped, else a demo prompt)")
+    p.add_argument("--prompt", help="the prompt (default: text piped to stdin, else a demo prompt)")
     p.add_argument("--interactive", "-i", action="store_true", help="ask for prompts at a '> ' prompt until EOF")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding (default: %(default)s)")
@@ -71,8 +71,8 @@ def read_prompt(args, interactive: bool) -> str | None:
                 text = None
         elif args.prompt is not None:
             text = args.prompt
-        else:
-            text = sys.stdin.read() if not sys.stdin.isatty() else DEMO_PROMPT
+        else:  # piped text, else (a terminal, or nothing piped) the demo prompt
+            text = (sys.stdin.read() if not sys.stdin.isatty() else "") or DEMO_PROMPT
     if parallel.world_size() > 1:
         box = [text]
         dist.broadcast_object_list(box, src=0)
