@@ -1,6 +1,12 @@
 """OPT and GPT-NeoX against Hugging Face's OPTForCausalLM and GPTNeoXForCausalLM on the same weights."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+from conftest import ROOT
 from helpers import FAMILY_VARIANTS, hf_family, save_hf, spawn
 
 import zoo
@@ -80,7 +86,6 @@ def test_tensor_parallel_world_2_equals_single_process(tmp_path):
 
 
 def test_unknown_model_type_lists_every_family(tmp_path):
-    import json
     hf = hf_family("opt-pre-ln")
     save_hf(hf, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -88,3 +93,36 @@ def test_unknown_model_type_lists_every_family(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(zoo.CheckpointError, match="unknown model_type 'bloom'; supported: llama, opt, gpt_neox"):
         zoo.load(tmp_path)
+
+
+def _with_tokenizer(variant, directory):
+    """Give a test checkpoint a byte-level BPE trained here: vocab.json + merges.txt for OPT, tokenizer.json for NeoX."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from pydoc_data.topics import topics
+    tok = tokenizers.ByteLevelBPETokenizer()
+    tok.train_from_iterator([topics[k] for k in sorted(topics)][:40], vocab_size=300,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    if variant.startswith("opt"):
+        tok.save_model(str(directory))
+    else:
+        tok.save(str(directory / "tokenizer.json"))
+    config = json.loads((directory / "config.json").read_text())
+    config.update(bos_token_id=0, eos_token_id=0)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.mark.parametrize("variant", ["opt-post-ln-proj", "neox-rotary-0.25-parallel"])
+def test_run_py_single_and_torchrun(variant, tmp_path):
+    directory = _with_tokenizer(variant, save_hf(hf_family(variant), tmp_path))
+    args = ("--ckpt", str(directory), "--prompt", "The for statement", "--max-new-tokens", "12",
+            "--temperature", "0", "--dtype", "float32")
+    one = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.startswith("The for statement") and "decode 11 tokens" in one.stderr
+    # (random weights: ids past the tokenizer's 300 tokens decode to nothing, as for OPT's padded vocabulary)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "run.py"), *args], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr
+    assert two.stdout == one.stdout

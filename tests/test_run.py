@@ -11,11 +11,11 @@ def run(*args, stdin=None):
 
 
 def test_demo_with_flags_streams_text_and_speed():
-    r = run("--prompt", "A list comprehension", "--max-new-tokens", "24", "--temperature", "0", "--dtype", "float32",
+    r = run("--prompt", "A list comprehension", "--max-new-tokens", "24", "--dtype", "float32",
             "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("A list comprehension")
-    assert len(r.stdout.split()) > 5
+    assert len(r.stdout.strip()) > len("A list comprehension") + 10  # it wrote something
     assert "prefill" in r.stderr and "decode" in r.stderr and "tokens/s" in r.stderr
 
 

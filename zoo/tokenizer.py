@@ -176,7 +176,9 @@ class BPETokenizer(Tokenizer):
         return ids.tolist()
 
     def decode(self, ids):
-        return b"".join(self.id_to_bytes[int(i)] for i in ids).decode("utf-8", errors="replace")
+        # Models pad their vocabulary past the tokenizer's (OPT 50272 vs 50265, Pythia 50304 vs 50277):
+        # an id with no token decodes to nothing, as in Hugging Face.
+        return b"".join(self.id_to_bytes.get(int(i), b"") for i in ids).decode("utf-8", errors="replace")
 
 
 def _is_byte_level(spec: dict) -> bool:
