@@ -1,6 +1,6 @@
 """The cost of hook points: a plain forward now against the code before hooks existed, side by side.
 
-    python benchmarks/hooks.py                    # bundled tiny model, fp32, baseline = 8fb9a62
+    python benchmarks/hooks.py                    # bundled tiny model, fp32, 1 thread, baseline = 8fb9a62
     python benchmarks/hooks.py --ckpt DIR --dtype bfloat16 --baseline <commit>
 
 Decode tokens/s at batch 1 (greedy, prefill excluded, median of --repeats runs) for:
@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--baseline", default="8fb9a62", help="a commit before hook points (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="1 (default) gives the steadiest numbers on a shared machine")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "hooks.json")
     args = p.parse_args()
     runs = {"before": [], "no hooks": [], "one hook": [], "collect": []}

@@ -30,17 +30,12 @@ fresh subprocess, which reports:
               count in RSS while mapped and touched), sampled every 2 ms by a thread during the
               load: a breakdown of where the peak comes from, approximate;
   load s      wall time of zoo.load.
-Medians over --repeats subprocesses. A separate subprocess also measures what the first
-`normal_` on a meta-device tensor costs: building the model on the meta device (nn.Embedding's
-init calls normal_) makes torch import its meta kernels and sympy once per process, a fixed cost
-that `ratio` includes; `ratio*` leaves it out.
+Medians over --repeats subprocesses.
 
-Reading the numbers: besides the model, the peak can hold one tensor's worth of transient memory
-(the largest here are the 32000x2048 embedding and output: 125 MB in bf16, 250 MB in fp32), torch's
-meta-kernel import (~170 MB; `ratio*` leaves it out), and heap memory glibc's malloc keeps after
-the loader's temporaries are freed (it varies from run to run and shows as `after MB` above base +
-model + that import; it vanishes with MALLOC_MMAP_THRESHOLD_=1048576 in the environment, or with
-malloc_trim(0) after the load).
+Reading the numbers: besides the model, the peak can hold the loader's transients: one 64 MB chunk
+of stored data being converted, and one tensor of the target dtype being assembled (the largest
+here are the 32000x2048 embedding and output: 125 MB in bf16), plus heap memory glibc's malloc
+keeps after temporaries are freed (zoo.load calls malloc_trim(0) at the end).
 
 By default the checkpoint's files are read once just before each subprocess, so they are in the
 page cache and `load s` measures zoo rather than the disk; --cold evicts them instead
@@ -86,7 +81,6 @@ def parse_args():
     p.add_argument("--out", default=str(RESULTS / "load_memory.json"), help="JSON results path")
     p.add_argument("--make", help=argparse.SUPPRESS)  # internal: write one case's checkpoint
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: load one case, print JSON
-    p.add_argument("--meta-cost", action="store_true", help=argparse.SUPPRESS)  # internal
     return p.parse_args()
 
 
@@ -242,17 +236,6 @@ def worker(path: str, dtype_name: str, threads: int) -> dict:
             "ratio": (now["VmHWM"] - base["VmRSS"]) / (model_bytes / 2**20)}
 
 
-def meta_cost() -> dict:
-    """What the first normal_ on a meta tensor (as in building the model on the meta device) adds to RSS."""
-    import torch
-
-    import zoo  # noqa: F401
-    before = status_mb("VmRSS")["VmRSS"]
-    t0 = time.perf_counter()
-    torch.empty(8, 8, device="meta").normal_()
-    return {"mb": status_mb("VmRSS")["VmRSS"] - before, "s": time.perf_counter() - t0}
-
-
 def spawn(*argv: str) -> dict:
     proc = subprocess.run([sys.executable, __file__, *argv], stdout=subprocess.PIPE, text=True, cwd=REPO)
     if proc.returncode != 0:
@@ -268,11 +251,11 @@ def cpu_model() -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = ("layout", "files", "file MB", "base MB", "peak MB", "after MB", "model MB", "ratio", "ratio*",
+    header = ("layout", "files", "file MB", "base MB", "peak MB", "after MB", "model MB", "ratio",
               "anon/file peak MB", "load s")
     table = [header] + [(r["description"], str(r["files"]), f"{r['file_mb']:,.0f}", f"{r['base_mb']:,.0f}",
                          f"{r['peak_mb']:,.0f}", f"{r['after_mb']:,.0f}", f"{r['model_mb']:,.0f}",
-                         f"{r['ratio']:.2f}", f"{r['ratio_excl_meta_import']:.2f}",
+                         f"{r['ratio']:.2f}",
                          f"{r['peak_anon_mb_sampled']:,.0f}/{r['peak_file_mb_sampled']:,.0f}",
                          f"{r['load_s']:.2f}") for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -290,9 +273,6 @@ def main():
     if args.worker:
         print(json.dumps(worker(args.worker, args.dtype, args.threads)))
         return
-    if args.meta_cost:
-        print(json.dumps(meta_cost()))
-        return
 
     import torch
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -308,9 +288,6 @@ def main():
     for c in cases:
         ensure(c)
 
-    cost = spawn("--meta-cost")
-    print(f"first normal_ on the meta device (torch imports its meta kernels): +{cost['mb']:.0f} MB, "
-          f"{cost['s']:.2f} s\n")
     rows = []
     for c in cases:
         path = directory(c)
@@ -323,20 +300,18 @@ def main():
                "file_mb": sum(f.stat().st_size for f in files) / 2**20, "runs": runs}
         for key in runs[0]:
             row[key] = statistics.median(r[key] for r in runs)
-        row["ratio_excl_meta_import"] = (row["peak_mb"] - row["base_mb"] - cost["mb"]) / row["model_mb"]
         print(f"{CASES[c][1]}: peak {row['peak_mb']:,.0f} MB, base {row['base_mb']:,.0f} MB, model "
               f"{row['model_mb']:,.0f} MB: ratio {row['ratio']:.2f}; load {row['load_s']:.2f} s", flush=True)
         rows.append(row)
 
     print()
     print_table(rows)
-    print("\nratio = (peak - base) / model; ratio* leaves out torch's one-time meta-kernel import "
-          f"({cost['mb']:.0f} MB). anon/file: sampled peaks of RssAnon / RssFile during the load.")
+    print("\nratio = (peak - base) / model. anon/file: sampled peaks of RssAnon / RssFile during the load.")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "settings": {k: v for k, v in vars(args).items()
-                                                                if k not in ("make", "worker", "meta_cost")},
-                               "model": LLAMA_1B, "meta_import_cost": cost, "results": rows}, indent=1) + "\n")
+                                                                if k not in ("make", "worker")},
+                               "model": LLAMA_1B, "results": rows}, indent=1) + "\n")
     print(f"wrote {out}")
 
 
