@@ -60,10 +60,12 @@ class StoredTensor:
             out = torch.empty(src.shape, dtype=dtype)
             if src.dim() == 0:
                 out.copy_(src)
-            for a in range(0, len(src) if src.dim() else 0, step := _rows_per_chunk(src.shape, src.dtype)):
-                out[a : a + step].copy_(src[a : a + step])
-                if src.is_contiguous():
-                    _drop_pages(src[a : a + step])
+            else:  # chunk by chunk, giving back each chunk's file pages once copied
+                step = _rows_per_chunk(src.shape, src.dtype)
+                for a in range(0, len(src), step):
+                    out[a : a + step].copy_(src[a : a + step])
+                    if src.is_contiguous():
+                        _drop_pages(src[a : a + step])
             _drop_pages(self.mapped)
             return out
         if dim not in (None, 0):

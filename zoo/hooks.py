@@ -99,7 +99,6 @@ class Hooks:
                 self.table.setdefault(_key(name), []).append(fn)
         self.start_pos, self.step = start_pos, step
         self.rank, self.world = parallel.rank(), parallel.world_size()
-        self.model = model
 
     def wants(self, layer: int | None, point: str) -> bool:
         return (layer, point) in self.table
