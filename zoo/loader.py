@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from zoo import parallel
+from zoo import quant as quantization
 from zoo.checkpoint import CheckpointError, StoredTensor, open_tensors, release_freed_memory
 from zoo.models import gpt_neox, llama, opt
 from zoo.tokenizer import load_tokenizer
@@ -73,14 +74,17 @@ def find_checkpoint(ckpt: str | os.PathLike) -> Path:
 
 
 def load(ckpt: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None,
-         max_seq_len: int | None = None, progress: bool | None = None) -> nn.Module:
+         max_seq_len: int | None = None, progress: bool | None = None, quant: str | None = None,
+         group_size: int = 128) -> nn.Module:
     """Load a Meta or Hugging Face checkpoint directory (or a bare name, see `find_checkpoint`).
 
     dtype: what the floating-point weights are cast to while loading. device: default CUDA if
     present, else CPU. max_seq_len: the longest sequence the model will be asked to hold
     (default: the checkpoint's context length). progress: a bar on stderr (default: when stderr
-    is a terminal and the checkpoint is over 256 MB). Parameters come back frozen
-    (requires_grad=False): zoo is for inference; call `requires_grad_()` to train.
+    is a terminal and the checkpoint is over 256 MB). quant: "int8" or "int4" quantizes each linear
+    layer of the blocks as soon as it is read (zoo/quant), never holding the whole model in `dtype`;
+    group_size: int4's (32, 64, 128, 256). Parameters come back frozen (requires_grad=False): zoo is
+    for inference; call `requires_grad_()` to train.
     """
     directory = find_checkpoint(ckpt)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -92,7 +96,9 @@ def load(ckpt: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: s
         found = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
         raise CheckpointError(f"{directory}: neither params.json (Meta layout) nor config.json (Hugging Face "
                               f"layout) found; the directory holds: {found}")
-    _fill(model, sources, dtype, device, progress, directory, checkpoint_name)
+    if quant is not None and quant not in quantization.SCHEMES:
+        raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(quantization.SCHEMES)}")
+    _fill(model, sources, dtype, device, progress, directory, checkpoint_name, quant, group_size)
     return model.to(device).eval()
 
 
@@ -308,7 +314,8 @@ def _full_shapes(model: nn.Module) -> dict[str, tuple]:
 
 
 def _fill(model: nn.Module, sources: dict[str, Source], dtype: torch.dtype, device: torch.device,
-          progress: bool | None, directory: Path, checkpoint_name: Callable[[str], str]) -> None:
+          progress: bool | None, directory: Path, checkpoint_name: Callable[[str], str],
+          quant: str | None = None, group_size: int = 128) -> None:
     """Put every parameter in place from `sources`, checking that none is missing or misshapen.
 
     Parameters tied together (output and embedding) are one group: either name may provide it.
@@ -338,6 +345,14 @@ def _fill(model: nn.Module, sources: dict[str, Source], dtype: torch.dtype, devi
         for name in names:
             module_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(module_name), attr, param)
+        if quant is not None:  # quantize a linear layer as soon as all its parameters are read
+            module_name = names[0].rpartition(".")[0]
+            module = model.get_submodule(module_name)
+            if (isinstance(module, nn.Linear) and quantization.is_quantized_layer(module_name)
+                    and not any(p.is_meta for p in module.parameters())):
+                parent, _, child = module_name.rpartition(".")
+                setattr(model.get_submodule(parent), child,
+                        quantization.quantize_linear(module, quant, group_size, name=module_name))
         bar.update(math.prod(source.shape))
     bar.close()
     release_freed_memory()

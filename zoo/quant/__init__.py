@@ -1,1 +1,103 @@
-"""Weight-only int8 / int4 quantization: not built yet, see the quantization issue."""
+"""Weight-only int8 / int4 quantization of the linear layers, for smaller and faster decoding.
+
+    model = zoo.load("tiny-llama", quant="int8")                  # quantized layer by layer while loading
+    model = zoo.load("tiny-llama", quant="int4", group_size=64)
+    zoo.quant.quantize(model, "int4", group_size=128)              # or afterwards
+
+Formats (zoo/kernels/reference.py holds the exact definitions):
+  int8  symmetric, per output channel: w[n, k] = q[n, k] * scale[n], q in -127..127.
+  int4  per group of `group_size` inputs (32, 64, 128 or 256), asymmetric by default:
+        w[n, k] = (q[n, k] - zero[n, g]) * scale[n, g], q in 0..15, g = k // group_size, with
+        scale = (max - min) / 15 and zero = -min / scale over the group (symmetric: zero = 8,
+        scale = max|w| / 7). Two q per byte, column 2j in the low nibble.
+The linear layers inside the blocks are quantized (attention wq/wk/wv/wo, the MLP's); the
+embedding, the norms, the output layer and every bias stay in floating point. Hooks sit outside
+the matmuls, so they see the same kind of activations as in the unquantized model.
+
+Not built yet (see the quantization issue): quantized checkpoints on disk (save / load with
+metadata), quantization under tensor parallelism, `run.py --quant`, `python -m zoo quantize`.
+"""
+import torch
+from torch import nn
+
+from zoo.kernels import INT4_GROUP_SIZES, Int4Weight, Int8Weight, int4_linear, int8_linear, pack_int4
+
+SCHEMES = ("int8", "int4")
+
+
+def quantize_int8(w: torch.Tensor) -> Int8Weight:
+    """w [N, K] -> int8 [N, K] and fp32 scales [N]: each row scaled so that its largest |w| maps to 127."""
+    w = w.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return Int8Weight(q, scales)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = False) -> Int4Weight:
+    """w [N, K] -> packed uint8 [N, K/2] and fp32 scales, zeros [N, K/group_size] (min/max per group)."""
+    n, k = w.shape
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group size {group_size} is not supported; choose one of {INT4_GROUP_SIZES}")
+    if k % group_size:
+        raise ValueError(f"K = {k} input features are not a multiple of the group size {group_size}")
+    groups = w.float().reshape(n, k // group_size, group_size)  # (N, groups, group_size)
+    if symmetric:
+        scales = groups.abs().amax(dim=-1).clamp(min=1e-12) / 7
+        zeros = torch.full_like(scales, 8.0)
+    else:
+        lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+        scales = ((hi - lo) / 15).clamp(min=1e-12)
+        zeros = -lo / scales
+    q = torch.round(groups / scales[..., None] + zeros[..., None]).clamp(0, 15).to(torch.uint8)
+    return Int4Weight(pack_int4(q.reshape(n, k)), scales, zeros, group_size)
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W stored as int8 or int4; the matmul is zoo.kernels' (Triton on CUDA, torch's ops on CPU)."""
+
+    def __init__(self, weight: Int8Weight | Int4Weight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.qweight = weight.prepare()  # lays the weight out for its device (torch's int4 CPU layout)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.matmul = int8_linear if isinstance(weight, Int8Weight) else int4_linear
+        stored = weight.qweight if isinstance(weight, Int8Weight) else weight.packed
+        self.out_features, self.in_features = stored.shape[0], (stored.shape[1] if isinstance(weight, Int8Weight)
+                                                                  else 2 * stored.shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(x, self.qweight)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        kind = "int8" if isinstance(self.qweight, Int8Weight) else f"int4, group {self.qweight.group_size}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
+
+
+def quantize_linear(linear: nn.Linear, scheme: str, group_size: int = 128, symmetric: bool = False,
+                    name: str = "") -> QuantLinear:
+    """A QuantLinear holding `linear`'s weight quantized (errors name the layer)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if type(linear) is not nn.Linear:
+        raise NotImplementedError(f"{name}: quantizing a {type(linear).__name__} (tensor parallelism) is not "
+                                  f"supported yet; quantize in a single process")
+    try:
+        weight = quantize_int8(linear.weight) if scheme == "int8" else \
+            quantize_int4(linear.weight, group_size, symmetric)
+    except ValueError as e:
+        raise ValueError(f"{name or 'linear layer'}: {e}") from None
+    return QuantLinear(weight, None if linear.bias is None else linear.bias.detach())
+
+
+def is_quantized_layer(name: str) -> bool:
+    """The linear layers zoo quantizes: those inside the blocks (not the embedding or the output)."""
+    return name.startswith("blocks.")
+
+
+def quantize(model: nn.Module, scheme: str, group_size: int = 128, symmetric: bool = False) -> nn.Module:
+    """Replace every linear layer inside model.blocks by its quantized QuantLinear, in place."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and is_quantized_layer(name):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, quantize_linear(module, scheme, group_size, symmetric, name))
+    return model
