@@ -43,3 +43,11 @@ def test_prompt_longer_than_context_is_a_clear_error():
     r = run("--prompt", "word " * 2000, "--max-new-tokens", "4")
     assert r.returncode == 2
     assert "does not fit the model's context" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_quantized_int4():
+    r = run("--quant", "int4", "--group-size", "64", "--max-new-tokens", "12", "--prompt", "The for statement")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The for statement") and "decode" in r.stderr
+    bad = run("--quant", "int4", "--group-size", "128", "--max-new-tokens", "4")  # 192 inputs: no 128-groups
+    assert bad.returncode == 2 and "not a multiple of the group size 128" in bad.stderr
