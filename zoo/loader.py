@@ -353,6 +353,7 @@ def _fill(model: nn.Module, sources: dict[str, Source], dtype: torch.dtype, devi
                 parent, _, child = module_name.rpartition(".")
                 setattr(model.get_submodule(parent), child,
                         quantization.quantize_linear(module, quant, group_size, name=module_name))
+                release_freed_memory()  # the layer's float weight and the quantizer's temporaries
         bar.update(math.prod(source.shape))
     bar.close()
     release_freed_memory()
