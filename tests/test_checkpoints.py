@@ -106,8 +106,13 @@ def test_missing_checkpoint_directory():
 
 
 def test_directory_without_config(tmp_path):
-    (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="neither params.json.*nor config.json.*model.safetensors"):
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(2)}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="neither params.json.*, config.json.*nor a zoo-quantized "
+                                              "model.safetensors found; the directory holds: model.safetensors"):
+        zoo.load(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")  # and an empty one is named as such
+    with pytest.raises(CheckpointError, match="model.safetensors: not a safetensors file"):
         zoo.load(tmp_path)
 
 

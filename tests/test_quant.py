@@ -86,3 +86,49 @@ def test_errors_name_the_layer(hf_dir):
         quant.quantize(zoo.load(hf_dir, dtype=torch.float32), "int4", group_size=256)
     with pytest.raises(ValueError, match="unknown quantization 'int3'"):
         zoo.load(hf_dir, quant="int3")
+
+
+@pytest.mark.parametrize("scheme,group_size", [("int8", 128), ("int4", 64)])
+def test_save_and_load_quantized_checkpoint(tiny_dir, tmp_path, scheme, group_size):
+    model = zoo.load(tiny_dir, quant=scheme, group_size=group_size)
+    out = quant.save(model, tmp_path / "q")
+    assert (out / "tokenizer.model").exists()
+    from zoo.checkpoint import safetensors_metadata
+    meta = safetensors_metadata(out / "model.safetensors")
+    assert (meta["format"], meta["version"], meta["scheme"]) == ("zoo-quantized", "1", scheme)
+    assert meta["group_size"] == (str(group_size) if scheme == "int4" else "0") and meta["model_type"] == "llama"
+    again = zoo.load(out)
+    tokens = torch.tensor([model.tokenizer.encode("The for statement", bos=True)])
+    with torch.no_grad():
+        assert torch.equal(again(tokens), model(tokens))
+    assert (out / "model.safetensors").stat().st_size < 0.8 * (tiny_dir / "consolidated.00.pth").stat().st_size
+
+
+def test_quantized_checkpoint_errors(tiny_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from zoo.checkpoint import safetensors_metadata
+    out = quant.save(zoo.load(tiny_dir, quant="int4", group_size=64), tmp_path / "q")
+    path = out / "model.safetensors"
+    meta, state = safetensors_metadata(path), load_file(path)
+    with pytest.raises(ValueError, match="already quantized"):
+        zoo.load(out, quant="int8")
+    del state["blocks.2.mlp.w_in.scales"]
+    save_file(state, path, metadata=meta)
+    with pytest.raises(zoo.CheckpointError, match=r"missing tensor 'blocks.2.mlp.w_in.scales', which the int4 layout"):
+        zoo.load(out)
+    save_file(load_file(path), path, metadata={**meta, "version": "0"})
+    with pytest.raises(zoo.CheckpointError, match=r"zoo-quantized format version '0' is not supported; this zoo reads "
+                                                  r"version 1"):
+        zoo.load(out)
+
+
+def test_quantize_command(tiny_dir, tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "zoo", "quantize", str(tiny_dir), str(tmp_path / "q8"), "--quant", "int8"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and isinstance(zoo.load(tmp_path / "q8").blocks[0].attn.wo, quant.QuantLinear)
+    bad = subprocess.run([sys.executable, "-m", "zoo", "quantize", str(tiny_dir), str(tmp_path / "q4"), "--quant",
+                          "int4", "--group-size", "128"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "not a multiple of the group size 128" in bad.stderr

@@ -1,6 +1,7 @@
-"""Command line: `python -m zoo inspect <ckpt> [--prompt TEXT]`.
+"""Command line: `python -m zoo inspect <ckpt> [--prompt TEXT]`, `python -m zoo quantize <ckpt> <outdir> --quant int4`.
 
-inspect prints a checkpoint's config, its module tree with parameter counts (from the config
+quantize loads a checkpoint quantized layer by layer and writes it as a zoo-quantized checkpoint
+(zoo/quant), which zoo.load and run.py then take like any other. inspect prints a checkpoint's config, its module tree with parameter counts (from the config
 alone: no weights are read), the memory the weights need per dtype and per weight-only
 quantization, and, with --prompt, every hook point with its shape for that prompt.
 """
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 import zoo
+import zoo.quant
 from zoo.loader import build_empty
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -76,6 +78,15 @@ def inspect(args) -> int:
     return 0
 
 
+def quantize(args) -> int:
+    model = zoo.load(args.ckpt, dtype=torch.bfloat16, device="cpu", quant=args.quant, group_size=args.group_size)
+    out = zoo.quant.save(model, args.outdir)
+    size = (out / "model.safetensors").stat().st_size
+    print(f"wrote {out / 'model.safetensors'} ({size / 2**20:.1f} MiB, {args.quant}"
+          f"{f', group {args.group_size}' if args.quant == 'int4' else ''})")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m zoo")
     sub = p.add_subparsers(dest="command", required=True)
@@ -83,10 +94,15 @@ def main(argv=None) -> int:
     i.add_argument("ckpt")
     i.add_argument("--prompt", help="also list every hook point with its shape for this prompt (loads the weights)")
     i.add_argument("--depth", type=int, default=3, help="module tree depth (default: %(default)s)")
+    q = sub.add_parser("quantize", help="write a weight-only quantized copy of a checkpoint")
+    q.add_argument("ckpt")
+    q.add_argument("outdir")
+    q.add_argument("--quant", choices=["int8", "int4"], required=True)
+    q.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128, 256 (default: %(default)s)")
     args = p.parse_args(argv)
     try:
-        return inspect(args)
-    except (FileNotFoundError, zoo.CheckpointError) as e:
+        return inspect(args) if args.command == "inspect" else quantize(args)
+    except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
 

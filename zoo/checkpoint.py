@@ -99,8 +99,8 @@ def _rows_per_chunk(shape: tuple, dtype: torch.dtype) -> int:
     return max(1, CHUNK // max(1, dtype.itemsize * math.prod(shape[1:])))
 
 
-def safetensors_tensors(path: Path) -> dict[str, StoredTensor]:
-    """Index a .safetensors file: an 8-byte little-endian header size, a JSON header, then the data."""
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a .safetensors file (an 8-byte little-endian size, then the JSON) and its size."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -110,9 +110,20 @@ def safetensors_tensors(path: Path) -> dict[str, StoredTensor]:
         if n > size - 8:
             raise CheckpointError(f"{path}: corrupt or truncated (header of {n} bytes, file of {size})")
         try:
-            header = json.loads(f.read(n))
+            return json.loads(f.read(n)), n
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The free-form `__metadata__` strings of a .safetensors file."""
+    return _safetensors_header(path)[0].get("__metadata__", {})
+
+
+def safetensors_tensors(path: Path) -> dict[str, StoredTensor]:
+    """Index a .safetensors file: an 8-byte little-endian header size, a JSON header, then the data."""
+    size = path.stat().st_size
+    header, n = _safetensors_header(path)
     header.pop("__metadata__", None)
     out = {}
     for key, info in header.items():

@@ -18,14 +18,15 @@ from torch import nn
 
 from zoo import parallel
 from zoo import quant as quantization
-from zoo.checkpoint import CheckpointError, StoredTensor, open_tensors, release_freed_memory
+from zoo.checkpoint import (CheckpointError, StoredTensor, open_tensors, release_freed_memory, safetensors_metadata,
+                            safetensors_tensors)
 from zoo.models import gpt_neox, llama, opt
 from zoo.tokenizer import load_tokenizer
 
 
 class Family(NamedTuple):
     """What the loader needs to know of a model family stored in Hugging Face's layout."""
-    config_from_hf: Callable
+    config: type  # with from_hf(config.json dict)
     model: type
     hf_to_zoo: Callable  # checkpoint key -> our parameter names ([]: skip the key; several: a fused tensor)
     zoo_to_hf: Callable  # the other way, to name a missing tensor in the checkpoint's words
@@ -34,9 +35,9 @@ class Family(NamedTuple):
 
 # config.json's model_type -> family
 FAMILIES = {
-    "llama": Family(llama.LlamaConfig.from_hf, llama.Llama, llama.hf_to_zoo, llama.zoo_to_hf, llama.hf_tensor_to_zoo),
-    "opt": Family(opt.OPTConfig.from_hf, opt.OPT, opt.hf_to_zoo, opt.zoo_to_hf, opt.hf_tensor_to_zoo),
-    "gpt_neox": Family(gpt_neox.GPTNeoXConfig.from_hf, gpt_neox.GPTNeoX, gpt_neox.hf_to_zoo, gpt_neox.zoo_to_hf,
+    "llama": Family(llama.LlamaConfig, llama.Llama, llama.hf_to_zoo, llama.zoo_to_hf, llama.hf_tensor_to_zoo),
+    "opt": Family(opt.OPTConfig, opt.OPT, opt.hf_to_zoo, opt.zoo_to_hf, opt.hf_tensor_to_zoo),
+    "gpt_neox": Family(gpt_neox.GPTNeoXConfig, gpt_neox.GPTNeoX, gpt_neox.hf_to_zoo, gpt_neox.zoo_to_hf,
                        gpt_neox.hf_tensor_to_zoo),
 }
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -88,17 +89,24 @@ def load(ckpt: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: s
     """
     directory = find_checkpoint(ckpt)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if (directory / "params.json").exists():
-        model, sources, checkpoint_name = _meta_checkpoint(directory, max_seq_len)
-    elif (directory / "config.json").exists():
-        model, sources, checkpoint_name = _hf_checkpoint(directory, max_seq_len)
-    else:
-        found = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
-        raise CheckpointError(f"{directory}: neither params.json (Meta layout) nor config.json (Hugging Face "
-                              f"layout) found; the directory holds: {found}")
     if quant is not None and quant not in quantization.SCHEMES:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(quantization.SCHEMES)}")
+    if (directory / "params.json").exists():
+        model, sources, checkpoint_name = _meta_checkpoint(directory, max_seq_len)
+        model.model_type = "llama"
+    elif (directory / "config.json").exists():
+        model, sources, checkpoint_name = _hf_checkpoint(directory, max_seq_len)
+    elif (directory / "model.safetensors").exists() and \
+            safetensors_metadata(directory / "model.safetensors").get("format") == quantization.FORMAT:  # zoo.quant.save
+        if quant is not None:
+            raise ValueError(f"{directory} is already quantized; load it without quant=")
+        model, sources, checkpoint_name = _quantized_checkpoint(directory, max_seq_len, device)
+    else:
+        found = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
+        raise CheckpointError(f"{directory}: neither params.json (Meta layout), config.json (Hugging Face "
+                              f"layout) nor a zoo-quantized model.safetensors found; the directory holds: {found}")
     _fill(model, sources, dtype, device, progress, directory, checkpoint_name, quant, group_size)
+    model.checkpoint_dir = directory
     return model.to(device).eval()
 
 
@@ -117,7 +125,7 @@ def build_empty(ckpt: str | os.PathLike) -> nn.Module:
         raise CheckpointError(f"{directory / 'config.json'}: unknown model_type {config.get('model_type')!r}; "
                               f"supported: {', '.join(FAMILIES)}")
     family = FAMILIES[config["model_type"]]
-    return _build(family.model, family.config_from_hf(config), directory / "config.json")
+    return _build(family.model, family.config.from_hf(config), directory / "config.json")
 
 
 def _read_json(path: Path) -> dict:
@@ -231,7 +239,7 @@ def _hf_checkpoint(directory: Path, max_seq_len: int | None):
                               f"supported: {', '.join(FAMILIES)}")
     family = FAMILIES[model_type]
     try:
-        cfg = family.config_from_hf(config)
+        cfg = family.config.from_hf(config)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{directory / 'config.json'}: {type(e).__name__}: {e}") from None
     if max_seq_len:
@@ -254,7 +262,54 @@ def _hf_checkpoint(directory: Path, max_seq_len: int | None):
                 return family.hf_tensor_to_zoo(name, stored.read(*(split or ()), dtype=dtype), cfg)
             sources[name] = Source(f"{stored.path}: {key}", tuple(shape), read)
     model.tokenizer = load_tokenizer(directory, config)
+    model.model_type = model_type
     return model, sources, family.zoo_to_hf
+
+
+def _quantized_checkpoint(directory: Path, max_seq_len: int | None, device: torch.device):
+    """A checkpoint written by zoo.quant.save: quantized layers built from their stored parts, the rest filled as usual."""
+    path = directory / "model.safetensors"
+    meta = safetensors_metadata(path)
+    if meta.get("version") != quantization.VERSION:
+        raise CheckpointError(f"{path}: zoo-quantized format version {meta.get('version')!r} is not supported; this "
+                              f"zoo reads version {quantization.VERSION}")
+    scheme, model_type = meta.get("scheme"), meta.get("model_type")
+    if scheme not in quantization.SCHEMES or model_type not in FAMILIES:
+        raise CheckpointError(f"{path}: metadata names scheme {scheme!r} and model_type {model_type!r}; supported: "
+                              f"{', '.join(quantization.SCHEMES)} and {', '.join(FAMILIES)}")
+    family = FAMILIES[model_type]
+    cfg = family.config(**json.loads(meta["config"]))
+    if max_seq_len:
+        cfg.max_seq_len = max_seq_len
+    model = _build(family.model, cfg, path)
+    tensors = safetensors_tensors(path)
+    quantized_keys = set()
+
+    def read(key: str) -> torch.Tensor:
+        if key not in tensors:
+            raise CheckpointError(f"{path}: missing tensor {key!r}, which the {scheme} layout needs "
+                                  f"({quantization.LAYOUTS[scheme]})")
+        quantized_keys.add(key)
+        return tensors[key].read().to(device)
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and quantization.is_quantized_layer(name):
+            weight = quantization.stored_weight(name, scheme, int(meta.get("group_size", 0)), read)
+            bias = torch.empty(module.out_features, device="meta") if module.bias is not None else None
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, quantization.QuantLinear(weight, bias))
+    expected = dict(model.named_parameters(remove_duplicate=False))
+    sources = {}
+    for key, stored in tensors.items():
+        if key in quantized_keys:
+            continue
+        if key not in expected:
+            raise CheckpointError(f"{path}: unexpected tensor {key!r}")
+        sources[key] = Source(f"{path}: {key}", stored.shape,
+                              lambda split, dtype, stored=stored: stored.read(*(split or ()), dtype=dtype))
+    model.tokenizer = load_tokenizer(directory)
+    model.model_type = model_type
+    return model, sources, lambda name: name
 
 
 def _hf_tensors(directory: Path) -> dict[str, StoredTensor]:

@@ -14,15 +14,38 @@ The linear layers inside the blocks are quantized (attention wq/wk/wv/wo, the ML
 embedding, the norms, the output layer and every bias stay in floating point. Hooks sit outside
 the matmuls, so they see the same kind of activations as in the unquantized model.
 
-Not built yet (see the quantization issue): quantized checkpoints on disk (save / load with
-metadata), quantization under tensor parallelism, `run.py --quant`, `python -m zoo quantize`.
+    zoo.quant.save(model, "llama-int4")                           # a quantized checkpoint...
+    model = zoo.load("llama-int4")                                 # ...that loads as any other
+
+A quantized checkpoint is one `model.safetensors` under zoo's own parameter names (a quantized
+layer `L` stores `L.qweight` + `L.scales`, or `L.packed` + `L.scales` + `L.zeros`, and `L.bias`),
+whose metadata records the format and its version, the scheme, the group size, the layout and the
+model's config; the tokenizer files are copied beside it. Nothing is guessed from file names, and
+kernel-specific layouts (torch's int4 CPU packing) are made at load, never stored.
+
+Not built yet (see the quantization issue): quantization under tensor parallelism (quantize_linear
+refuses parallel layers with a clear error).
 """
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from zoo.kernels import INT4_GROUP_SIZES, Int4Weight, Int8Weight, int4_linear, int8_linear, pack_int4
+from zoo.parallel import world_size
 
 SCHEMES = ("int8", "int4")
+FORMAT, VERSION = "zoo-quantized", "1"
+LAYOUTS = {
+    "int8": "L.qweight int8 [N, K], L.scales fp32 [N]: w = qweight * scales[:, None]",
+    "int4": "L.packed uint8 [N, K/2] (column 2j in the low nibble, 2j+1 in the high), L.scales and L.zeros "
+            "fp32 [N, K/group_size]: w = (q - zeros) * scales, per group",
+}
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt")
 
 
 def quantize_int8(w: torch.Tensor) -> Int8Weight:
@@ -101,3 +124,44 @@ def quantize(model: nn.Module, scheme: str, group_size: int = 128, symmetric: bo
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, quantize_linear(module, scheme, group_size, symmetric, name))
     return model
+
+
+def save(model: nn.Module, directory: str | Path) -> Path:
+    """Write a quantized model loaded by zoo.load (see the module docstring); returns the directory."""
+    if world_size() > 1:
+        raise NotImplementedError("saving a quantized model under tensor parallelism is not supported")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        raise ValueError("the model has no quantized layers: zoo.quant.quantize(model, ...) or zoo.load(..., quant=...)")
+    kinds = {"int8" if isinstance(m.qweight, Int8Weight) else ("int4", m.qweight.group_size) for m in layers.values()}
+    if len(kinds) > 1:
+        raise ValueError(f"the model mixes quantization schemes {sorted(map(str, kinds))}: one scheme per checkpoint")
+    kind = kinds.pop()
+    scheme, group_size = (kind, 0) if kind == "int8" else kind
+    tensors = {}
+    for name, m in layers.items():
+        w = m.qweight
+        stored = {"qweight": w.qweight, "scales": w.scales} if scheme == "int8" else \
+            {"packed": w.packed, "scales": w.scales, "zeros": w.zeros}
+        tensors.update({f"{name}.{k}": v for k, v in stored.items()})
+    tensors.update({name: p for name, p in model.named_parameters()})  # floats, quantized layers' biases; tied once
+    config = {k: v for k, v in dataclasses.asdict(model.config).items() if k != "extra"}
+    metadata = {"format": FORMAT, "version": VERSION, "scheme": scheme, "group_size": str(group_size),
+                "layout": LAYOUTS[scheme], "model_type": model.model_type, "config": json.dumps(config)}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, directory / "model.safetensors",
+              metadata=metadata)
+    source = getattr(model, "checkpoint_dir", None)
+    for file in TOKENIZER_FILES if source is not None else ():
+        if (Path(source) / file).exists():
+            shutil.copyfile(Path(source) / file, directory / file)
+    return directory
+
+
+def stored_weight(name: str, scheme: str, group_size: int, read) -> Int8Weight | Int4Weight:
+    """The quantized weight of layer `name` from a quantized checkpoint; read(key) gives a stored tensor."""
+    if scheme == "int8":
+        return Int8Weight(read(f"{name}.qweight"), read(f"{name}.scales"))
+    return Int4Weight(read(f"{name}.packed"), read(f"{name}.scales"), read(f"{name}.zeros"), group_size)
