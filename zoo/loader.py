@@ -270,6 +270,9 @@ def _quantized_checkpoint(directory: Path, max_seq_len: int | None, device: torc
     """A checkpoint written by zoo.quant.save: quantized layers built from their stored parts, the rest filled as usual."""
     path = directory / "model.safetensors"
     meta = safetensors_metadata(path)
+    if parallel.world_size() > 1:
+        raise CheckpointError(f"{path}: loading a zoo-quantized checkpoint under tensor parallelism is not supported "
+                              f"yet; load the floating-point checkpoint with quant=... instead")
     if meta.get("version") != quantization.VERSION:
         raise CheckpointError(f"{path}: zoo-quantized format version {meta.get('version')!r} is not supported; this "
                               f"zoo reads version {quantization.VERSION}")
@@ -403,7 +406,7 @@ def _fill(model: nn.Module, sources: dict[str, Source], dtype: torch.dtype, devi
         if quant is not None:  # quantize a linear layer as soon as all its parameters are read
             module_name = names[0].rpartition(".")[0]
             module = model.get_submodule(module_name)
-            if (isinstance(module, nn.Linear) and quantization.is_quantized_layer(module_name)
+            if (isinstance(module, quantization.LINEARS) and quantization.is_quantized_layer(module_name)
                     and not any(p.is_meta for p in module.parameters())):
                 parent, _, child = module_name.rpartition(".")
                 setattr(model.get_submodule(parent), child,

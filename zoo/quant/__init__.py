@@ -23,8 +23,9 @@ whose metadata records the format and its version, the scheme, the group size, t
 model's config; the tokenizer files are copied beside it. Nothing is guessed from file names, and
 kernel-specific layouts (torch's int4 CPU packing) are made at load, never stored.
 
-Not built yet (see the quantization issue): quantization under tensor parallelism (quantize_linear
-refuses parallel layers with a clear error).
+Under tensor parallelism each rank quantizes its own shard as it is read (an int4 group never
+straddles two ranks: a row-parallel layer's K per rank must be a multiple of the group size).
+Saving, and loading a quantized checkpoint, are single-process for now.
 """
 import dataclasses
 import json
@@ -35,7 +36,8 @@ import torch
 from torch import nn
 
 from zoo.kernels import INT4_GROUP_SIZES, Int4Weight, Int8Weight, int4_linear, int8_linear, pack_int4
-from zoo.parallel import world_size
+from zoo.parallel import (ColumnParallelLinear, RowParallelLinear, gather_from_parallel, reduce_from_parallel,
+                          scatter_to_parallel, world_size)
 
 SCHEMES = ("int8", "int4")
 FORMAT, VERSION = "zoo-quantized", "1"
@@ -76,40 +78,63 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = Fals
 
 
 class QuantLinear(nn.Module):
-    """y = x W^T + b with W stored as int8 or int4; the matmul is zoo.kernels' (Triton on CUDA, torch's ops on CPU)."""
+    """y = x W^T + b with W stored as int8 or int4; the matmul is zoo.kernels' (Triton on CUDA, torch's ops on CPU).
 
-    def __init__(self, weight: Int8Weight | Int4Weight, bias: torch.Tensor | None = None):
+    Under tensor parallelism it stands in for a Column- or RowParallelLinear, holding this rank's
+    shard (quantized on its own) and doing the same collectives (zoo/parallel/layers.py).
+    """
+
+    def __init__(self, weight: Int8Weight | Int4Weight, bias: torch.Tensor | None = None, parallel: str | None = None,
+                 gather_output: bool = False, input_is_parallel: bool = True):
         super().__init__()
         self.qweight = weight.prepare()  # lays the weight out for its device (torch's int4 CPU layout)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.matmul = int8_linear if isinstance(weight, Int8Weight) else int4_linear
+        self.parallel, self.gather_output, self.input_is_parallel = parallel, gather_output, input_is_parallel
         stored = weight.qweight if isinstance(weight, Int8Weight) else weight.packed
         self.out_features, self.in_features = stored.shape[0], (stored.shape[1] if isinstance(weight, Int8Weight)
                                                                   else 2 * stored.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parallel == "row" and not self.input_is_parallel:
+            x = scatter_to_parallel(x)
         y = self.matmul(x, self.qweight)
-        return y if self.bias is None else y + self.bias
+        if self.parallel == "row":
+            y = reduce_from_parallel(y)  # partial sums over this rank's inputs
+        if self.bias is not None:
+            y = y + self.bias
+        if self.parallel == "column" and self.gather_output:
+            y = gather_from_parallel(y)
+        return y
 
     def extra_repr(self) -> str:
         kind = "int8" if isinstance(self.qweight, Int8Weight) else f"int4, group {self.qweight.group_size}"
-        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
+        split = f", {self.parallel}-parallel" if self.parallel else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}{split}"
 
 
-def quantize_linear(linear: nn.Linear, scheme: str, group_size: int = 128, symmetric: bool = False,
+LINEARS = (nn.Linear, ColumnParallelLinear, RowParallelLinear)
+
+
+def quantize_linear(linear: nn.Module, scheme: str, group_size: int = 128, symmetric: bool = False,
                     name: str = "") -> QuantLinear:
-    """A QuantLinear holding `linear`'s weight quantized (errors name the layer)."""
+    """A QuantLinear holding `linear`'s weight (this rank's shard under TP) quantized; errors name the layer."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization {scheme!r}; choose one of {', '.join(SCHEMES)}")
-    if type(linear) is not nn.Linear:
-        raise NotImplementedError(f"{name}: quantizing a {type(linear).__name__} (tensor parallelism) is not "
-                                  f"supported yet; quantize in a single process")
     try:
         weight = quantize_int8(linear.weight) if scheme == "int8" else \
             quantize_int4(linear.weight, group_size, symmetric)
     except ValueError as e:
+        if isinstance(linear, RowParallelLinear):  # groups may not straddle two ranks' shards
+            e = ValueError(f"{e} (K here is this rank's share: {linear.weight.shape[1] * world_size()} input "
+                           f"features over world size {world_size()}; use a smaller group size or world size)")
         raise ValueError(f"{name or 'linear layer'}: {e}") from None
-    return QuantLinear(weight, None if linear.bias is None else linear.bias.detach())
+    bias = None if linear.bias is None else linear.bias.detach()
+    if isinstance(linear, ColumnParallelLinear):
+        return QuantLinear(weight, bias, "column", gather_output=linear.gather_output)
+    if isinstance(linear, RowParallelLinear):
+        return QuantLinear(weight, bias, "row", input_is_parallel=linear.input_is_parallel)
+    return QuantLinear(weight, bias)
 
 
 def is_quantized_layer(name: str) -> bool:
@@ -120,7 +145,7 @@ def is_quantized_layer(name: str) -> bool:
 def quantize(model: nn.Module, scheme: str, group_size: int = 128, symmetric: bool = False) -> nn.Module:
     """Replace every linear layer inside model.blocks by its quantized QuantLinear, in place."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and is_quantized_layer(name):
+        if isinstance(module, LINEARS) and is_quantized_layer(name):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, quantize_linear(module, scheme, group_size, symmetric, name))
     return model
