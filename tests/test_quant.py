@@ -159,3 +159,14 @@ def test_quantized_under_tensor_parallelism(hf_dir):
     with torch.no_grad():
         want = zoo.load(hf_dir, dtype=torch.float32, quant="int4", group_size=32)(tokens)
     spawn(_tp_quant, 2, hf_dir, want)
+
+
+def test_int4_cpu_holds_the_weight_once_after_first_forward(tiny_dir, tmp_path):
+    model = zoo.load(tiny_dir, quant="int4", group_size=64)
+    layer = model.blocks[0].attn.wq
+    assert layer.qweight.packed is not None and layer.qweight.cpu is None  # nothing laid out before running
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    assert layer.qweight.packed is None and layer.qweight.cpu is not None  # torch's layout only
+    with pytest.raises(ValueError, match="save before running the model"):
+        quant.save(model, tmp_path / "q")

@@ -62,7 +62,7 @@ class Int8Weight:
             raise ValueError(f"Int8Weight needs qweight int8 [N, K] and scales [N], got qweight "
                              f"{self.qweight.dtype} {tuple(self.qweight.shape)}, scales {tuple(self.scales.shape)}")
 
-    def prepare(self) -> "Int8Weight":
+    def prepare(self, drop_packed: bool = False) -> "Int8Weight":
         """Nothing to lay out: torch's CPU operator and the Triton kernel both read the stored format."""
         return self
 
@@ -92,10 +92,16 @@ class Int4Weight:
                              f"{tuple(self.packed.shape)}, group_size {self.group_size}, scales "
                              f"{tuple(self.scales.shape)}, zeros {tuple(self.zeros.shape)}")
 
-    def prepare(self) -> "Int4Weight":
-        """Lay the weight out for the device it is on: torch's CPU layout on CPU, nothing on CUDA."""
-        if self.packed.device.type == "cpu" and CPU_INT4_OP:
+    def prepare(self, drop_packed: bool = False) -> "Int4Weight":
+        """Lay the weight out for the device it is on: torch's CPU layout on CPU, nothing on CUDA.
+
+        drop_packed: on CPU, then free `packed` (only `cpu` is read there), so the 4-bit weight is held
+        once; the weight can then no longer be saved or moved to another device.
+        """
+        if self.packed is not None and self.packed.device.type == "cpu" and CPU_INT4_OP:
             self.cpu = pack_int4_for_cpu(self.packed, self.scales, self.zeros, self.group_size, CPU_DTYPE)
+            if drop_packed:
+                self.packed = None
         return self
 
 
@@ -109,7 +115,7 @@ def int8_path(x: torch.Tensor, weight: Int8Weight) -> str:
 
 def int4_path(x: torch.Tensor, weight: Int4Weight) -> str:
     """The code int4_linear runs for this x: "triton", "cpu-op" or "cpu-dequantize" (module docstring)."""
-    _check_device(x, weight.packed)
+    _check_device(x, weight.packed if weight.packed is not None else weight.cpu.packed)
     if x.device.type == "cuda":
         return "triton"
     if weight.cpu is not None:

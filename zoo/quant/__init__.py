@@ -21,7 +21,9 @@ A quantized checkpoint is one `model.safetensors` under zoo's own parameter name
 layer `L` stores `L.qweight` + `L.scales`, or `L.packed` + `L.scales` + `L.zeros`, and `L.bias`),
 whose metadata records the format and its version, the scheme, the group size, the layout and the
 model's config; the tokenizer files are copied beside it. Nothing is guessed from file names, and
-kernel-specific layouts (torch's int4 CPU packing) are made at load, never stored.
+kernel-specific layouts (torch's int4 CPU packing) are made on the first forward, never stored: on
+the CPU that frees zoo's int4 copy (so the weight is held once), and a model that has run can no
+longer be saved.
 
 Under tensor parallelism each rank quantizes its own shard as it is read (an int4 group never
 straddles two ranks: a row-parallel layer's K per rank must be a multiple of the group size).
@@ -87,7 +89,8 @@ class QuantLinear(nn.Module):
     def __init__(self, weight: Int8Weight | Int4Weight, bias: torch.Tensor | None = None, parallel: str | None = None,
                  gather_output: bool = False, input_is_parallel: bool = True):
         super().__init__()
-        self.qweight = weight.prepare()  # lays the weight out for its device (torch's int4 CPU layout)
+        self.qweight = weight
+        self.prepared = False  # laid out for its device on the first forward (see forward)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.matmul = int8_linear if isinstance(weight, Int8Weight) else int4_linear
         self.parallel, self.gather_output, self.input_is_parallel = parallel, gather_output, input_is_parallel
@@ -96,6 +99,9 @@ class QuantLinear(nn.Module):
                                                                   else 2 * stored.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.prepared:  # on CPU, int4 moves to torch's operator layout, and zoo's packed copy is freed
+            self.qweight.prepare(drop_packed=True)
+            self.prepared = True
         if self.parallel == "row" and not self.input_is_parallel:
             x = scatter_to_parallel(x)
         y = self.matmul(x, self.qweight)
@@ -166,6 +172,9 @@ def save(model: nn.Module, directory: str | Path) -> Path:
     tensors = {}
     for name, m in layers.items():
         w = m.qweight
+        if scheme == "int4" and w.packed is None:
+            raise ValueError(f"{name}: this int4 weight was repacked for torch's CPU kernel when the model first ran "
+                             f"and zoo's format was freed: save before running the model (python -m zoo quantize)")
         stored = {"qweight": w.qweight, "scales": w.scales} if scheme == "int8" else \
             {"packed": w.packed, "scales": w.scales, "zeros": w.zeros}
         tensors.update({f"{name}.{k}": v for k, v in stored.items()})
