@@ -1,1 +1,2 @@
-"""One file per model family, each readable top to bottom: llama.py (LLaMA 1, 2, 3)."""
+"""One file per model family, each readable top to bottom: llama.py (LLaMA 1, 2, 3), opt.py (OPT),
+gpt_neox.py (GPT-NeoX, Pythia)."""
