@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from zoo import parallel
 
@@ -65,9 +64,7 @@ class Context:
         """The full tensor of which x is this rank's slice (x itself when it is not split)."""
         if self.shard is None or self.world_size == 1:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=self.shard[0])
+        return parallel.all_gather(x, dim=self.shard[0])
 
     def local(self, indices) -> list[int]:
         """Global head/neuron indices -> indices into this rank's slice (those it holds)."""
@@ -142,6 +139,11 @@ def hook_points(model, tokens: torch.Tensor | None = None) -> dict[str, tuple]:
     return shapes
 
 
+def _seq_dim(name: str) -> int:
+    """Which dim of a hook point's tensor runs along the new tokens: queries (2) for pattern, else 1."""
+    return 2 if name.endswith(".pattern") else 1
+
+
 def _key(name: str) -> tuple:
     if name.startswith("blocks."):
         _, layer, point = name.split(".")
@@ -180,7 +182,7 @@ def _rows(x: torch.Tensor, ctx: Context, positions) -> torch.Tensor | bool:
     """Which rows of x (along its sequence dim) have an absolute position in `positions` (None: all)."""
     if positions is None:
         return True
-    seq_dim = 2 if ctx.name.endswith(".pattern") else 1
+    seq_dim = _seq_dim(ctx.name)
     seq = x.shape[seq_dim]
     if isinstance(positions, slice):
         positions = range(*positions.indices(ctx.start_pos + seq))
@@ -234,8 +236,7 @@ def ablate(heads=None, neurons=None, mode: str = "zero"):
         if mode == "zero":
             x[tuple(index)] = 0
         else:  # the mean over the batch and the sequence (queries for pattern)
-            seq_dim = 2 if point == "pattern" else 1
-            x[tuple(index)] = x.mean(dim=(0, seq_dim), keepdim=True).expand_as(x)[tuple(index)]
+            x[tuple(index)] = x.mean(dim=(0, _seq_dim(ctx.name)), keepdim=True).expand_as(x)[tuple(index)]
         return x
     return hook
 
@@ -266,8 +267,7 @@ class collect:
         if name.endswith(".pattern"):  # (b, h, q, S): pad the key dim to the longest before joining
             longest = max(p.shape[-1] for p in parts)
             parts = [torch.nn.functional.pad(p, (0, longest - p.shape[-1])) for p in parts]
-            return torch.cat(parts, dim=2)
-        return torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=_seq_dim(name))
 
     def __contains__(self, name: str) -> bool:
         return name in self.store
@@ -291,7 +291,7 @@ def patch(cache: collect, names: str | list[str] | None = None):
         recorded = cache[ctx.name]
         if ctx.shard is not None and recorded.shape[ctx.shard[0]] == ctx.shard[3]:  # recorded gathered: take our slice
             recorded = recorded.narrow(ctx.shard[0], ctx.shard[1], ctx.shard[2] - ctx.shard[1])
-        seq_dim = 2 if ctx.name.endswith(".pattern") else 1
+        seq_dim = _seq_dim(ctx.name)
         piece = recorded.narrow(seq_dim, ctx.start_pos, x.shape[seq_dim])
         if ctx.name.endswith(".pattern"):
             piece = piece[..., : x.shape[-1]]

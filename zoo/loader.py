@@ -120,12 +120,8 @@ def build_empty(ckpt: str | os.PathLike) -> nn.Module:
         # vocab_size -1 means the tokenizer's; without one, LLaMA 1/2's SentencePiece vocabulary of 32000
         cfg = llama.LlamaConfig.from_meta(params, vocab_size=tokenizer.n_words if tokenizer else 32000)
         return _build(llama.Llama, cfg, directory / "params.json")
-    config = _read_json(directory / "config.json")
-    if config.get("model_type") not in FAMILIES:
-        raise CheckpointError(f"{directory / 'config.json'}: unknown model_type {config.get('model_type')!r}; "
-                              f"supported: {', '.join(FAMILIES)}")
-    family = FAMILIES[config["model_type"]]
-    return _build(family.model, family.config.from_hf(config), directory / "config.json")
+    _, family, cfg = _hf_config(directory)
+    return _build(family.model, cfg, directory / "config.json")
 
 
 def _read_json(path: Path) -> dict:
@@ -231,7 +227,8 @@ def _merge_shards(parts: list[StoredTensor], full: tuple) -> Source:
     return Source(where, full, read)
 
 
-def _hf_checkpoint(directory: Path, max_seq_len: int | None):
+def _hf_config(directory: Path):
+    """config.json's contents, its model family and that family's config object (errors name the file)."""
     config = _read_json(directory / "config.json")
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
@@ -239,9 +236,14 @@ def _hf_checkpoint(directory: Path, max_seq_len: int | None):
                               f"supported: {', '.join(FAMILIES)}")
     family = FAMILIES[model_type]
     try:
-        cfg = family.config.from_hf(config)
+        return config, family, family.config.from_hf(config)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{directory / 'config.json'}: {type(e).__name__}: {e}") from None
+
+
+def _hf_checkpoint(directory: Path, max_seq_len: int | None):
+    config, family, cfg = _hf_config(directory)
+    model_type = config["model_type"]
     if max_seq_len:
         cfg.max_seq_len = max_seq_len
     model = _build(family.model, cfg, directory / "config.json")

@@ -43,10 +43,11 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _gather_last(x: torch.Tensor) -> torch.Tensor:
+def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Every rank's x, joined along `dim` in rank order (no autograd; see gather_from_parallel)."""
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=-1)
+    return torch.cat(parts, dim=dim)
 
 
 def _slice_last(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +81,7 @@ class _ReduceFromParallel(torch.autograd.Function):
 class _GatherFromParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        return _gather_last(x)
+        return all_gather(x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -94,7 +95,7 @@ class _ScatterToParallel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather_last(grad)
+        return all_gather(grad)
 
 
 def copy_to_parallel(x: torch.Tensor) -> torch.Tensor:
