@@ -89,8 +89,8 @@ def main(argv=None) -> int:
         model = zoo.load(args.ckpt, dtype=DTYPES[args.dtype], device=args.device, quant=args.quant,
                          group_size=args.group_size)
         if model.tokenizer is None:
-            raise zoo.CheckpointError(f"{zoo.find_checkpoint(args.ckpt)}: no tokenizer (tokenizer.model or "
-                                      f"tokenizer.json)")
+            raise zoo.CheckpointError(f"{zoo.find_checkpoint(args.ckpt)}: no tokenizer (tokenizer.model, "
+                                      f"tokenizer.json, or vocab.json + merges.txt)")
         while (text := read_prompt(args, args.interactive)) is not None:
             complete(model, text, args)
             if not args.interactive:

@@ -6,7 +6,7 @@ setup(
     description="Readable LLaMA, OPT and GPT-NeoX with tensor parallelism, hooks and weight-only quantization",
     packages=find_packages(include=["zoo", "zoo.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4,<2.15", "sentencepiece", "tiktoken", "safetensors", "numpy",
+    install_requires=["torch>=2.4,<2.15", "sentencepiece", "tiktoken", "safetensors", "numpy", "pyyaml",
                       "triton>=3.2; platform_system == 'Linux'"],  # the CUDA kernels (tested on CPU by its interpreter, 3.9)
     # transformers: numerical reference only (models built from configs, never downloaded);
     # fairscale: reference for the tensor-parallel layers; tokenizers: reference BPE encoders

@@ -130,10 +130,11 @@ FAMILY_VARIANTS = {
 }
 
 
-def hf_family(variant: str, seed: int = 0):
+def hf_family(variant: str, seed: int = 0, **more):
     """A Hugging Face OPTForCausalLM / GPTNeoXForCausalLM with random weights (as `hf_llama`)."""
     import transformers
     family, overrides = FAMILY_VARIANTS[variant]
+    overrides = {**overrides, **more}
     torch.manual_seed(seed)
     if family == "opt":
         cfg = transformers.OPTConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, ffn_dim=160,

@@ -10,8 +10,10 @@ import ctypes
 import json
 import math
 import mmap
+import pickle
 import struct
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,12 +151,99 @@ def pth_tensors(path: Path) -> dict[str, StoredTensor]:
         raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (corrupt or truncated?): {e}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    return stored_tensors(path, state)
+
+
+def stored_tensors(path: Path, state: dict, prefix: str = "") -> dict[str, StoredTensor]:
+    """StoredTensors for the tensors of a state dict (mmap'd by torch.load) whose keys start with `prefix`."""
     out = {}
     for key, t in state.items():
+        if not key.startswith(prefix):
+            continue
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is a {type(t).__name__}, not a tensor")
         out[key] = StoredTensor(path, key, tuple(t.shape), t.dtype, mapped=t)
     return out
+
+
+def load_training_checkpoint(path: Path) -> object:
+    """A checkpoint saved by training code (DeepSpeed, metaseq), mmap'd: tensors, containers and stand-ins.
+
+    Such files pickle more than tensors: argparse.Namespace and omegaconf configs, numpy RNG
+    states, optimizer classes. `torch.load(weights_only=True)` refuses them, and unpickling them
+    for real would import (and run) whatever code they name. So they are read with an unpickler
+    that rebuilds tensors and plain containers and turns every other class into an inert
+    `StandIn` holding the arguments and state it was given (see `plain`): nothing is imported.
+    """
+    if not path.exists():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):
+            raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (corrupt or truncated?): {e}") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (corrupt or truncated?): {e}") from None
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False, pickle_module=_stand_in_pickle)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (corrupt or truncated?): {e}") from None
+
+
+class StandIn(dict):
+    """What an unpickled object of a class we do not import becomes: its constructor arguments in
+    `args`, its pickled state in `state`, dict items as items, list items in `self["__items__"]`."""
+    args: tuple = ()
+    state: object = None
+
+    def __new__(cls, *args, **kwargs):
+        return dict.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def append(self, item):
+        self.setdefault("__items__", []).append(item)
+
+    def extend(self, items):
+        self.setdefault("__items__", []).extend(items)
+
+
+def plain(obj: object) -> object:
+    """Stand-ins of config objects (argparse.Namespace, omegaconf DictConfig and its value nodes)
+    turned into plain dicts and values, recursively."""
+    if isinstance(obj, StandIn):
+        state = obj.state[-1] if isinstance(obj.state, tuple) and obj.state else obj.state  # (dict, slots)
+        state = state if isinstance(state, dict) else {}
+        if "_content" in state:  # omegaconf DictConfig / ListConfig
+            return plain(state["_content"])
+        if "_val" in state:  # omegaconf value node
+            return plain(state["_val"])
+        return {k: plain(v) for k, v in {**state, **obj}.items() if not str(k).startswith("_")}
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
+class _StandInUnpickler(pickle.Unpickler):
+    SAFE = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+            ("torch._utils", "_rebuild_parameter_with_state"), ("torch._tensor", "_rebuild_from_type_v2"),
+            ("torch.nn.parameter", "Parameter"), ("torch", "Tensor"), ("torch", "Size"),
+            ("collections", "OrderedDict")}
+
+    def find_class(self, module, name):  # torch's wrapper answers for the storage types before asking us
+        if (module, name) in self.SAFE or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        return type(name, (StandIn,), {"__module__": f"stand_in.{module}"})
+
+
+_stand_in_pickle = types.SimpleNamespace(__name__="zoo_stand_in_pickle", Unpickler=_StandInUnpickler,
+                                         load=pickle.load, loads=pickle.loads)
 
 
 def open_tensors(path: Path) -> dict[str, StoredTensor]:

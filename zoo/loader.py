@@ -2,7 +2,7 @@
 
 The layout is told from the directory: `params.json` + `consolidated.NN.pth` is Meta's, and
 `config.json` + safetensors or `pytorch_model*.bin` (sharded with an index, or not) is Hugging
-Face's. The model is built on the meta device (no memory), then each parameter is read from disk,
+Face's; gpt-neox's DeepSpeed files and metaseq's OPT files are read by zoo/original.py. The model is built on the meta device (no memory), then each parameter is read from disk,
 converted (renamed, q/k un-permuted, model-parallel shards merged), cast to the target dtype and
 put in place, one tensor at a time: peak memory stays near the size of the finished model.
 """
@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from zoo import parallel
+from zoo import original, parallel
 from zoo import quant as quantization
 from zoo.checkpoint import (CheckpointError, StoredTensor, open_tensors, release_freed_memory, safetensors_metadata,
                             safetensors_tensors)
@@ -91,7 +91,9 @@ def load(ckpt: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: s
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if quant is not None and quant not in quantization.SCHEMES:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(quantization.SCHEMES)}")
-    if (directory / "params.json").exists():
+    if original.layout(directory):  # before config.json: a metaseq checkpoint may have one beside it
+        model, sources, checkpoint_name = _original_checkpoint(directory, max_seq_len)
+    elif (directory / "params.json").exists():
         model, sources, checkpoint_name = _meta_checkpoint(directory, max_seq_len)
         model.model_type = "llama"
     elif (directory / "config.json").exists():
@@ -103,8 +105,10 @@ def load(ckpt: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: s
         model, sources, checkpoint_name = _quantized_checkpoint(directory, max_seq_len, device)
     else:
         found = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
-        raise CheckpointError(f"{directory}: neither params.json (Meta layout), config.json (Hugging Face "
-                              f"layout) nor a zoo-quantized model.safetensors found; the directory holds: {found}")
+        raise CheckpointError(f"{directory}: neither params.json (Meta layout), config.json (Hugging Face layout), "
+                              f"gpt-neox's layer_*-model_*-model_states.pt / mp_rank_*_model_states.pt, metaseq's "
+                              f"restored.pt / reshard-model_part-*.pt nor a zoo-quantized model.safetensors found; "
+                              f"the directory holds: {found}")
     _fill(model, sources, dtype, device, progress, directory, checkpoint_name, quant, group_size)
     model.checkpoint_dir = directory
     return model.to(device).eval()
@@ -114,6 +118,9 @@ def build_empty(ckpt: str | os.PathLike) -> nn.Module:
     """The model a checkpoint describes, from its params.json / config.json alone: parameters on the
     meta device, no weights read (for counting parameters and bytes: `python -m zoo inspect`)."""
     directory = find_checkpoint(ckpt)
+    if original.layout(directory):
+        found = original.read(directory)
+        return _build(FAMILIES[found.model_type].model, found.config, found.config_file)
     if (directory / "params.json").exists():
         params = _read_json(directory / "params.json")
         tokenizer = load_tokenizer(directory)
@@ -243,17 +250,36 @@ def _hf_config(directory: Path):
 
 def _hf_checkpoint(directory: Path, max_seq_len: int | None):
     config, family, cfg = _hf_config(directory)
-    model_type = config["model_type"]
     if max_seq_len:
         cfg.max_seq_len = max_seq_len
     model = _build(family.model, cfg, directory / "config.json")
+    sources = _hf_sources(model, family, cfg, _hf_tensors(directory), f"with this {directory / 'config.json'}")
+    model.tokenizer = load_tokenizer(directory, config)
+    model.model_type = config["model_type"]
+    return model, sources, family.zoo_to_hf
+
+
+def _original_checkpoint(directory: Path, max_seq_len: int | None):
+    """gpt-neox's or metaseq's own checkpoint (zoo/original.py), read with the Hugging Face names."""
+    found = original.read(directory)
+    family = FAMILIES[found.model_type]
+    if max_seq_len:
+        found.config.max_seq_len = max_seq_len
+    model = _build(family.model, found.config, found.config_file)
+    sources = _hf_sources(model, family, found.config, found.tensors, f"as {found.config_file} describes")
+    model.tokenizer, model.model_type = found.tokenizer, found.model_type
+    return model, sources, found.checkpoint_name
+
+
+def _hf_sources(model: nn.Module, family: Family, cfg, tensors: dict[str, StoredTensor], described: str):
+    """Our parameter name -> its Source, from tensors under Hugging Face's names."""
     expected = _full_shapes(model)
     sources = {}
-    for key, stored in _hf_tensors(directory).items():
+    for key, stored in tensors.items():
         for name in family.hf_to_zoo(key):  # one name, none (a key to skip), or several (a fused tensor)
             if name not in expected:
-                raise CheckpointError(f"{stored.path}: unexpected tensor {key!r} (no such parameter in a "
-                                      f"{model_type} model with this config.json)")
+                raise CheckpointError(f"{stored.path}: unexpected tensor {key!r} (no such parameter in the "
+                                      f"{type(model).__name__} model {described})")
             try:  # the shape after conversion, found by converting a tensor without data
                 shape = family.hf_tensor_to_zoo(name, torch.empty(stored.shape, device="meta"), cfg).shape
             except RuntimeError:
@@ -263,9 +289,7 @@ def _hf_checkpoint(directory: Path, max_seq_len: int | None):
             def read(split, dtype, stored=stored, name=name):
                 return family.hf_tensor_to_zoo(name, stored.read(*(split or ()), dtype=dtype), cfg)
             sources[name] = Source(f"{stored.path}: {key}", tuple(shape), read)
-    model.tokenizer = load_tokenizer(directory, config)
-    model.model_type = model_type
-    return model, sources, family.zoo_to_hf
+    return sources
 
 
 def _quantized_checkpoint(directory: Path, max_seq_len: int | None, device: torch.device):

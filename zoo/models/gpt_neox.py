@@ -67,6 +67,37 @@ class GPTNeoXConfig:
                    tie_embeddings=cfg.get("tie_word_embeddings", False))
 
 
+    @classmethod
+    def from_neox(cls, args: dict, vocab_size: int, hidden_dim: int) -> "GPTNeoXConfig":
+        """From gpt-neox's YAML config (keys with '-' or '_'), as its own defaults read it. The
+        vocabulary (padded for model parallelism) and the MLP width come from the tensors' shapes."""
+        args = {k.replace("-", "_"): v for k, v in args.items()}
+        missing = [k for k in ("hidden_size", "num_layers", "num_attention_heads") if k not in args]
+        if missing:
+            raise ValueError(f"missing required key(s) {', '.join(k.replace('_', '-') for k in missing)}")
+        unsupported = {"pos_emb": ("learned", "rotary"), "norm": ("layernorm", "layernorm"),
+                       "gpt_j_tied": (False, False), "mlp_type": ("regular", "regular"),
+                       "use_bias_in_norms": (True, True), "use_bias_in_mlp": (True, True),
+                       "activation": ("gelu", ("gelu", "relu"))}  # key: (gpt-neox's default, what zoo supports)
+        for key, (default, supported) in unsupported.items():
+            value = args.get(key, default)
+            if value not in (supported if isinstance(supported, tuple) else (supported,)):
+                raise ValueError(f"{key.replace('_', '-')}: {value!r} is not supported by zoo's GPT-NeoX "
+                                 f"(supported: {supported!r})")
+        if args.get("num_kv_heads") not in (None, args["num_attention_heads"]):
+            raise ValueError("num-kv-heads: grouped-query attention is not supported by zoo's GPT-NeoX")
+        activation = "gelu_new" if args.get("activation", "gelu") == "gelu" and args.get("openai_gelu") else \
+            args.get("activation", "gelu")
+        return cls(dim=args["hidden_size"], n_layers=args["num_layers"], n_heads=args["num_attention_heads"],
+                   hidden_dim=hidden_dim, vocab_size=vocab_size,
+                   max_seq_len=args.get("max_position_embeddings") or args.get("seq_length") or 2048,
+                   # float(): PyYAML reads a number without a dot, like 1e-5, as a string
+                   rotary_pct=float(args.get("rotary_pct", 1.0)), rope_theta=float(args.get("rotary_emb_base", 10000)),
+                   norm_eps=float(args.get("layernorm_epsilon", 1e-5)), parallel_residual=args.get("gpt_j_residual", False),
+                   bias=args.get("use_bias_in_attn_linear", True), activation=activation,
+                   tie_embeddings=not args.get("no_weight_tying", False))
+
+
 class Block(nn.Module):
     def __init__(self, cfg: GPTNeoXConfig):
         super().__init__()
@@ -200,3 +231,48 @@ def hf_tensor_to_zoo(name: str, t: torch.Tensor, cfg: GPTNeoXConfig) -> torch.Te
     part = ("wq", "wk", "wv").index(which.group(1))
     return t.reshape(heads, 3, cfg.head_dim, *t.shape[1:])[:, part].reshape(heads * cfg.head_dim, *t.shape[1:])
 
+
+
+# ---- EleutherAI gpt-neox's own checkpoints (DeepSpeed), as its training saved them ---------------
+# One model-parallel rank per file: `layer_{idx:02d}-model_{rank:02d}-model_states.pt` (pipeline
+# layout, one file per layer) or `mp_rank_{rank:02d}_model_states.pt` (sequential layout, tensors
+# under ["module"] as "sequential.{idx}.{key}"). idx 0 holds word_embeddings, idx i + 2 block i, idx
+# n_layers + 3 the final norm, idx n_layers + 4 final_linear (absent when the output is tied).
+# Within a block the keys are Hugging Face's (which were taken from these), newer versions name
+# the MLP linear1 / linear2.
+NEOX_COLUMN_PARALLEL = re.compile(r"word_embeddings\.weight|final_linear\.weight|"
+                                  r"attention\.query_key_value\..*|mlp\.(dense_h_to_4h|linear1)\..*")
+NEOX_ROW_PARALLEL = re.compile(r"(attention\.dense|mlp\.(dense_4h_to_h|linear2))\.(weight|bias)")
+NEOX_MLP = {"linear1": "dense_h_to_4h", "linear2": "dense_4h_to_h"}
+
+
+def neox_to_hf(idx: int, key: str, n_layers: int) -> str:
+    """The Hugging Face key of tensor `key` of gpt-neox layer `idx` ('' for one without a parameter here)."""
+    if idx == 0 and key == "word_embeddings.weight":
+        return "gpt_neox.embed_in.weight"
+    if 2 <= idx < n_layers + 2:
+        module = re.sub(r"^mlp\.(linear1|linear2)\.", lambda m: f"mlp.{NEOX_MLP[m.group(1)]}.", key)
+        return f"gpt_neox.layers.{idx - 2}.{module}"
+    if idx == n_layers + 3 and key.startswith("norm."):
+        return f"gpt_neox.final_layer_norm.{key.removeprefix('norm.')}"
+    if idx == n_layers + 4 and key == "final_linear.weight":
+        return "embed_out.weight"
+    if idx == n_layers + 4 and key == "word_embeddings.weight":  # the tied output layer's copy
+        return ""
+    return f"layer {idx}: {key}"  # not a parameter of this model: the loader reports it
+
+
+def neox_merge(key: str, parallel_residual: bool) -> str:
+    """How the model-parallel ranks' copies of a gpt-neox tensor make the whole one.
+
+    "dim0"/"dim1": concatenated (column-parallel layers and the vocab-parallel embedding on dim 0,
+    row-parallel weights on dim 1). A row-parallel bias is whole on every rank: with the parallel
+    (GPT-J) residual each rank adds its copy before the one all-reduce, so the model's bias is their
+    "sum"; with the sequential residual it is added once after the all-reduce ("one"). Everything
+    else (norms) is replicated: the "mean", as gpt-neox's converter takes it.
+    """
+    if NEOX_COLUMN_PARALLEL.fullmatch(key):
+        return "dim0"
+    if NEOX_ROW_PARALLEL.fullmatch(key):
+        return "dim1" if key.endswith(".weight") else "sum" if parallel_residual else "one"
+    return "mean"

@@ -62,6 +62,34 @@ class OPTConfig:
                    tie_embeddings=cfg.get("tie_word_embeddings", True))
 
 
+    @classmethod
+    def from_metaseq(cls, cfg: dict, shapes: dict[str, tuple]) -> "OPTConfig":
+        """From a metaseq checkpoint: sizes from the (Hugging Face-named) tensors' shapes, the number of
+        heads and the options from its stored `cfg["model"]` (or fairseq's `args`). An option it does
+        not state is taken as OPT's; one stating what OPT never used (scaled or normalized embeddings,
+        sinusoidal positions) is refused, as is a post-LN model with a final norm (HF cannot say it)."""
+        if "decoder_attention_heads" not in cfg:
+            raise ValueError("the number of attention heads is not stated (no decoder_attention_heads in the "
+                             "checkpoint's cfg or args); put the model's Hugging Face config.json beside it")
+        for key, opt_value in (("no_scale_embedding", True), ("layernorm_embedding", False),
+                               ("decoder_learned_pos", True), ("share_decoder_input_output_embed", True)):
+            if cfg.get(key, opt_value) != opt_value:
+                raise ValueError(f"{key}={cfg[key]!r} is not supported (OPT has {key}={opt_value!r})")
+        layers = {int(k.split(".")[2]) for k in shapes if k.startswith("decoder.layers.")}
+        vocab_size, embed_dim = shapes["decoder.embed_tokens.weight"]
+        positions, dim = shapes["decoder.embed_positions.weight"]
+        final_norm = "decoder.final_layer_norm.weight" in shapes
+        pre_norm = cfg.get("decoder_normalize_before", final_norm)
+        if final_norm and not pre_norm:
+            raise ValueError("a post-LN model (decoder_normalize_before False) with a final layer norm is not "
+                             "supported")
+        return cls(dim=dim, n_layers=len(layers), n_heads=cfg["decoder_attention_heads"],
+                   hidden_dim=shapes["decoder.layers.0.fc1.weight"][0], vocab_size=vocab_size,
+                   max_seq_len=positions - POSITION_OFFSET, embed_dim=embed_dim, pre_norm=pre_norm,
+                   final_norm=final_norm, norm_affine="decoder.layers.0.self_attn_layer_norm.weight" in shapes,
+                   bias="decoder.layers.0.fc1.bias" in shapes, activation=cfg.get("activation_fn", "relu"))
+
+
 class Block(nn.Module):
     def __init__(self, cfg: OPTConfig):
         super().__init__()
@@ -184,3 +212,37 @@ _LAYER_KEYS = {v: k for k, v in LAYER_NAMES.items()}
 
 def hf_tensor_to_zoo(name: str, t: torch.Tensor, cfg: OPTConfig) -> torch.Tensor:
     return t  # same layout
+
+
+# ---- metaseq's own checkpoints, as its training saved them ------------------------------------------
+# `restored.pt` (one file) or `reshard-model_part-{rank}.pt` (one per model-parallel rank), the
+# tensors under ["model"] with Hugging Face's names less the "model." prefix, except:
+#   decoder.project_in_dim / project_out_dim / layer_norm -> decoder.project_in / project_out / final_layer_norm
+#   decoder.layers.{i}.self_attn.qkv_proj (fused)         -> k_proj, v_proj, q_proj: the thirds of each rank's rows
+#   decoder.version, decoder.output_projection.weight     -> dropped (the output is tied to embed_tokens)
+METASEQ_RENAMES = {"decoder.project_in_dim.": "decoder.project_in.", "decoder.project_out_dim.": "decoder.project_out.",
+                   "decoder.layer_norm.": "decoder.final_layer_norm."}
+METASEQ_DROPPED = re.compile(r"(.*\.)?version|decoder\.output_projection\.weight|.*\._float_tensor")
+METASEQ_QKV = ("k_proj", "v_proj", "q_proj")  # the order of the fused qkv_proj's thirds
+METASEQ_COLUMN_PARALLEL = re.compile(r"decoder\.embed_tokens\.weight|.*\.self_attn\.(q|k|v|qkv)_proj\..*|.*\.fc1\..*")
+METASEQ_ROW_PARALLEL = re.compile(r".*\.(self_attn\.out_proj|fc2)\.weight")
+
+
+def metaseq_to_hf(key: str) -> list[str]:
+    """The Hugging Face key(s) of a metaseq tensor: none (dropped), one, or three (the fused qkv_proj)."""
+    if METASEQ_DROPPED.fullmatch(key):
+        return []
+    for old, new in METASEQ_RENAMES.items():
+        if key.startswith(old):
+            key = new + key.removeprefix(old)
+    if ".self_attn.qkv_proj." in key:
+        return [key.replace(".qkv_proj.", f".{proj}.") for proj in METASEQ_QKV]
+    return [key]
+
+
+def metaseq_merge(key: str) -> str:
+    """How the model-parallel parts of a metaseq tensor make the whole one (Megatron's rules):
+    "dim0" column-parallel and the vocab-parallel embedding, "dim1" row-parallel weights, "one"
+    replicated (norms, positions, and the row-parallel biases, added once after the all-reduce)."""
+    return "dim0" if METASEQ_COLUMN_PARALLEL.fullmatch(key) else "dim1" if METASEQ_ROW_PARALLEL.fullmatch(key) \
+        else "one"
