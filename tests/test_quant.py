@@ -134,7 +134,7 @@ def test_quantize_command(tiny_dir, tmp_path):
     assert bad.returncode == 2 and "not a multiple of the group size 128" in bad.stderr
 
 
-def _tp_quant(rank, directory, want):
+def _tp_quant(rank, directory, want, saved, bad):
     from zoo import parallel
     tokens = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(2))
     model = zoo.load(directory, dtype=torch.float32, quant="int4", group_size=32)
@@ -151,14 +151,34 @@ def _tp_quant(rank, directory, want):
                                          r"size 64 \(K here is this rank's share: 64 input features over world size 2"):
         zoo.load(directory, quant="int4", group_size=64)
     assert parallel.world_size() == 2
+    for scheme, (quantized, ref) in saved.items():  # a quantized checkpoint, each rank reading its slices
+        model = zoo.load(quantized, dtype=torch.float32)
+        assert model.blocks[0].attn.wo.parallel == "row" and model.blocks[0].attn.wq.parallel == "column"
+        assert model.blocks[0].attn.wq.out_features == 32 and model.blocks[0].mlp.w_out.in_features in (96, 80)
+        with torch.no_grad():
+            got = model(tokens)
+        assert (got - ref).abs().max() / ref.abs().max() < 0.03, scheme  # as above: bf16 partial sums
+        assert (got - ref).abs().mean() / ref.abs().mean() < 0.02, scheme
+    with pytest.raises(zoo.CheckpointError, match=r"'blocks.0.attn.wo.scales' holds 1 int4 groups of 64 per row, "
+                                                  r"which do not split over world size 2"):
+        zoo.load(bad)
 
 
-def test_quantized_under_tensor_parallelism(hf_dir):
+def test_quantized_under_tensor_parallelism(hf_dir, tmp_path):
     from helpers import spawn
     tokens = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = zoo.load(hf_dir, dtype=torch.float32, quant="int4", group_size=32)(tokens)
-    spawn(_tp_quant, 2, hf_dir, want)
+        saved = {}
+        for scheme in ("int8", "int4"):
+            out = quant.save(zoo.load(hf_dir, dtype=torch.float32, quant=scheme, group_size=32), tmp_path / scheme)
+            saved[scheme] = (out, zoo.load(out, dtype=torch.float32)(tokens))
+        from helpers import hf_family  # OPT: biases on the column-parallel (split) and row-parallel (whole) layers
+        out = quant.save(zoo.load(save_hf(hf_family("opt-pre-ln"), tmp_path / "opt"), dtype=torch.float32,
+                                  quant="int8"), tmp_path / "opt-int8")
+        saved["opt-int8"] = (out, zoo.load(out, dtype=torch.float32)(tokens))
+    bad = quant.save(zoo.load(hf_dir, quant="int4", group_size=64), tmp_path / "g64")  # wo: one group per row
+    spawn(_tp_quant, 2, hf_dir, want, saved, bad)
 
 
 def test_int4_cpu_holds_the_weight_once_after_first_forward(tiny_dir, tmp_path):

@@ -296,9 +296,6 @@ def _quantized_checkpoint(directory: Path, max_seq_len: int | None, device: torc
     """A checkpoint written by zoo.quant.save: quantized layers built from their stored parts, the rest filled as usual."""
     path = directory / "model.safetensors"
     meta = safetensors_metadata(path)
-    if parallel.world_size() > 1:
-        raise CheckpointError(f"{path}: loading a zoo-quantized checkpoint under tensor parallelism is not supported "
-                              f"yet; load the floating-point checkpoint with quant=... instead")
     if meta.get("version") != quantization.VERSION:
         raise CheckpointError(f"{path}: zoo-quantized format version {meta.get('version')!r} is not supported; this "
                               f"zoo reads version {quantization.VERSION}")
@@ -313,20 +310,30 @@ def _quantized_checkpoint(directory: Path, max_seq_len: int | None, device: torc
     model = _build(family.model, cfg, path)
     tensors = safetensors_tensors(path)
     quantized_keys = set()
+    group_size, world, rank = int(meta.get("group_size", 0)), parallel.world_size(), parallel.rank()
 
-    def read(key: str) -> torch.Tensor:
+    def read(key: str, dim: int | None) -> torch.Tensor:  # this rank's slice along dim (None: whole)
         if key not in tensors:
             raise CheckpointError(f"{path}: missing tensor {key!r}, which the {scheme} layout needs "
                                   f"({quantization.LAYOUTS[scheme]})")
         quantized_keys.add(key)
-        return tensors[key].read().to(device)
+        stored = tensors[key]
+        if dim == 1 and scheme == "int4" and stored.shape[1] % world:  # scales/zeros: groups per rank
+            raise CheckpointError(f"{path}: {key!r} holds {stored.shape[1]} int4 groups of {group_size} per row, "
+                                  f"which do not split over world size {world} (a group may not straddle two "
+                                  f"ranks); use a smaller world size, or quantize the float checkpoint at load")
+        return stored.read(*(() if dim is None else (dim, rank, world))).to(device)
 
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and quantization.is_quantized_layer(name):
-            weight = quantization.stored_weight(name, scheme, int(meta.get("group_size", 0)), read)
-            bias = torch.empty(module.out_features, device="meta") if module.bias is not None else None
+        if isinstance(module, quantization.LINEARS) and quantization.is_quantized_layer(name):
+            split_dim = _split_dim(model, f"{name}.weight")
+            weight = quantization.stored_weight(name, scheme, group_size, read, split_dim)
+            bias = torch.empty(module.weight.shape[0], device="meta") if module.bias is not None else None
+            kind = {0: "column", 1: "row"}.get(split_dim)
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, quantization.QuantLinear(weight, bias))
+            setattr(model.get_submodule(parent), child, quantization.QuantLinear(
+                weight, bias, kind, gather_output=getattr(module, "gather_output", False),
+                input_is_parallel=getattr(module, "input_is_parallel", True)))
     expected = dict(model.named_parameters(remove_duplicate=False))
     sources = {}
     for key, stored in tensors.items():

@@ -26,8 +26,9 @@ the CPU that frees zoo's int4 copy (so the weight is held once), and a model tha
 longer be saved.
 
 Under tensor parallelism each rank quantizes its own shard as it is read (an int4 group never
-straddles two ranks: a row-parallel layer's K per rank must be a multiple of the group size).
-Saving, and loading a quantized checkpoint, are single-process for now.
+straddles two ranks: a row-parallel layer's K per rank must be a multiple of the group size). A
+quantized checkpoint loads under tensor parallelism too, each rank reading its slice of the stored
+tensors (the same rule for int4 groups); saving is single-process.
 """
 import dataclasses
 import json
@@ -94,6 +95,7 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.matmul = int8_linear if isinstance(weight, Int8Weight) else int4_linear
         self.parallel, self.gather_output, self.input_is_parallel = parallel, gather_output, input_is_parallel
+        self.split_dims = {"bias": 0} if parallel == "column" else {}  # for the loader, as the parallel layers'
         stored = weight.qweight if isinstance(weight, Int8Weight) else weight.packed
         self.out_features, self.in_features = stored.shape[0], (stored.shape[1] if isinstance(weight, Int8Weight)
                                                                   else 2 * stored.shape[1])
@@ -194,8 +196,16 @@ def save(model: nn.Module, directory: str | Path) -> Path:
     return directory
 
 
-def stored_weight(name: str, scheme: str, group_size: int, read) -> Int8Weight | Int4Weight:
-    """The quantized weight of layer `name` from a quantized checkpoint; read(key) gives a stored tensor."""
+def stored_weight(name: str, scheme: str, group_size: int, read, split_dim: int | None = None) -> Int8Weight | Int4Weight:
+    """The quantized weight of layer `name` from a quantized checkpoint; read(key, dim) gives a stored tensor,
+    this rank's slice of it along `dim` under tensor parallelism (None: whole).
+
+    split_dim is the float weight's (0: column-parallel, 1: row-parallel). Every stored tensor is
+    [N, ...] so a column split cuts them all on dim 0; a row split cuts the inputs: int8's qweight
+    on dim 1 (its per-row scales are whole), int4's packed bytes and its per-group scales and zeros
+    on dim 1, which needs a whole number of groups per rank.
+    """
     if scheme == "int8":
-        return Int8Weight(read(f"{name}.qweight"), read(f"{name}.scales"))
-    return Int4Weight(read(f"{name}.packed"), read(f"{name}.scales"), read(f"{name}.zeros"), group_size)
+        return Int8Weight(read(f"{name}.qweight", split_dim), read(f"{name}.scales", 0 if split_dim == 0 else None))
+    return Int4Weight(read(f"{name}.packed", split_dim), read(f"{name}.scales", split_dim),
+                      read(f"{name}.zeros", split_dim), group_size)
