@@ -95,13 +95,14 @@ class Int4Weight:
     def prepare(self, drop_packed: bool = False) -> "Int4Weight":
         """Lay the weight out for the device it is on: torch's CPU layout on CPU, nothing on CUDA.
 
-        drop_packed: on CPU, then free `packed` (only `cpu` is read there), so the 4-bit weight is held
-        once; the weight can then no longer be saved or moved to another device.
+        drop_packed: on CPU, then free `packed`, `scales` and `zeros` (only `cpu`, which holds its own
+        scales and zeros, is read there), so the weight is held once; it can then no longer be saved
+        or moved to another device.
         """
         if self.packed is not None and self.packed.device.type == "cpu" and CPU_INT4_OP:
             self.cpu = pack_int4_for_cpu(self.packed, self.scales, self.zeros, self.group_size, CPU_DTYPE)
             if drop_packed:
-                self.packed = None
+                self.packed = self.scales = self.zeros = None
         return self
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from zoo.checkpoint import release_freed_memory
 from zoo.kernels import INT4_GROUP_SIZES, Int4Weight, Int8Weight, int4_linear, int8_linear, pack_int4
 from zoo.parallel import (ColumnParallelLinear, RowParallelLinear, gather_from_parallel, reduce_from_parallel,
                           scatter_to_parallel, world_size)
@@ -104,6 +105,7 @@ class QuantLinear(nn.Module):
         if not self.prepared:  # on CPU, int4 moves to torch's operator layout, and zoo's packed copy is freed
             self.qweight.prepare(drop_packed=True)
             self.prepared = True
+            release_freed_memory()  # and so are the repacking's temporaries (glibc would keep them)
         if self.parallel == "row" and not self.input_is_parallel:
             x = scatter_to_parallel(x)
         y = self.matmul(x, self.qweight)
