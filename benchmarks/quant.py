@@ -4,8 +4,8 @@
     python benchmarks/quant.py --sizes tiny
 
 Perplexity: the bundled tiny-llama on its held-out split (tools/train_tiny.py's corpus and its
-fixed 256-token windows), in fp32, bf16, int8 and int4 for each group size that divides its
-dims (32, 64; 128 and 256 do not divide dim 192). Speed and memory: for each model and scheme, a
+fixed 256-token windows), in fp32, bf16, int8 and int4 for each group size (32, 64, 128, 256),
+with min/max scales and refined ones (zoo.quant.refine_int4). Speed and memory: for each model and scheme, a
 fresh subprocess runs zoo.load(..., dtype=bf16, quant=...) and reports its peak RSS (VmHWM) and the
 model's bytes, then greedy decode tokens/s at batch 1 (prefill excluded, best of 3 runs of
 --new-tokens). The 1.1B model is the random-weight one benchmarks/generate.py caches (made if
@@ -52,14 +52,16 @@ def tiny_perplexities() -> dict:
     spec.loader.exec_module(train_tiny)
     _, held_out = train_tiny.build_corpus()
     out = {}
-    for label, dtype, quant, group in [("fp32", torch.float32, None, 128), ("bf16", torch.bfloat16, None, 128),
-                                       ("int8", torch.bfloat16, "int8", 128),
-                                       ("int4 g32", torch.bfloat16, "int4", 32), ("int4 g64", torch.bfloat16, "int4", 64)]:
-        model = zoo.load("tiny-llama", dtype=dtype, quant=quant, group_size=group)
+    runs = [("fp32", torch.float32, None, 128, False), ("bf16", torch.bfloat16, None, 128, False),
+            ("int8", torch.bfloat16, "int8", 128, False)]
+    runs += [(f"int4 g{g}{' refined' if refine else ''}", torch.bfloat16, "int4", g, refine)
+             for g in (32, 64, 128, 256) for refine in (False, True)]
+    for label, dtype, quant, group, refine in runs:
+        model = zoo.load("tiny-llama", dtype=dtype, quant=quant, group_size=group, refine=refine)
         stream = train_tiny.encode_documents(model.tokenizer.sp, held_out)
         with torch.no_grad():
             out[label] = train_tiny.perplexity(model, stream, seq_len=256)
-        print(f"  tiny {label:<9} perplexity {out[label]:.3f}", flush=True)
+        print(f"  tiny {label:<17} perplexity {out[label]:.3f}", flush=True)
     return out
 
 

@@ -79,7 +79,8 @@ def inspect(args) -> int:
 
 
 def quantize(args) -> int:
-    model = zoo.load(args.ckpt, dtype=torch.bfloat16, device="cpu", quant=args.quant, group_size=args.group_size)
+    model = zoo.load(args.ckpt, dtype=torch.bfloat16, device="cpu", quant=args.quant, group_size=args.group_size,
+                     refine=args.refine)
     out = zoo.quant.save(model, args.outdir)
     size = (out / "model.safetensors").stat().st_size
     print(f"wrote {out / 'model.safetensors'} ({size / 2**20:.1f} MiB, {args.quant}"
@@ -99,6 +100,7 @@ def main(argv=None) -> int:
     q.add_argument("outdir")
     q.add_argument("--quant", choices=["int8", "int4"], required=True)
     q.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128, 256 (default: %(default)s)")
+    q.add_argument("--refine", action="store_true", help="int4: least-squares scales and zeros (less error, slower)")
     args = p.parse_args(argv)
     try:
         return inspect(args) if args.command == "inspect" else quantize(args)

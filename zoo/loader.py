@@ -76,16 +76,18 @@ def find_checkpoint(ckpt: str | os.PathLike) -> Path:
 
 def load(ckpt: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None,
          max_seq_len: int | None = None, progress: bool | None = None, quant: str | None = None,
-         group_size: int = 128) -> nn.Module:
-    """Load a Meta or Hugging Face checkpoint directory (or a bare name, see `find_checkpoint`).
+         group_size: int = 128, refine: bool = False) -> nn.Module:
+    """Load a checkpoint directory (or a bare name, see `find_checkpoint`): Meta, Hugging Face, gpt-neox,
+    metaseq or zoo-quantized.
 
     dtype: what the floating-point weights are cast to while loading. device: default CUDA if
     present, else CPU. max_seq_len: the longest sequence the model will be asked to hold
     (default: the checkpoint's context length). progress: a bar on stderr (default: when stderr
     is a terminal and the checkpoint is over 256 MB). quant: "int8" or "int4" quantizes each linear
     layer of the blocks as soon as it is read (zoo/quant), never holding the whole model in `dtype`;
-    group_size: int4's (32, 64, 128, 256). Parameters come back frozen (requires_grad=False): zoo is
-    for inference; call `requires_grad_()` to train.
+    group_size: int4's (32, 64, 128, 256); refine: int4's scales and zeros by least squares rather
+    than min/max (zoo.quant.refine_int4: less error, slower to load). Parameters come back frozen
+    (requires_grad=False): zoo is for inference; call `requires_grad_()` to train.
     """
     directory = find_checkpoint(ckpt)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -109,7 +111,7 @@ def load(ckpt: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: s
                               f"gpt-neox's layer_*-model_*-model_states.pt / mp_rank_*_model_states.pt, metaseq's "
                               f"restored.pt / reshard-model_part-*.pt nor a zoo-quantized model.safetensors found; "
                               f"the directory holds: {found}")
-    _fill(model, sources, dtype, device, progress, directory, checkpoint_name, quant, group_size)
+    _fill(model, sources, dtype, device, progress, directory, checkpoint_name, quant, group_size, refine)
     model.checkpoint_dir = directory
     return model.to(device).eval()
 
@@ -406,7 +408,7 @@ def _full_shapes(model: nn.Module) -> dict[str, tuple]:
 
 def _fill(model: nn.Module, sources: dict[str, Source], dtype: torch.dtype, device: torch.device,
           progress: bool | None, directory: Path, checkpoint_name: Callable[[str], str],
-          quant: str | None = None, group_size: int = 128) -> None:
+          quant: str | None = None, group_size: int = 128, refine: bool = False) -> None:
     """Put every parameter in place from `sources`, checking that none is missing or misshapen.
 
     Parameters tied together (output and embedding) are one group: either name may provide it.
@@ -443,7 +445,7 @@ def _fill(model: nn.Module, sources: dict[str, Source], dtype: torch.dtype, devi
                     and not any(p.is_meta for p in module.parameters())):
                 parent, _, child = module_name.rpartition(".")
                 setattr(model.get_submodule(parent), child,
-                        quantization.quantize_linear(module, quant, group_size, name=module_name))
+                        quantization.quantize_linear(module, quant, group_size, name=module_name, refine=refine))
                 release_freed_memory()  # the layer's float weight and the quantizer's temporaries
         bar.update(math.prod(source.shape))
     bar.close()
