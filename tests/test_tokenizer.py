@@ -122,3 +122,28 @@ def test_gpt2_vocab_merges_and_tokenizer_json_match_hf(gpt2_bpe, tmp_path):
         if "<added one>" not in text:
             assert from_files.encode(text) == want, text
     assert from_json.encode("a <added one> b") == reference.encode("a <added one> b").ids  # added tokens split out
+
+
+def test_metaseq_dict_renumbers_gpt2_ids(gpt2_bpe, tmp_path):
+    """fairseq's dict.txt: model id = 4 + the line of the GPT-2 id; ids it lacks become <unk> (3)."""
+    import random
+    reference, directory = gpt2_bpe
+    (tmp_path / "gpt2-vocab.json").write_bytes((directory / "vocab.json").read_bytes())
+    (tmp_path / "gpt2-merges.txt").write_bytes((directory / "merges.txt").read_bytes())
+    gpt2_ids = sorted(json.loads((directory / "vocab.json").read_text()).values())
+    kept = random.Random(0).sample(gpt2_ids, k=len(gpt2_ids) * 9 // 10)  # shuffled, a tenth left out
+    (tmp_path / "dict.txt").write_text("".join(f"{i} {1000 - n}\n" for n, i in enumerate(kept)) + "madeupword0000 0\n")
+    tok = load_tokenizer(tmp_path)
+    assert (tok.bos_id, tok.eos_id) == (2, 2)
+    line = {i: n for n, i in enumerate(kept)}
+    unknown = decoded = 0
+    for text in MORE_TEXTS:
+        if "<added one>" in text:
+            continue
+        want = [4 + line[i] if i in line else 3 for i in reference.encode(text).ids]
+        unknown += want.count(3)
+        assert tok.encode(text, bos=True, eos=True) == [2, *want, 2], text
+        if 3 not in want:
+            assert tok.decode(want) == text
+            decoded += 1
+    assert unknown > 0 and decoded > 3  # the left-out tenth is hit, and texts without it round-trip

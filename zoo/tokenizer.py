@@ -114,7 +114,7 @@ class BPETokenizer(Tokenizer):
 
     def __init__(self, vocab: dict[str, int], merges: list, added: dict[str, int], pattern: str,
                  prefix_space: bool = False, bos: str | int | None = None, eos: str | int | list | None = None,
-                 name: str = "bpe"):
+                 name: str = "bpe", unk: int | None = None):
         import tiktoken
         to_byte = _byte_decoder()
         as_bytes = lambda tok: bytes(to_byte[c] for c in tok)  # noqa: E731
@@ -122,7 +122,7 @@ class BPETokenizer(Tokenizer):
         for merge in merges:
             left, right = merge.split(" ") if isinstance(merge, str) else merge
             ranks.setdefault(as_bytes(left) + as_bytes(right), len(ranks))
-        rank_to_id = np.full(len(ranks), -1, dtype=np.int64)
+        rank_to_id = np.full(len(ranks), -1 if unk is None else unk, dtype=np.int64)  # -1: not in the vocab
         self.id_to_bytes = {}
         for tok, i in vocab.items():
             self.id_to_bytes[i] = as_bytes(tok)
@@ -159,6 +159,21 @@ class BPETokenizer(Tokenizer):
                  if line and not line.startswith("#version")]
         return cls(json.loads(vocab.read_text(encoding="utf-8")), lines, added, GPT2_PATTERN, False, bos, eos,
                    name=vocab.name)
+
+    @classmethod
+    def from_fairseq(cls, vocab: Path, merges: Path, dictionary: Path) -> "BPETokenizer":
+        """metaseq's (fairseq's) files for OPT: GPT-2's vocab.json and merges.txt, and dict.txt, which
+        renumbers them: the model's id of GPT-2 id g is 4 + the line of g in dict.txt, after <s>, <pad>,
+        </s>, <unk> (0..3). A token that dict.txt lacks encodes as <unk>, as fairseq does; </s> starts
+        and ends a document."""
+        gpt2 = json.loads(vocab.read_text(encoding="utf-8"))
+        entries = [line.split(" ")[0] for line in dictionary.read_text(encoding="utf-8").splitlines() if line.strip()]
+        line_of = {entry: 4 + i for i, entry in enumerate(entries)}
+        renumbered = {token: line_of[str(i)] for token, i in gpt2.items() if str(i) in line_of}
+        lines = [line for line in merges.read_text(encoding="utf-8").split("\n")
+                 if line and not line.startswith("#version")]
+        specials = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+        return cls(renumbered, lines, specials, GPT2_PATTERN, False, "</s>", "</s>", name=dictionary.name, unk=3)
 
     def _id(self, token: str | int | None) -> int | None:
         if token is None or isinstance(token, int):
@@ -205,8 +220,9 @@ def load_tokenizer(directory: Path, config: dict | None = None) -> Tokenizer | N
     """The tokenizer stored beside a checkpoint, or None if there is none.
 
     `tokenizer.model` comes first (SentencePiece or tiktoken, told apart by its content); else a
-    byte-level BPE `tokenizer.json`, else GPT-2's `vocab.json` + `merges.txt` (OPT), with bos/eos
-    ids from config.json, or their names from tokenizer_config.json.
+    byte-level BPE `tokenizer.json`, else metaseq's `dict.txt` with GPT-2's files, else GPT-2's
+    `vocab.json` + `merges.txt` (OPT), with bos/eos ids from config.json, or their names from
+    tokenizer_config.json.
     """
     model = directory / "tokenizer.model"
     if model.exists():
@@ -223,6 +239,10 @@ def load_tokenizer(directory: Path, config: dict | None = None) -> Tokenizer | N
     eos = eos if eos is not None else content(named.get("eos_token"))
     if (directory / "tokenizer.json").exists():
         return BPETokenizer.from_tokenizer_json(directory / "tokenizer.json", bos=bos, eos=eos)
+    vocab = next((directory / f for f in ("gpt2-vocab.json", "vocab.json") if (directory / f).exists()), None)
+    merges = next((directory / f for f in ("gpt2-merges.txt", "merges.txt") if (directory / f).exists()), None)
+    if (directory / "dict.txt").exists() and vocab and merges:  # metaseq's OPT files
+        return BPETokenizer.from_fairseq(vocab, merges, directory / "dict.txt")
     if (directory / "vocab.json").exists() and (directory / "merges.txt").exists():
         added = {content(t): int(i) for i, t in named.get("added_tokens_decoder", {}).items()}
         return BPETokenizer.from_vocab_merges(directory / "vocab.json", directory / "merges.txt", added, bos, eos)
