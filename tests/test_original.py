@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import types
+from enum import Enum
 
 import numpy as np
 import pytest
@@ -177,6 +178,10 @@ def metaseq_cfg(hf) -> dict:
             "no_scale_embedding": True, "activation_fn": "relu", "share_decoder_input_output_embed": True}
 
 
+class Activation(Enum):  # omegaconf stores enum options (metaseq's activation_fn is one) as enum members
+    RELU = "relu"
+
+
 class DictConfig:
     """Pickles as omegaconf's DictConfig does (its state's `_content` holds value nodes with `_val`);
     saved under the module name omegaconf.dictconfig, which is not installed where it is loaded."""
@@ -213,7 +218,8 @@ def save_metaseq(hf, directory, mp: int, fused: bool, config: str):
         if config == "args":
             torch.save({**state, "args": argparse.Namespace(**metaseq_cfg(hf))}, path)
         elif config == "cfg":
-            save_with_fake_omegaconf({**state, "cfg": DictConfig({"model": metaseq_cfg(hf), "task": {}})}, path)
+            model_cfg = {**metaseq_cfg(hf), "activation_fn": Activation.RELU}  # an enum, as omegaconf keeps it
+            save_with_fake_omegaconf({**state, "cfg": DictConfig({"model": model_cfg, "task": {}})}, path)
         else:
             torch.save(state, path)
     if config == "json":
@@ -362,13 +368,58 @@ def test_neox_tokenizer_from_the_config_vocab_file_and_run_py(tmp_path):
                             special_tokens=["<|endoftext|>"], show_progress=False)
     tok.save(str(directory / "20B_tokenizer.json"))
     config = directory / "global_step10" / "configs" / "model.yml"
-    config.write_text(config.read_text().replace("{\n", '{\n  "vocab-file": "/data/20B_tokenizer.json",\n', 1))
+    yaml = config.read_text()
+    config.write_text(yaml.replace("{\n", '{\n  "tokenizer-type": "HFTokenizer",\n  "vocab-file": '
+                                          '"/data/20B_tokenizer.json",\n', 1))
     model = zoo.load(directory, dtype=torch.float32)
     text = "def f(x):\n    return x  # 42"
     assert model.tokenizer.encode(text, bos=False, eos=False) == tok.encode(text).ids
     assert model.tokenizer.eos_id == tok.token_to_id("<|endoftext|>")
+    # gpt-neox's default tokenizer-type, GPT2BPETokenizer: GPT-2's vocab and merges files
+    (directory / "20B_tokenizer.json").unlink()
+    tok.save_model(str(directory))
+    (directory / "vocab.json").rename(directory / "gpt2-vocab.json")
+    (directory / "merges.txt").rename(directory / "gpt2-merges.txt")
+    config.write_text(yaml.replace("{\n", '{\n  "vocab-file": "data/gpt2-vocab.json",\n  "merge-file": '
+                                          '"data/gpt2-merges.txt",\n', 1))
+    gpt2 = zoo.load(directory, dtype=torch.float32).tokenizer
+    assert gpt2.encode(text) == tok.encode(text).ids and gpt2.eos_id == tok.token_to_id("<|endoftext|>")
+    saved = zoo.quant.save(zoo.load(directory, quant="int8"), tmp_path / "int8")  # takes its tokenizer along
+    again = zoo.load(saved).tokenizer
+    assert again.encode(text) == tok.encode(text).ids and again.eos_id == tok.token_to_id("<|endoftext|>")
+    config.write_text(yaml)  # the tokenizer.json run.py needs, beside `latest` this time
+    tok.save(str(directory / "tokenizer.json"))
     run = subprocess.run([sys.executable, str(ROOT / "run.py"), "--ckpt", str(directory), "--prompt", "The for",
                           "--max-new-tokens", "6", "--temperature", "0", "--dtype", "float32"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("The for") and "decode 5 tokens" in run.stderr
+
+
+def test_training_checkpoint_unpickler_cannot_touch_torch():
+    """A pickle's BUILD on a rebuild function changes only a wrapper; naming a torch submodule imports nothing."""
+    import io
+    import pickle
+
+    from zoo.checkpoint import StandIn, _StandInUnpickler
+    defaults = torch._utils._rebuild_tensor_v2.__defaults__
+    attack = (b"(cargparse\nNamespace\n)R"  # an object weights_only refuses, so the stand-in unpickler runs
+              b"ctorch._utils\n_rebuild_tensor_v2\n(N}S'__defaults__'\n(S'pwned'\ntstb"  # BUILD on the function
+              b"ctorch\n_dynamo\nt.")
+    namespace, fn, dynamo = _StandInUnpickler(io.BytesIO(attack)).load()
+    assert torch._utils._rebuild_tensor_v2.__defaults__ == defaults and fn.__defaults__ == ("pwned",)
+    assert isinstance(namespace, StandIn) and isinstance(dynamo, type) and issubclass(dynamo, StandIn)
+    blob = pickle.dumps({"act": Activation.RELU, "n": argparse.Namespace(a=1)})
+    assert plain(_StandInUnpickler(io.BytesIO(blob)).load()) == {"act": "relu", "n": {"a": 1}}
+
+
+def test_hf_checkpoint_with_deepspeed_leftovers_is_read_as_hf(tmp_path):
+    """HF's Trainer under DeepSpeed leaves `latest` and global_stepN/mp_rank_00_model_states.pt beside config.json."""
+    from helpers import save_hf
+    hf = hf_family("neox-rotary-0.25-parallel")
+    directory = save_hf(hf, tmp_path)
+    (directory / "global_step5").mkdir()
+    torch.save({"module": None, "iteration": 5}, directory / "global_step5" / "mp_rank_00_model_states.pt")
+    (directory / "latest").write_text("global_step5")
+    with torch.no_grad():
+        assert (zoo.load(directory, dtype=torch.float32)(TOKENS) - hf(TOKENS).logits).abs().max() < FP32_TOL

@@ -6,6 +6,7 @@ zip-based `.pth`/`.bin` (opened with `torch.load(mmap=True, weights_only=True)`)
 `StoredTensor` knows its shape and dtype up front and reads its data only when asked, so the
 loader holds at most one source tensor beside the model it is filling.
 """
+import collections
 import ctypes
 import json
 import math
@@ -213,15 +214,19 @@ class StandIn(dict):
 
 
 def plain(obj: object) -> object:
-    """Stand-ins of config objects (argparse.Namespace, omegaconf DictConfig and its value nodes)
+    """Stand-ins of config objects (argparse.Namespace, omegaconf DictConfig and its value nodes, enums)
     turned into plain dicts and values, recursively."""
     if isinstance(obj, StandIn):
-        state = obj.state[-1] if isinstance(obj.state, tuple) and obj.state else obj.state  # (dict, slots)
+        state = obj.state
+        if isinstance(state, tuple):  # (__dict__, slots): both halves
+            state = {k: v for half in state if isinstance(half, dict) for k, v in half.items()}
         state = state if isinstance(state, dict) else {}
         if "_content" in state:  # omegaconf DictConfig / ListConfig
             return plain(state["_content"])
         if "_val" in state:  # omegaconf value node
             return plain(state["_val"])
+        if not state and not obj and len(obj.args) == 1:  # an enum member: Enum(value)
+            return plain(obj.args[0])
         return {k: plain(v) for k, v in {**state, **obj}.items() if not str(k).startswith("_")}
     if isinstance(obj, dict):
         return {k: plain(v) for k, v in obj.items()}
@@ -230,20 +235,28 @@ def plain(obj: object) -> object:
     return obj
 
 
+def _call_only(fn):
+    """fn behind a new function object, so that a pickle's BUILD can only change the wrapper, never torch's fn."""
+    return lambda *args, **kwargs: fn(*args, **kwargs)
+
+
 class _StandInUnpickler(pickle.Unpickler):
-    SAFE = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
-            ("torch._utils", "_rebuild_parameter_with_state"), ("torch._tensor", "_rebuild_from_type_v2"),
-            ("torch.nn.parameter", "Parameter"), ("torch", "Tensor"), ("torch", "Size"),
-            ("collections", "OrderedDict")}
+    """Tensors rebuilt by torch's functions (reached through wrappers), containers as they are, dtypes
+    from torch's namespace without importing anything; every other global becomes a StandIn class."""
+    REBUILD = {("torch._utils", name): _call_only(getattr(torch._utils, name))
+               for name in ("_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state")}
+    TYPES = {("collections", "OrderedDict"): collections.OrderedDict, ("torch", "Size"): torch.Size}  # C types:
+    # their attributes cannot be set
+    DTYPES = {("torch", name): t for name, t in vars(torch).items() if isinstance(t, torch.dtype)}
 
     def find_class(self, module, name):  # torch's wrapper answers for the storage types before asking us
-        if (module, name) in self.SAFE or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        return type(name, (StandIn,), {"__module__": f"stand_in.{module}"})
+        key = (module, name)
+        found = self.REBUILD.get(key) or self.TYPES.get(key) or self.DTYPES.get(key)
+        return found if found is not None else type(name, (StandIn,), {"__module__": f"stand_in.{module}"})
 
 
 _stand_in_pickle = types.SimpleNamespace(__name__="zoo_stand_in_pickle", Unpickler=_StandInUnpickler,
-                                         load=pickle.load, loads=pickle.loads)
+                                         load=lambda f, **kwargs: _StandInUnpickler(f, **kwargs).load())
 
 
 def open_tensors(path: Path) -> dict[str, StoredTensor]:

@@ -319,12 +319,12 @@ def _quantized_checkpoint(directory: Path, max_seq_len: int | None, device: torc
             raise CheckpointError(f"{path}: missing tensor {key!r}, which the {scheme} layout needs "
                                   f"({quantization.LAYOUTS[scheme]})")
         quantized_keys.add(key)
-        stored = tensors[key]
-        if dim == 1 and scheme == "int4" and stored.shape[1] % world:  # scales/zeros: groups per rank
-            raise CheckpointError(f"{path}: {key!r} holds {stored.shape[1]} int4 groups of {group_size} per row, "
+        scales = tensors.get(f"{key.rpartition('.')[0]}.scales")
+        if dim == 1 and scheme == "int4" and scales is not None and scales.shape[1] % world:  # groups per rank
+            raise CheckpointError(f"{path}: {key!r}: its rows hold {scales.shape[1]} int4 groups of {group_size}, "
                                   f"which do not split over world size {world} (a group may not straddle two "
                                   f"ranks); use a smaller world size, or quantize the float checkpoint at load")
-        return stored.read(*(() if dim is None else (dim, rank, world))).to(device)
+        return tensors[key].read(*(() if dim is None else (dim, rank, world))).to(device)
 
     for name, module in list(model.named_modules()):
         if isinstance(module, quantization.LINEARS) and quantization.is_quantized_layer(name):
@@ -345,7 +345,7 @@ def _quantized_checkpoint(directory: Path, max_seq_len: int | None, device: torc
             raise CheckpointError(f"{path}: unexpected tensor {key!r}")
         sources[key] = Source(f"{path}: {key}", stored.shape,
                               lambda split, dtype, stored=stored: stored.read(*(split or ()), dtype=dtype))
-    model.tokenizer = load_tokenizer(directory)
+    model.tokenizer = load_tokenizer(directory, json.loads(meta.get("tokenizer", "{}")))
     model.model_type = model_type
     return model, sources, lambda name: name
 

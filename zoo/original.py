@@ -3,8 +3,9 @@
 `read(directory)` turns either into what zoo.loader's Hugging Face path takes: the family, its
 config, and its tensors under Hugging Face's names, with the model-parallel ranks' files merged by
 each tensor's rule (concatenated, summed, averaged or taken from one rank; see `neox_merge` and
-`metaseq_merge` in the model files). Nothing is read until the loader asks for a tensor, so loading
-one still holds at most one tensor beside the model.
+`metaseq_merge` in the model files). Nothing is read until the loader asks for a tensor, and then
+only the ranks' copies that hold (a rank's slice of) it, so loading holds about one tensor beside
+the model.
 """
 import json
 import re
@@ -20,6 +21,7 @@ from zoo.tokenizer import BPETokenizer, load_tokenizer
 NEOX_PIPELINE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")  # one file per (layer, rank)
 NEOX_SEQUENTIAL = re.compile(r"mp_rank_(\d+)_model_states\.pt")  # one file per rank
 METASEQ_PARTS = re.compile(r"reshard-model_part-(\d+)\.pt")  # one file per rank; or one restored.pt
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 class Original(NamedTuple):
@@ -32,11 +34,16 @@ class Original(NamedTuple):
 
 
 def layout(directory: Path) -> str | None:
-    """"neox" or "metaseq" when the directory holds such a checkpoint (see `checkpoint_dir`), else None."""
-    names = {p.name for p in checkpoint_dir(directory).iterdir()}
-    if any(NEOX_PIPELINE.fullmatch(n) or NEOX_SEQUENTIAL.fullmatch(n) for n in names):
+    """"neox" or "metaseq" when the directory holds such a checkpoint, else None.
+
+    A Hugging Face checkpoint (config.json with its weights) is never one: HF's Trainer under
+    DeepSpeed leaves DeepSpeed's `latest` and global_stepN/mp_rank_00_model_states.pt beside it.
+    """
+    if (directory / "config.json").exists() and any((directory / f).exists() for f in HF_WEIGHTS):
+        return None
+    if any(NEOX_PIPELINE.fullmatch(p.name) or NEOX_SEQUENTIAL.fullmatch(p.name) for p in checkpoint_dir(directory).iterdir()):
         return "neox"
-    if "restored.pt" in names or any(METASEQ_PARTS.fullmatch(n) for n in names):
+    if (directory / "restored.pt").exists() or any(METASEQ_PARTS.fullmatch(p.name) for p in directory.iterdir()):
         return "metaseq"
     return None
 
@@ -44,13 +51,12 @@ def layout(directory: Path) -> str | None:
 def checkpoint_dir(directory: Path) -> Path:
     """DeepSpeed writes each checkpoint to a `global_stepN/` folder and its name to `latest`: follow it."""
     latest = directory / "latest"
-    if latest.is_file() and (directory / latest.read_text().strip()).is_dir():
-        return directory / latest.read_text().strip()
-    return directory
+    tag = latest.read_text().strip() if latest.is_file() else ""
+    return directory / tag if tag and (directory / tag).is_dir() else directory
 
 
 def read(directory: Path) -> Original:
-    return _read_neox(checkpoint_dir(directory)) if layout(directory) == "neox" else _read_metaseq(directory)
+    return _read_neox(directory) if layout(directory) == "neox" else _read_metaseq(directory)
 
 
 class Merged:
@@ -83,14 +89,31 @@ class Merged:
 
     def read(self, dim: int | None = None, index: int = 0, parts: int = 1,
              dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole tensor, or part `index` of `parts` along `dim` (under tensor parallelism)."""
+        if self.how in ("dim0", "dim1") and len(self.parts) > 1:
+            return self._concatenated(int(self.how[-1]), dim, index, parts, dtype)
         if self.how in ("sum", "mean"):
             t = sum(self._piece(p, torch.float32) for p in self.parts)
             t = (t / len(self.parts) if self.how == "mean" else t).to(dtype or self.dtype)
-        elif self.how == "one" or len(self.parts) == 1:
+        else:  # "one", or a single rank
             t = self._piece(self.parts[0], dtype)
-        else:
-            t = torch.cat([self._piece(p, dtype) for p in self.parts], dim=int(self.how[-1]))
         return t if dim is None else t.chunk(parts, dim)[index].clone()
+
+    def _concatenated(self, cat: int, dim: int | None, index: int, parts: int, dtype) -> torch.Tensor:
+        """The rows [start, end) along `cat` (all without a split), read from the ranks' copies they lie in."""
+        if dim is not None and dim != cat:  # a split across the ranks' own split: whole, then cut
+            whole = torch.cat([self._piece(p, dtype) for p in self.parts], dim=cat)
+            return whole.chunk(parts, dim)[index].clone()
+        step = self.shape[cat] // (parts if dim is not None else 1)
+        start = index * step if dim is not None else 0
+        pieces, offset = [], 0
+        for p in self.parts:
+            size = p.shape[cat] // (3 if self.third is not None and cat == 0 else 1)
+            lo, hi = max(start, offset), min(start + step, offset + size)
+            if lo < hi:
+                pieces.append(self._piece(p, dtype).narrow(cat, lo - offset, hi - lo))
+            offset += size
+        return torch.cat(pieces, dim=cat) if len(pieces) > 1 else pieces[0].clone()
 
     def _piece(self, part: StoredTensor, dtype: torch.dtype | None) -> torch.Tensor:
         return part.read(dtype=dtype) if self.third is None else part.read(0, self.third, 3, dtype=dtype)
@@ -116,12 +139,14 @@ def _gathered(copies: list[dict[str, StoredTensor]], files: list[Path], where: s
 
 # ---- gpt-neox ------------------------------------------------------------------------------------
 
-def _read_neox(directory: Path) -> Original:
-    config_file, args = _neox_config(directory)
-    n_layers = args.get("num_layers", args.get("num-layers"))
+def _read_neox(given: Path) -> Original:
+    directory = checkpoint_dir(given)  # global_stepN/ when `given` has DeepSpeed's `latest`
+    places = list(dict.fromkeys([directory, given]))  # where configs and tokenizer files may lie
+    config_file, args = _neox_config(places)
+    n_layers = args.get("num_layers")
     if not isinstance(n_layers, int):
         raise CheckpointError(f"{config_file}: num-layers is missing or not a number")
-    parallel_residual = args.get("gpt_j_residual", args.get("gpt-j-residual", False))
+    parallel_residual = args.get("gpt_j_residual", False)
     pipeline, sequential = {}, {}
     for p in directory.iterdir():
         if m := NEOX_PIPELINE.fullmatch(p.name):
@@ -130,7 +155,7 @@ def _read_neox(directory: Path) -> Original:
             sequential[int(m.group(1))] = p
     n_ranks = max([args.get("model_parallel_size") or 1, *(r + 1 for f in pipeline.values() for r in f),
                    *(r + 1 for r in sequential)])
-    if sequential:
+    if sequential:  # (in the pipeline layout these hold the training state, not the model's tensors)
         _check_neox_version(sequential.get(0) or next(iter(sequential.values())))
     by_layer: dict[int, dict[str, list[StoredTensor]]] = {}
     if pipeline:  # layer_XX-model_RR-model_states.pt: a plain state dict per file
@@ -154,7 +179,8 @@ def _read_neox(directory: Path) -> Original:
             if hf_key:
                 tensors[hf_key] = Merged(parts, gpt_neox.neox_merge(key, parallel_residual))
     for hf_key, required in (("gpt_neox.embed_in.weight", "word_embeddings.weight of layer 0"),
-                             ("gpt_neox.layers.0.mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.weight of layer 2")):
+                             ("gpt_neox.layers.0.mlp.dense_h_to_4h.weight",
+                              "mlp.dense_h_to_4h.weight (or mlp.linear1.weight) of layer 2")):
         if hf_key not in tensors:
             raise CheckpointError(f"{directory}: missing tensor {required} (gpt-neox layout, {n_layers} layers "
                                   f"per {config_file.name})")
@@ -163,18 +189,18 @@ def _read_neox(directory: Path) -> Original:
                                                hidden_dim=tensors["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"].shape[0])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{config_file}: {e}") from None
-    return Original("gpt_neox", cfg, tensors, _neox_tokenizer(directory, args), config_file,
+    return Original("gpt_neox", cfg, tensors, _neox_tokenizer(places, args), config_file,
                     lambda name: _neox_name(gpt_neox.zoo_to_hf(name), n_layers, bool(pipeline)))
 
 
-def _neox_config(directory: Path) -> tuple[Path, dict]:
+def _neox_config(places: list[Path]) -> tuple[Path, dict]:
     """gpt-neox's YAML config files (it saves them in the checkpoint's configs/), merged in name order."""
     import yaml  # a dependency of zoo (setup.py), imported here: only this layout needs it
 
-    files = sorted([*directory.glob("*.yml"), *directory.glob("*.yaml"), *directory.glob("configs/*.yml"),
-                    *directory.glob("configs/*.yaml"), *directory.parent.glob("configs/*.yml")])
+    files = sorted({f for d in places for pattern in ("*.yml", "*.yaml", "configs/*.yml", "configs/*.yaml")
+                    for f in d.glob(pattern)})
     if not files:
-        raise CheckpointError(f"{directory}: a gpt-neox checkpoint, but no YAML config (*.yml) beside it or in "
+        raise CheckpointError(f"{places[0]}: a gpt-neox checkpoint, but no YAML config (*.yml) beside it or in "
                               f"configs/")
     args = {}
     for f in files:
@@ -198,28 +224,48 @@ def _check_neox_version(path: Path) -> None:
 
 
 def _neox_name(hf_key: str, n_layers: int, pipeline: bool) -> str:
-    """Where a gpt-neox checkpoint keeps a tensor: 'layer_05 file: attention.dense.weight'."""
-    m = re.fullmatch(r"gpt_neox\.layers\.(\d+)\.(.+)", hf_key)
-    idx, key = (int(m.group(1)) + 2, m.group(2)) if m else \
-        (0, "word_embeddings.weight") if hf_key == "gpt_neox.embed_in.weight" else \
-        (n_layers + 3, "norm." + hf_key.rpartition(".")[2]) if hf_key.startswith("gpt_neox.final_layer_norm") else \
-        (n_layers + 4, "final_linear.weight")
+    """Where a gpt-neox checkpoint keeps a tensor: 'layer_05 files: attention.dense.weight'."""
+    block = re.fullmatch(r"gpt_neox\.layers\.(\d+)\.(.+)", hf_key)
+    if block:
+        idx, key = int(block.group(1)) + 2, block.group(2)
+    elif hf_key == "gpt_neox.embed_in.weight":
+        idx, key = 0, "word_embeddings.weight"
+    elif hf_key.startswith("gpt_neox.final_layer_norm."):
+        idx, key = n_layers + 3, "norm." + hf_key.rpartition(".")[2]
+    else:
+        idx, key = n_layers + 4, "final_linear.weight"
     return f"layer_{idx:02d} files: {key}" if pipeline else f"sequential.{idx}.{key}"
 
 
-def _neox_tokenizer(directory: Path, args: dict):
-    """tokenizer.json beside the checkpoint, else the config's vocab-file (as given, or by name beside the checkpoint)."""
-    found = load_tokenizer(directory)
-    if found is not None or not args.get("vocab_file"):
-        return found
-    vocab = Path(args["vocab_file"])
-    for path in (vocab, directory / vocab.name, directory.parent / vocab.name):
-        if path.is_file() and path.suffix == ".json":
-            spec = json.loads(path.read_text())
-            eos = "<|endoftext|>" if any(t.get("content") == "<|endoftext|>" for t in spec.get("added_tokens", [])) \
-                else None
-            return BPETokenizer.from_tokenizer_json(path, eos=eos)
-    return None
+def _neox_tokenizer(places: list[Path], args: dict):
+    """A tokenizer.json beside the checkpoint, else the one its config names, as given or by name beside
+    it: `vocab-file` (a tokenizer.json for tokenizer-type HFTokenizer; GPT-2's vocab.json, with
+    `merge-file`, for GPT2BPETokenizer, gpt-neox's default). Its <|endoftext|> is gpt-neox's eos."""
+    def find(name):
+        return next((p for p in (Path(name), *(d / Path(name).name for d in places)) if p.is_file()), None)
+
+    kind, vocab, merges = args.get("tokenizer_type", "GPT2BPETokenizer"), args.get("vocab_file"), args.get("merge_file")
+    tokenizer_json = next((d / "tokenizer.json" for d in places if (d / "tokenizer.json").is_file()), None)
+    if tokenizer_json is None and kind == "HFTokenizer" and vocab:
+        tokenizer_json = find(vocab)
+    vocab, merges = (find(vocab) if vocab else None), (find(merges) if merges else None)
+    source = tokenizer_json or vocab
+    try:
+        if tokenizer_json is not None:
+            tok = BPETokenizer.from_tokenizer_json(tokenizer_json)
+            tok.files = {"tokenizer.json": tokenizer_json}
+        elif kind == "GPT2BPETokenizer" and vocab and merges:
+            eot = json.loads(vocab.read_text(encoding="utf-8")).get("<|endoftext|>")
+            tok = BPETokenizer.from_vocab_merges(vocab, merges, {} if eot is None else {"<|endoftext|>": eot})
+            tok.files = {"vocab.json": vocab, "merges.txt": merges}
+        else:
+            return None
+    except (ValueError, KeyError, AttributeError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(f"{source}: cannot read it as a {kind} tokenizer: {type(e).__name__}: {e}") from None
+    if "<|endoftext|>" in tok.token_ids:
+        tok.eos_id = tok.token_ids["<|endoftext|>"]
+        tok.stop_ids = {tok.eos_id}
+    return tok
 
 
 def _state_dict(path: Path, under: str | None) -> dict:

@@ -241,7 +241,9 @@ def load_tokenizer(directory: Path, config: dict | None = None) -> Tokenizer | N
         return BPETokenizer.from_tokenizer_json(directory / "tokenizer.json", bos=bos, eos=eos)
     vocab = next((directory / f for f in ("gpt2-vocab.json", "vocab.json") if (directory / f).exists()), None)
     merges = next((directory / f for f in ("gpt2-merges.txt", "merges.txt") if (directory / f).exists()), None)
-    if (directory / "dict.txt").exists() and vocab and merges:  # metaseq's OPT files
+    if (directory / "dict.txt").exists() and vocab and merges and (
+            vocab.name == "gpt2-vocab.json" or "</s>" not in json.loads(vocab.read_text(encoding="utf-8"))):
+        # metaseq's OPT files; a vocab.json with </s> is Hugging Face's, already in the model's ids
         return BPETokenizer.from_fairseq(vocab, merges, directory / "dict.txt")
     if (directory / "vocab.json").exists() and (directory / "merges.txt").exists():
         added = {content(t): int(i) for i, t in named.get("added_tokens_decoder", {}).items()}

@@ -71,6 +71,13 @@ class OPTConfig:
         if "decoder_attention_heads" not in cfg:
             raise ValueError("the number of attention heads is not stated (no decoder_attention_heads in the "
                              "checkpoint's cfg or args); put the model's Hugging Face config.json beside it")
+        unresolved = [k for k, v in cfg.items() if isinstance(v, str) and v.startswith("${")]
+        if unresolved:  # an omegaconf interpolation, resolved only by omegaconf itself
+            raise ValueError(f"{', '.join(unresolved)}: unresolved omegaconf interpolation(s); put the model's Hugging "
+                             f"Face config.json beside the checkpoint")
+        for key in ("decoder.embed_tokens.weight", "decoder.embed_positions.weight", "decoder.layers.0.fc1.weight"):
+            if key not in shapes:
+                raise ValueError(f"missing tensor {key!r} (metaseq names)")
         for key, opt_value in (("no_scale_embedding", True), ("layernorm_embedding", False),
                                ("decoder_learned_pos", True), ("share_decoder_input_output_embed", True)):
             if cfg.get(key, opt_value) != opt_value:

@@ -52,7 +52,7 @@ LAYOUTS = {
             "fp32 [N, K/group_size]: w = (q - zeros) * scales, per group",
 }
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt")
+                   "vocab.json", "merges.txt", "dict.txt", "gpt2-vocab.json", "gpt2-merges.txt")
 
 
 def quantize_int8(w: torch.Tensor) -> Int8Weight:
@@ -74,6 +74,8 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = Fals
         raise ValueError(f"int4 group size {group_size} is not supported; choose one of {INT4_GROUP_SIZES}")
     if k % group_size:
         raise ValueError(f"K = {k} input features are not a multiple of the group size {group_size}")
+    if refine and symmetric:
+        raise ValueError("refine fits a scale and a zero per group: it applies to asymmetric int4 only")
     groups = w.float().reshape(n, k // group_size, group_size)  # (N, groups, group_size)
     if symmetric:
         scales = groups.abs().amax(dim=-1).clamp(min=1e-12) / 7
@@ -165,6 +167,8 @@ def quantize_linear(linear: nn.Module, scheme: str, group_size: int = 128, symme
     """A QuantLinear holding `linear`'s weight (this rank's shard under TP) quantized; errors name the layer."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if refine and scheme != "int4":
+        raise ValueError(f"refine applies to int4 only, not {scheme}")
     try:
         weight = quantize_int8(linear.weight) if scheme == "int8" else \
             quantize_int4(linear.weight, group_size, symmetric, refine)
@@ -220,17 +224,22 @@ def save(model: nn.Module, directory: str | Path) -> Path:
         tensors.update({f"{name}.{k}": v for k, v in stored.items()})
     tensors.update({name: p for name, p in model.named_parameters()})  # floats, quantized layers' biases; tied once
     config = {k: v for k, v in dataclasses.asdict(model.config).items() if k != "extra"}
+    tokenizer = getattr(model, "tokenizer", None)
+    special = {"bos_token_id": getattr(tokenizer, "bos_id", None), "eos_token_id": getattr(tokenizer, "eos_id", None)}
     metadata = {"format": FORMAT, "version": VERSION, "scheme": scheme, "group_size": str(group_size),
-                "layout": LAYOUTS[scheme], "model_type": model.model_type, "config": json.dumps(config)}
+                "layout": LAYOUTS[scheme], "model_type": model.model_type, "config": json.dumps(config),
+                "tokenizer": json.dumps(special)}  # the ids a config.json would give (it is not copied)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, directory / "model.safetensors",
               metadata=metadata)
     source = getattr(model, "checkpoint_dir", None)
-    for file in TOKENIZER_FILES if source is not None else ():
-        if (Path(source) / file).exists():
-            shutil.copyfile(Path(source) / file, directory / file)
+    files = {file: Path(source) / file for file in TOKENIZER_FILES if source is not None}
+    files.update(getattr(tokenizer, "files", {}))  # ones found elsewhere (gpt-neox's config names its own)
+    for name, path in files.items():
+        if path.exists():
+            shutil.copyfile(path, directory / name)
     return directory
 
 
