@@ -33,6 +33,23 @@ def test_logits_match_hf_fp32(pair):
     assert want.std() > 0.5
 
 
+
+def test_bf16_close_to_fp32_as_hf_bf16_is(pair):
+    """As for LLaMA (test_llama_parity): measured against the fp32 logits, zoo's bf16 error may be no
+    larger than HF's own bf16 error (mean within 10%, max within 25%)."""
+    variant, hf, _, directory = pair
+    model = zoo.load(directory, dtype=torch.bfloat16, device="cpu")
+    hf16 = hf_family(variant).to(torch.bfloat16)
+    tokens = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        exact = hf(tokens).logits
+        ours = (model(tokens).float() - exact).abs()
+        theirs = (hf16(tokens).logits.float() - exact).abs()
+    assert model.embed.weight.dtype == torch.bfloat16
+    assert ours.mean() <= 1.1 * theirs.mean(), (ours.mean(), theirs.mean())
+    assert ours.max() <= 1.25 * theirs.max(), (ours.max(), theirs.max())
+    assert ours.mean() < 0.03 * exact.std()
+
 def test_left_padded_batch_matches_hf(pair):
     _, hf, model, _ = pair
     tokens = torch.randint(3, 320, (3, 20), generator=torch.Generator().manual_seed(2))
