@@ -8,7 +8,8 @@ fixed 256-token windows), in fp32, bf16, int8 and int4 for each group size (32, 
 with min/max scales and refined ones (zoo.quant.refine_int4). Speed and memory: for each model and scheme, a
 fresh subprocess runs zoo.load(..., dtype=bf16, quant=...) and reports its peak RSS (VmHWM) and the
 model's bytes, then greedy decode tokens/s at batch 1 (prefill excluded, best of 3 runs of
---new-tokens). The 1.1B model is the random-weight one benchmarks/generate.py caches (made if
+--new-tokens); the schemes take turns for --rounds rounds and each keeps its best round (all
+rounds' speeds are in the JSON). The 1.1B model is the random-weight one benchmarks/generate.py caches (made if
 missing). Ratios are against bf16 in the same run. Prints tables, writes benchmarks/results/quant.json.
 """
 import argparse
@@ -65,17 +66,21 @@ def tiny_perplexities() -> dict:
     return out
 
 
-def speed(ckpt: Path, new_tokens: int, threads: int) -> dict:
+def speed(ckpt: Path, new_tokens: int, threads: int, rounds: int) -> dict:
+    """Each scheme in a fresh process, `rounds` times in turn (bf16, int8, int4, bf16, ...); per scheme the
+    round with the best decode speed is kept (on a shared machine the slow rounds are the noise)."""
     rows = {}
-    for label, quant, group in [("bf16", "bf16", 128), ("int8", "int8", 128), ("int4 g128", "int4", 128),
-                                ("int4 g64", "int4", 64)]:
-        r = subprocess.run([sys.executable, "-c", WORKER, str(ckpt), quant, str(group), str(new_tokens), str(threads)],
-                           capture_output=True, text=True)
-        if r.returncode:
-            rows[label] = {"error": r.stderr.strip().splitlines()[-1]}
-        else:
-            rows[label] = json.loads(r.stdout.strip().splitlines()[-1])
-        print(f"  {ckpt.name} {label}: {rows[label]}", flush=True)
+    for round_ in range(rounds):
+        for label, quant, group in [("bf16", "bf16", 128), ("int8", "int8", 128), ("int4 g128", "int4", 128),
+                                    ("int4 g64", "int4", 64)]:
+            r = subprocess.run([sys.executable, "-c", WORKER, str(ckpt), quant, str(group), str(new_tokens),
+                                str(threads)], capture_output=True, text=True)
+            row = {"error": r.stderr.strip().splitlines()[-1]} if r.returncode else \
+                json.loads(r.stdout.strip().splitlines()[-1])
+            print(f"  {ckpt.name} {label} (round {round_ + 1}): {row}", flush=True)
+            if label not in rows or row.get("decode_tok_s", 0) > rows[label].get("decode_tok_s", 0):
+                rows[label] = {**row, "rounds_decode_tok_s": rows.get(label, {}).get("rounds_decode_tok_s", [])}
+            rows[label]["rounds_decode_tok_s"].append(row.get("decode_tok_s"))
     return rows
 
 
@@ -84,19 +89,20 @@ def main() -> None:
     p.add_argument("--sizes", default="tiny,1b")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--rounds", type=int, default=3, help="speed runs per scheme, taken in turn; the best is kept")
     p.add_argument("--out", type=Path, default=RESULTS / "quant.json")
     args = p.parse_args()
     sizes = args.sizes.split(",")
     result = {"threads": args.threads}
     if "tiny" in sizes:
         result["tiny_perplexity"] = tiny_perplexities()
-        result["tiny_speed"] = speed(REPO / "checkpoints" / "tiny-llama", args.new_tokens, args.threads)
+        result["tiny_speed"] = speed(REPO / "checkpoints" / "tiny-llama", args.new_tokens, args.threads, args.rounds)
     if "1b" in sizes:
         if not (ONE_B / "config.json").exists():
             sys.path.insert(0, str(REPO / "benchmarks"))
             from parallel import make_checkpoint
             make_checkpoint(ONE_B)
-        result["1b_speed"] = speed(ONE_B, args.new_tokens, args.threads)
+        result["1b_speed"] = speed(ONE_B, args.new_tokens, args.threads, args.rounds)
 
     if "tiny_perplexity" in result:
         ppl = result["tiny_perplexity"]
@@ -106,13 +112,15 @@ def main() -> None:
     for key in ("tiny_speed", "1b_speed"):
         if key in result:
             rows, base = result[key], result[key]["bf16"]
-            print(f"\n{key.split('_')[0]:<10} {'MB':>8} {'load s':>7} {'peak RSS MB':>11} {'decode tok/s':>12} {'vs bf16':>8}")
+            print(f"\n{key.split('_')[0]:<10} {'MB':>8} {'load s':>7} {'peak RSS MB':>11} {'decode tok/s':>12} "
+                  f"{'vs bf16':>8}  each round's tok/s")
             for label, r in rows.items():
                 if "error" in r:
                     print(f"{label:<10} {r['error']}")
                     continue
                 print(f"{label:<10} {r['bytes'] / 2**20:>8.1f} {r['load_s']:>7.2f} {r['peak_rss_mb']:>11.0f} "
-                      f"{r['decode_tok_s']:>12.2f} {r['decode_tok_s'] / base['decode_tok_s']:>8.2f}")
+                      f"{r['decode_tok_s']:>12.2f} {r['decode_tok_s'] / base['decode_tok_s']:>8.2f}  "
+                      f"{' / '.join(f'{x:.2f}' for x in r['rounds_decode_tok_s'] if x)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

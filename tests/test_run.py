@@ -46,8 +46,8 @@ def test_prompt_longer_than_context_is_a_clear_error():
 
 
 def test_quantized_int4():
-    r = run("--quant", "int4", "--group-size", "64", "--max-new-tokens", "12", "--prompt", "The for statement")
+    r = run("--quant", "int4", "--max-new-tokens", "12", "--prompt", "The for statement")  # groups of 128
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("The for statement") and "decode" in r.stderr
-    bad = run("--quant", "int4", "--group-size", "128", "--max-new-tokens", "4")  # 192 inputs: no 128-groups
-    assert bad.returncode == 2 and "not a multiple of the group size 128" in bad.stderr
+    bad = run("--quant", "int4", "--group-size", "48", "--max-new-tokens", "4")
+    assert bad.returncode == 2 and "int4 group size 48 is not supported; choose one of (32, 64, 128, 256)" in bad.stderr

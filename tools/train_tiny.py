@@ -10,7 +10,7 @@ ships with CPython 3.11, so the run needs no download and gives the same files o
               imported). One document per topic and per source file; every 20th is held out.
 2. tokenizer  a SentencePiece BPE of 4096 pieces trained on the train split, LLaMA style:
               identity normalization, byte fallback, unk 0 / bos 1 / eos 2, no pad.
-3. model      zoo's own `Llama` (dim 192, 6 layers, 6 query heads sharing 2 key/value heads: ~3.9 M
+3. model      zoo's own `Llama` (dim 256, 6 layers, 8 query heads sharing 2 key/value heads: ~6.6 M
               parameters), fresh weights.
 4. train      fp32 AdamW, linear warmup then cosine decay, on random 256-token windows of the
               train split (documents joined as <s> text </s>).
@@ -139,7 +139,7 @@ def encode_documents(sp: spm.SentencePieceProcessor, docs: list[str]) -> torch.T
 # ---- 3. model -----------------------------------------------------------------------------------
 
 def make_config(vocab_size: int) -> LlamaConfig:
-    return LlamaConfig(dim=192, n_layers=6, n_heads=6, n_kv_heads=2, vocab_size=vocab_size, multiple_of=64,
+    return LlamaConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=2, vocab_size=vocab_size, multiple_of=256,
                        norm_eps=1e-5, rope_theta=10000.0, max_seq_len=512, tie_embeddings=False)
 
 
@@ -246,6 +246,7 @@ def save_meta(model: Llama, out: Path) -> None:
 
 
 def write_readme(out: Path, log: dict) -> None:
+    cfg = make_config(log["vocab_size"])
     c, t, e = log["corpus"], log["train"], log["eval"]
     sizes = "\n".join(f"| `{name}` | {size:,} |" for name, size in log["files"].items())
     text = f"""# tiny-llama
@@ -279,7 +280,7 @@ All of it is in `tools/train_tiny.py`:
 - **Tokenizer**: SentencePiece BPE, {log['vocab_size']} pieces, trained on the train split; byte fallback,
   identity normalization (indentation kept, newlines as `<0x0A>`), unk 0, bos 1, eos 2, no pad.
 - **Model**: `LlamaConfig({log['config']})`: {log['params']:,} parameters, untied output,
-  grouped-query attention (6 query heads share 2 key/value heads), SwiGLU hidden size {log['hidden_dim']}.
+  grouped-query attention ({cfg.n_heads} query heads share {cfg.n_kv_heads} key/value heads), SwiGLU hidden size {log['hidden_dim']}.
 - **Training**: fp32, AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), peak lr {log['lr']},
   {t['warmup']} warmup steps then cosine decay to a tenth, gradient clipping 1.0, {log['batch']} random windows
   of {log['seq_len']} tokens a step, `torch.manual_seed(0)`. {t['steps']:,} steps

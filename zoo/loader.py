@@ -326,8 +326,11 @@ def _quantized_checkpoint(directory: Path, max_seq_len: int | None, device: torc
                                   f"ranks); use a smaller world size, or quantize the float checkpoint at load")
         return tensors[key].read(*(() if dim is None else (dim, rank, world))).to(device)
 
+    # files written before zoo quantized the output layer keep it in floating point
+    stored_output = any(f"output.{k}" in tensors for k in ("qweight", "packed", "scales"))
     for name, module in list(model.named_modules()):
-        if isinstance(module, quantization.LINEARS) and quantization.is_quantized_layer(name):
+        if (isinstance(module, quantization.LINEARS) and quantization.is_quantized_layer(name, model)
+                and (name != "output" or stored_output)):
             split_dim = _split_dim(model, f"{name}.weight")
             weight = quantization.stored_weight(name, scheme, group_size, read, split_dim)
             bias = torch.empty(module.weight.shape[0], device="meta") if module.bias is not None else None
@@ -441,7 +444,7 @@ def _fill(model: nn.Module, sources: dict[str, Source], dtype: torch.dtype, devi
         if quant is not None:  # quantize a linear layer as soon as all its parameters are read
             module_name = names[0].rpartition(".")[0]
             module = model.get_submodule(module_name)
-            if (isinstance(module, quantization.LINEARS) and quantization.is_quantized_layer(module_name)
+            if (isinstance(module, quantization.LINEARS) and quantization.is_quantized_layer(module_name, model)
                     and not any(p.is_meta for p in module.parameters())):
                 parent, _, child = module_name.rpartition(".")
                 setattr(model.get_submodule(parent), child,

@@ -11,9 +11,10 @@ Formats (zoo/kernels/reference.py holds the exact definitions):
         w[n, k] = (q[n, k] - zero[n, g]) * scale[n, g], q in 0..15, g = k // group_size, with
         scale = (max - min) / 15 and zero = -min / scale over the group (symmetric: zero = 8,
         scale = max|w| / 7). Two q per byte, column 2j in the low nibble.
-The linear layers inside the blocks are quantized (attention wq/wk/wv/wo, the MLP's); the
-embedding, the norms, the output layer and every bias stay in floating point. Hooks sit outside
-the matmuls, so they see the same kind of activations as in the unquantized model.
+The linear layers inside the blocks are quantized (attention wq/wk/wv/wo, the MLP's), and the
+output layer unless it is tied to the embedding; the embedding, the norms and every bias stay in
+floating point. Hooks sit outside the matmuls, so they see the same kind of activations as in the
+unquantized model.
 
     zoo.quant.save(model, "llama-int4")                           # a quantized checkpoint...
     model = zoo.load("llama-int4")                                 # ...that loads as any other
@@ -185,16 +186,17 @@ def quantize_linear(linear: nn.Module, scheme: str, group_size: int = 128, symme
     return QuantLinear(weight, bias)
 
 
-def is_quantized_layer(name: str) -> bool:
-    """The linear layers zoo quantizes: those inside the blocks (not the embedding or the output)."""
-    return name.startswith("blocks.")
+def is_quantized_layer(name: str, model: nn.Module) -> bool:
+    """The linear layers zoo quantizes: those inside the blocks, and the output layer unless it is tied
+    to the embedding (which is read a row at a time and stays in floating point)."""
+    return name.startswith("blocks.") or (name == "output" and not getattr(model.config, "tie_embeddings", False))
 
 
 def quantize(model: nn.Module, scheme: str, group_size: int = 128, symmetric: bool = False,
              refine: bool = False) -> nn.Module:
-    """Replace every linear layer inside model.blocks by its quantized QuantLinear, in place."""
+    """Replace the linear layers of the blocks (and the untied output) by QuantLinear, in place."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, LINEARS) and is_quantized_layer(name):
+        if isinstance(module, LINEARS) and is_quantized_layer(name, model):
             parent, _, child = name.rpartition(".")
             layer = quantize_linear(module, scheme, group_size, symmetric, name, refine)
             setattr(model.get_submodule(parent), child, layer)
