@@ -73,8 +73,8 @@ class Int4Weight:
 
     `packed` holds two q per byte, column 2j in the low nibble (reference.pack_int4). `cpu` is torch's
     CPU layout of the same weight, made by prepare() and never saved (it depends on the CPU's
-    instruction set). On CPU the 4-bit weight is then held twice, `packed` for saving or moving and
-    `cpu` for int4_linear, which reads only `cpu` there.
+    instruction set); int4_linear reads only `cpu` there. prepare(drop_packed=True), as QuantLinear
+    calls it on its first forward, then frees `packed`, `scales` and `zeros` so the weight is held once.
     """
     packed: torch.Tensor  # uint8 [N, K/2]
     scales: torch.Tensor  # [N, K/group_size]
