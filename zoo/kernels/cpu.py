@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from zoo.kernels.reference import unpack_int4
 
 CPU_INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
+CPU_INT4_ROWS = 1024  # rows converted at a time (a multiple of the operator's N blocking: 16, 32 or 64)
 
 
 def int8_mm_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -58,14 +59,20 @@ def pack_int4_for_cpu(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     """
     n = packed.shape[0]
     pad = -n % CPU_INT4_N_MULTIPLE  # rows of zeros so N is a multiple of 16; their outputs are cut off
-    q = unpack_int4(packed).to(torch.int32)  # [N, K]
     zero_torch = (8 - zeros.float()) * scales.float()  # [N, K/group_size]
     scales_and_zeros = torch.stack([scales.float(), zero_torch], dim=-1)  # [N, K/group_size, 2]
     if pad:
-        q = F.pad(q, (0, 0, 0, pad))
+        packed = F.pad(packed, (0, 0, 0, pad))  # nibbles 0: zero rows
         scales_and_zeros = F.pad(scales_and_zeros, (0, 0, 0, 0, 0, pad))
+    # The operator wants the values unpacked to int32 (8x our bytes: 262 MB for a 32000 x 2048 output
+    # layer), so it converts blocks of CPU_INT4_ROWS rows; its layout is blocked along N in blocks that
+    # divide that, so the blocks join into the whole's layout (tested).
+    cpu_packed = torch.empty(packed.shape, dtype=torch.uint8)
+    for a in range(0, packed.shape[0], CPU_INT4_ROWS):
+        q = unpack_int4(packed[a : a + CPU_INT4_ROWS]).to(torch.int32)  # [rows, K]
+        cpu_packed[a : a + CPU_INT4_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
     return CpuInt4Weight(
-        packed=torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2),
+        packed=cpu_packed,
         scales_and_zeros=scales_and_zeros.transpose(0, 1).contiguous().to(dtype),  # [K/group_size, N, 2]
         group_size=group_size,
         out_features=n,

@@ -56,12 +56,18 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "vocab.json", "merges.txt", "dict.txt", "gpt2-vocab.json", "gpt2-merges.txt")
 
 
+ROWS_AT_A_TIME = 1 << 20  # weights quantized at a time: the fp32 temporaries stay a few 4 MB blocks
+
+
 def quantize_int8(w: torch.Tensor) -> Int8Weight:
     """w [N, K] -> int8 [N, K] and fp32 scales [N]: each row scaled so that its largest |w| maps to 127."""
+    return Int8Weight(*_by_rows(w, _int8_rows))
+
+
+def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = w.float()
     scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return Int8Weight(q, scales)
+    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = False, refine: bool = False) -> Int4Weight:
@@ -70,13 +76,19 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = Fals
     refine (asymmetric only): then improve each group's scale and zero by alternating least squares
     (`refine_int4`): about 13% less squared weight error, at some seconds per billion weights.
     """
-    n, k = w.shape
+    k = w.shape[1]
     if group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"int4 group size {group_size} is not supported; choose one of {INT4_GROUP_SIZES}")
     if k % group_size:
         raise ValueError(f"K = {k} input features are not a multiple of the group size {group_size}")
     if refine and symmetric:
         raise ValueError("refine fits a scale and a zero per group: it applies to asymmetric int4 only")
+    packed, scales, zeros = _by_rows(w, lambda rows: _int4_rows(rows, group_size, symmetric, refine))
+    return Int4Weight(packed, scales, zeros, group_size)
+
+
+def _int4_rows(w: torch.Tensor, group_size: int, symmetric: bool, refine: bool):
+    n, k = w.shape
     groups = w.float().reshape(n, k // group_size, group_size)  # (N, groups, group_size)
     if symmetric:
         scales = groups.abs().amax(dim=-1).clamp(min=1e-12) / 7
@@ -88,7 +100,20 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = Fals
         if refine:
             scales, zeros = refine_int4(groups, scales, zeros)
     q = torch.round(groups / scales[..., None] + zeros[..., None]).clamp(0, 15).to(torch.uint8)
-    return Int4Weight(pack_int4(q.reshape(n, k)), scales, zeros, group_size)
+    return pack_int4(q.reshape(n, k)), scales, zeros
+
+
+def _by_rows(w: torch.Tensor, quantize_rows) -> list[torch.Tensor]:
+    """quantize_rows over blocks of rows of w (every row is quantized on its own), the pieces joined:
+    an output layer of 32000 x 2048 would otherwise make several 262 MB fp32 temporaries."""
+    step, out = max(1, ROWS_AT_A_TIME // max(1, w.shape[1])), None
+    for a in range(0, w.shape[0], step):
+        piece = quantize_rows(w[a : a + step])
+        if out is None:  # the whole results, filled block by block
+            out = [torch.empty((w.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device) for t in piece]
+        for whole, t in zip(out, piece):
+            whole[a : a + len(t)] = t
+    return out
 
 
 def refine_int4(groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, iters: int = 8):
