@@ -37,8 +37,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s, reproducible)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--quant", choices=["int8", "int4"], help="weight-only quantization of the blocks' linear layers")
+    p.add_argument("--quant", choices=["int8", "int4"],
+                   help="weight-only quantization of the linear layers (blocks and untied output)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (default: %(default)s)")
+    p.add_argument("--refine", action="store_true", help="int4: least-squares scales and zeros (less error, slower load)")
     return p.parse_args(argv)
 
 
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
     try:
         parallel.setup()
         model = zoo.load(args.ckpt, dtype=DTYPES[args.dtype], device=args.device, quant=args.quant,
-                         group_size=args.group_size)
+                         group_size=args.group_size, refine=args.refine)
         if model.tokenizer is None:
             raise zoo.CheckpointError(f"{zoo.find_checkpoint(args.ckpt)}: no tokenizer (tokenizer.model, "
                                       f"tokenizer.json, or vocab.json + merges.txt)")

@@ -138,7 +138,6 @@ def test_int4_cpu_zero_convention_is_exact():
     torch.testing.assert_close(w, dequantize_int4(packed, scales, zeros, 32), rtol=1e-6, atol=1e-6)
 
 
-
 def test_int4_cpu_layout_made_in_row_blocks_equals_whole():
     """pack_int4_for_cpu converts CPU_INT4_ROWS rows at a time (to bound the int32 temporary): the
     blocks must join into exactly the layout of one call on the whole (padded) weight, on this CPU."""
@@ -148,6 +147,7 @@ def test_int4_cpu_layout_made_in_row_blocks_equals_whole():
     whole_q = torch.nn.functional.pad(unpack_int4(packed).to(torch.int32), (0, 0, 0, -n % 16))
     whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(whole_q, 2)
     assert torch.equal(pack_int4_for_cpu(packed, scales, zeros, 32).packed, whole)
+
 
 def test_int4_cpu_weight_checks_dtype():
     packed, scales, zeros = random_int4(16, 64, 32)

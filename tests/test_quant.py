@@ -239,3 +239,27 @@ def test_output_layer_quantized_unless_tied(tiny_dir, tmp_path):
     old = zoo.load(out)
     assert isinstance(old.output, torch.nn.Linear) and torch.equal(old.output.weight, state["output.weight"])
     assert isinstance(old.blocks[0].attn.wq, quant.QuantLinear)
+
+
+def test_output_layer_stays_float_when_its_inputs_do_not_split_into_groups(tmp_path):
+    """An untied OPT output reads word_embed_proj_dim = 48 inputs: no groups of 32 there, while the blocks
+    (64 and 160 inputs) take them. The output stays in floating point rather than failing the load."""
+    from helpers import hf_family
+    directory = save_hf(hf_family("opt-post-ln-proj", word_embed_proj_dim=48, tie_word_embeddings=False),
+                        tmp_path / "opt")
+    model = zoo.load(directory, quant="int4", group_size=32)
+    assert isinstance(model.output, torch.nn.Linear) and isinstance(model.blocks[0].mlp.w_out, quant.QuantLinear)
+    assert isinstance(zoo.load(directory, quant="int8").output, quant.QuantLinear)
+    with pytest.raises(ValueError, match=r"refine=True applies to quant='int4' only \(quant='int8'\)"):
+        zoo.load(directory, quant="int8", refine=True)
+    empty = quant.quantize_int8(torch.empty(0, 64))
+    assert empty.qweight.shape == (0, 64) and empty.scales.shape == (0,)
+
+
+def test_inspect_a_quantized_checkpoint(tiny_dir, tmp_path):
+    import subprocess
+    import sys
+    out = quant.save(zoo.load(tiny_dir, quant="int8"), tmp_path / "q8")
+    r = subprocess.run([sys.executable, "-m", "zoo", "inspect", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "total parameters: 6,622,464" in r.stdout

@@ -42,8 +42,9 @@ def tree(module: nn.Module, name: str = "", depth: int = 0, max_depth: int = 3, 
 def weight_bytes(model: nn.Module, group_size: int = 128) -> dict[str, int]:
     """Bytes of the weights stored as each dtype, and with the linear layers' weights in int8 / int4.
 
-    int8: 1 byte per weight + a bf16 scale per output row. int4: half a byte per weight + a bf16 scale
-    and zero per group of `group_size` inputs. Embeddings, norms and biases stay in bf16.
+    int8: 1 byte per weight + an fp32 scale per output row. int4: half a byte per weight + a bf16
+    scale and zero per group of `group_size` inputs (torch's CPU layout). Embeddings, norms and
+    biases stay in bf16.
     """
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     rows = sum(m.weight.shape[0] for m in model.modules() if isinstance(m, nn.Linear))
@@ -52,7 +53,7 @@ def weight_bytes(model: nn.Module, group_size: int = 128) -> dict[str, int]:
         linear -= model.output.weight.numel()
         rows -= model.output.weight.shape[0]
     out = {dtype: total * size for dtype, size in DTYPE_BYTES.items()}
-    out["int8"] = linear + 2 * rows + 2 * (total - linear)
+    out["int8"] = linear + 4 * rows + 2 * (total - linear)
     out[f"int4 (group {group_size})"] = linear // 2 + 4 * (linear // group_size) + 2 * (total - linear)
     return out
 

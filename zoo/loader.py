@@ -84,7 +84,8 @@ def load(ckpt: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: s
     present, else CPU. max_seq_len: the longest sequence the model will be asked to hold
     (default: the checkpoint's context length). progress: a bar on stderr (default: when stderr
     is a terminal and the checkpoint is over 256 MB). quant: "int8" or "int4" quantizes each linear
-    layer of the blocks as soon as it is read (zoo/quant), never holding the whole model in `dtype`;
+    layer of the blocks, and the untied output layer, as soon as it is read (zoo/quant), never
+    holding the whole model in `dtype`;
     group_size: int4's (32, 64, 128, 256); refine: int4's scales and zeros by least squares rather
     than min/max (zoo.quant.refine_int4: less error, slower to load). Parameters come back frozen
     (requires_grad=False): zoo is for inference; call `requires_grad_()` to train.
@@ -93,6 +94,8 @@ def load(ckpt: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: s
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if quant is not None and quant not in quantization.SCHEMES:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(quantization.SCHEMES)}")
+    if refine and quant != "int4":
+        raise ValueError(f"refine=True applies to quant='int4' only (quant={quant!r})")
     if original.layout(directory):  # before config.json: a metaseq checkpoint may have one beside it
         model, sources, checkpoint_name = _original_checkpoint(directory, max_seq_len)
     elif (directory / "params.json").exists():
@@ -100,8 +103,7 @@ def load(ckpt: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: s
         model.model_type = "llama"
     elif (directory / "config.json").exists():
         model, sources, checkpoint_name = _hf_checkpoint(directory, max_seq_len)
-    elif (directory / "model.safetensors").exists() and \
-            safetensors_metadata(directory / "model.safetensors").get("format") == quantization.FORMAT:  # zoo.quant.save
+    elif _is_quantized(directory):
         if quant is not None:
             raise ValueError(f"{directory} is already quantized; load it without quant=")
         model, sources, checkpoint_name = _quantized_checkpoint(directory, max_seq_len, device)
@@ -117,8 +119,9 @@ def load(ckpt: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: s
 
 
 def build_empty(ckpt: str | os.PathLike) -> nn.Module:
-    """The model a checkpoint describes, from its params.json / config.json alone: parameters on the
-    meta device, no weights read (for counting parameters and bytes: `python -m zoo inspect`)."""
+    """The model a checkpoint describes, from its config alone (params.json, config.json, a YAML or a
+    stored cfg, a zoo-quantized file's metadata): parameters on the meta device, no weights read (for
+    counting parameters and bytes: `python -m zoo inspect`)."""
     directory = find_checkpoint(ckpt)
     if original.layout(directory):
         found = original.read(directory)
@@ -129,6 +132,9 @@ def build_empty(ckpt: str | os.PathLike) -> nn.Module:
         # vocab_size -1 means the tokenizer's; without one, LLaMA 1/2's SentencePiece vocabulary of 32000
         cfg = llama.LlamaConfig.from_meta(params, vocab_size=tokenizer.n_words if tokenizer else 32000)
         return _build(llama.Llama, cfg, directory / "params.json")
+    if _is_quantized(directory):  # the float model of the same shapes
+        _, family, cfg = _quantized_config(directory / "model.safetensors")
+        return _build(family.model, cfg, directory / "model.safetensors")
     _, family, cfg = _hf_config(directory)
     return _build(family.model, cfg, directory / "config.json")
 
@@ -294,9 +300,13 @@ def _hf_sources(model: nn.Module, family: Family, cfg, tensors: dict[str, Stored
     return sources
 
 
-def _quantized_checkpoint(directory: Path, max_seq_len: int | None, device: torch.device):
-    """A checkpoint written by zoo.quant.save: quantized layers built from their stored parts, the rest filled as usual."""
-    path = directory / "model.safetensors"
+def _is_quantized(directory: Path) -> bool:
+    path = directory / "model.safetensors"  # written by zoo.quant.save
+    return path.exists() and safetensors_metadata(path).get("format") == quantization.FORMAT
+
+
+def _quantized_config(path: Path):
+    """A zoo-quantized file's metadata, model family and config, checking the format version."""
     meta = safetensors_metadata(path)
     if meta.get("version") != quantization.VERSION:
         raise CheckpointError(f"{path}: zoo-quantized format version {meta.get('version')!r} is not supported; this "
@@ -306,7 +316,14 @@ def _quantized_checkpoint(directory: Path, max_seq_len: int | None, device: torc
         raise CheckpointError(f"{path}: metadata names scheme {scheme!r} and model_type {model_type!r}; supported: "
                               f"{', '.join(quantization.SCHEMES)} and {', '.join(FAMILIES)}")
     family = FAMILIES[model_type]
-    cfg = family.config(**json.loads(meta["config"]))
+    return meta, family, family.config(**json.loads(meta["config"]))
+
+
+def _quantized_checkpoint(directory: Path, max_seq_len: int | None, device: torch.device):
+    """A checkpoint written by zoo.quant.save: quantized layers built from their stored parts, the rest filled as usual."""
+    path = directory / "model.safetensors"
+    meta, family, cfg = _quantized_config(path)
+    scheme, model_type = meta["scheme"], meta["model_type"]
     if max_seq_len:
         cfg.max_seq_len = max_seq_len
     model = _build(family.model, cfg, path)
@@ -323,7 +340,8 @@ def _quantized_checkpoint(directory: Path, max_seq_len: int | None, device: torc
         if dim == 1 and scheme == "int4" and scales is not None and scales.shape[1] % world:  # groups per rank
             raise CheckpointError(f"{path}: {key!r}: its rows hold {scales.shape[1]} int4 groups of {group_size}, "
                                   f"which do not split over world size {world} (a group may not straddle two "
-                                  f"ranks); use a smaller world size, or quantize the float checkpoint at load")
+                                  f"ranks); use a smaller world size, or quantize the float checkpoint at load "
+                                  f"with a smaller group size")
         return tensors[key].read(*(() if dim is None else (dim, rank, world))).to(device)
 
     # files written before zoo quantized the output layer keep it in floating point
@@ -444,7 +462,8 @@ def _fill(model: nn.Module, sources: dict[str, Source], dtype: torch.dtype, devi
         if quant is not None:  # quantize a linear layer as soon as all its parameters are read
             module_name = names[0].rpartition(".")[0]
             module = model.get_submodule(module_name)
-            if (isinstance(module, quantization.LINEARS) and quantization.is_quantized_layer(module_name, model)
+            if (isinstance(module, quantization.LINEARS)
+                    and quantization.is_quantized_layer(module_name, model, quant, group_size)
                     and not any(p.is_meta for p in module.parameters())):
                 parent, _, child = module_name.rpartition(".")
                 setattr(model.get_submodule(parent), child,

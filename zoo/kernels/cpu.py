@@ -67,7 +67,7 @@ def pack_int4_for_cpu(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     # The operator wants the values unpacked to int32 (8x our bytes: 262 MB for a 32000 x 2048 output
     # layer), so it converts blocks of CPU_INT4_ROWS rows; its layout is blocked along N in blocks that
     # divide that, so the blocks join into the whole's layout (tested).
-    cpu_packed = torch.empty(packed.shape, dtype=torch.uint8)
+    cpu_packed = torch.empty(packed.shape, dtype=torch.uint8, device=packed.device)
     for a in range(0, packed.shape[0], CPU_INT4_ROWS):
         q = unpack_int4(packed[a : a + CPU_INT4_ROWS]).to(torch.int32)  # [rows, K]
         cpu_packed[a : a + CPU_INT4_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)

@@ -56,7 +56,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "vocab.json", "merges.txt", "dict.txt", "gpt2-vocab.json", "gpt2-merges.txt")
 
 
-ROWS_AT_A_TIME = 1 << 20  # weights quantized at a time: the fp32 temporaries stay a few 4 MB blocks
+WEIGHTS_AT_A_TIME = 1 << 20  # quantized at a time (whole rows): the fp32 temporaries stay a few 4 MB blocks
 
 
 def quantize_int8(w: torch.Tensor) -> Int8Weight:
@@ -106,7 +106,9 @@ def _int4_rows(w: torch.Tensor, group_size: int, symmetric: bool, refine: bool):
 def _by_rows(w: torch.Tensor, quantize_rows) -> list[torch.Tensor]:
     """quantize_rows over blocks of rows of w (every row is quantized on its own), the pieces joined:
     an output layer of 32000 x 2048 would otherwise make several 262 MB fp32 temporaries."""
-    step, out = max(1, ROWS_AT_A_TIME // max(1, w.shape[1])), None
+    if w.shape[0] == 0:
+        return list(quantize_rows(w))
+    step, out = max(1, WEIGHTS_AT_A_TIME // max(1, w.shape[1])), None
     for a in range(0, w.shape[0], step):
         piece = quantize_rows(w[a : a + step])
         if out is None:  # the whole results, filled block by block
@@ -167,7 +169,8 @@ class QuantLinear(nn.Module):
         if not self.prepared:  # on CPU, int4 moves to torch's operator layout, and zoo's packed copy is freed
             self.qweight.prepare(drop_packed=True)
             self.prepared = True
-            release_freed_memory()  # and so are the repacking's temporaries (glibc would keep them)
+            if getattr(self.qweight, "cpu", None) is not None:
+                release_freed_memory()  # and so are the repacking's temporaries (glibc would keep them)
         if self.parallel == "row" and not self.input_is_parallel:
             x = scatter_to_parallel(x)
         y = self.matmul(x, self.qweight)
@@ -211,17 +214,22 @@ def quantize_linear(linear: nn.Module, scheme: str, group_size: int = 128, symme
     return QuantLinear(weight, bias)
 
 
-def is_quantized_layer(name: str, model: nn.Module) -> bool:
+def is_quantized_layer(name: str, model: nn.Module, scheme: str = "int8", group_size: int = 128) -> bool:
     """The linear layers zoo quantizes: those inside the blocks, and the output layer unless it is tied
-    to the embedding (which is read a row at a time and stays in floating point)."""
-    return name.startswith("blocks.") or (name == "output" and not getattr(model.config, "tie_embeddings", False))
+    to the embedding (which is read a row at a time and stays in floating point) or, for int4, its
+    inputs (word_embed_proj_dim in OPT) do not split into groups: it then stays in floating point."""
+    if name.startswith("blocks."):
+        return True
+    if name != "output" or getattr(model.config, "tie_embeddings", False):
+        return False
+    return scheme != "int4" or model.output.weight.shape[1] % group_size == 0
 
 
 def quantize(model: nn.Module, scheme: str, group_size: int = 128, symmetric: bool = False,
              refine: bool = False) -> nn.Module:
     """Replace the linear layers of the blocks (and the untied output) by QuantLinear, in place."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, LINEARS) and is_quantized_layer(name, model):
+        if isinstance(module, LINEARS) and is_quantized_layer(name, model, scheme, group_size):
             parent, _, child = name.rpartition(".")
             layer = quantize_linear(module, scheme, group_size, symmetric, name, refine)
             setattr(model.get_submodule(parent), child, layer)
