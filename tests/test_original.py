@@ -88,11 +88,12 @@ def neox_yaml(hf, mp: int, **changes) -> str:
     return "# GPT-NeoX model config\n{\n" + "".join(f"  {json.dumps(k)}: {json.dumps(v)},\n" for k, v in args.items()) + "}\n"
 
 
-def save_neox(hf, directory, mp: int = 1, pipeline: bool = True, linear12: bool = False, step: str | None = None):
+def save_neox(hf, directory, mp: int = 1, pipeline: bool = True, linear12: bool = False, step: str | None = None,
+              **yaml_changes):
     """gpt-neox's layout: the pipeline one (a file per layer and rank) or the sequential one (a file per rank)."""
     where = directory / step if step else directory
     (where / "configs").mkdir(parents=True)
-    (where / "configs" / "model.yml").write_text(neox_yaml(hf, mp))
+    (where / "configs" / "model.yml").write_text(neox_yaml(hf, mp, **yaml_changes))
     for r, layers in enumerate(neox_ranks(hf, mp, linear12)):
         extras = {"checkpoint_version": 3.0, "iteration": 10, "np_rng_state": np.random.get_state(),
                   "args": argparse.Namespace(num_layers=hf.config.num_hidden_layers)}  # not weights_only-loadable
@@ -127,6 +128,19 @@ def test_neox_checkpoint_matches_hf(case, tmp_path):
     assert want.std() > 0.5
     assert model.config.parallel_residual == hf.config.use_parallel_residual
     assert model.config.rotary_dim == (4 if variant == "neox-rotary-0.25-parallel" else 16)
+
+
+def test_neox_gpt_j_tied_layer_norm(tmp_path):
+    """gpt-j-tied: the parallel-residual block feeds input_layernorm's output to both attention and MLP;
+    the stored post_attention_layernorm is never used. The HF reference gets the same by a copy."""
+    hf = hf_family("neox-rotary-0.25-parallel")
+    directory = save_neox(hf, tmp_path / "tied", mp=2, **{"gpt-j-tied": True})
+    with torch.no_grad():
+        for layer in hf.gpt_neox.layers:
+            layer.post_attention_layernorm.load_state_dict(layer.input_layernorm.state_dict())
+        want = hf(TOKENS).logits
+    got = zoo.load(directory, dtype=torch.float32)(TOKENS)
+    assert (got - want).abs().max() < FP32_TOL
 
 
 def test_neox_bf16_and_cached_decode(tmp_path):

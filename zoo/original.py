@@ -178,6 +178,9 @@ def _read_neox(given: Path) -> Original:
             hf_key = gpt_neox.neox_to_hf(idx, key, n_layers)
             if hf_key:
                 tensors[hf_key] = Merged(parts, gpt_neox.neox_merge(key, parallel_residual))
+    if parallel_residual and args.get("gpt_j_tied", False):  # one layer norm feeds attention and MLP alike:
+        for hf_key in [k for k in tensors if ".input_layernorm." in k]:  # post_attention_layernorm is unused
+            tensors[hf_key.replace(".input_layernorm.", ".post_attention_layernorm.")] = tensors[hf_key]
     for hf_key, required in (("gpt_neox.embed_in.weight", "word_embeddings.weight of layer 0"),
                              ("gpt_neox.layers.0.mlp.dense_h_to_4h.weight",
                               "mlp.dense_h_to_4h.weight (or mlp.linear1.weight) of layer 2")):

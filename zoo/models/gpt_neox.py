@@ -76,7 +76,7 @@ class GPTNeoXConfig:
         if missing:
             raise ValueError(f"missing required key(s) {', '.join(k.replace('_', '-') for k in missing)}")
         unsupported = {"pos_emb": ("learned", "rotary"), "norm": ("layernorm", "layernorm"),
-                       "gpt_j_tied": (False, False), "mlp_type": ("regular", "regular"),
+                       "mlp_type": ("regular", "regular"),
                        "use_bias_in_norms": (True, True), "use_bias_in_mlp": (True, True),
                        "activation": ("gelu", ("gelu", "relu"))}  # key: (gpt-neox's default, what zoo supports)
         for key, (default, supported) in unsupported.items():
