@@ -231,3 +231,19 @@ def test_prompt_longer_than_context(hf_dir):
     model = zoo.load(hf_dir, dtype=torch.float32, max_seq_len=32)
     with pytest.raises(ValueError, match="a prompt of 40 tokens does not fit the model's context of 32"):
         zoo.generate(model, [[1] * 40], max_new_tokens=4)
+
+
+def test_safetensors_slice_along_a_later_dim_reads_blocks_of_rows(tmp_path, monkeypatch):
+    """A rank's slice along dim 1 or 2 (row-parallel weights) is read a block of rows at a time."""
+    from safetensors.torch import save_file
+
+    from zoo import checkpoint
+    t = torch.randn(300, 12, 8).to(torch.bfloat16)
+    save_file({"a": t}, tmp_path / "x.safetensors")
+    stored = checkpoint.safetensors_tensors(tmp_path / "x.safetensors")["a"]
+    monkeypatch.setattr(checkpoint, "CHUNK", 12 * 8 * 2 * 7)  # 7 rows per block: 43 blocks, the last ragged
+    for dim, parts in ((1, 2), (1, 4), (2, 2)):
+        for index in range(parts):
+            for dtype in (None, torch.float32):
+                assert torch.equal(stored.read(dim, index, parts, dtype=dtype),
+                                   t.chunk(parts, dim)[index].to(dtype or t.dtype))

@@ -52,7 +52,7 @@ class StoredTensor:
 
         Floating-point data is converted to `dtype` (default: as stored) a chunk of rows at a time,
         so at most CHUNK bytes of the stored dtype sit beside the result. A slice along dim 0 reads
-        only its own bytes; a slice along another dim reads the whole tensor first.
+        only its own bytes; a slice along another dim reads blocks of whole rows and keeps its share.
         """
         if dim is not None and self.shape[dim] % parts:
             raise CheckpointError(f"{self.path}: {self.key!r} of shape {self.shape} does not split into "
@@ -71,9 +71,19 @@ class StoredTensor:
                         _drop_pages(src[a : a + step])
             _drop_pages(self.mapped)
             return out
-        if dim not in (None, 0):
-            part = self.read().chunk(parts, dim)[index]
-            return torch.empty(part.shape, dtype=dtype).copy_(part)
+        if dim not in (None, 0):  # a block of whole rows at a time, keeping this part's share of each row
+            shape = list(self.shape)
+            shape[dim] //= parts
+            out, row, step = torch.empty(shape, dtype=dtype), math.prod(self.shape[1:]), _rows_per_chunk(self.shape,
+                                                                                                         self.dtype)
+            buf = torch.empty(min(step, self.shape[0]) * row, dtype=self.dtype)
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                for a in range(0, self.shape[0], step):
+                    n = min(step, self.shape[0] - a)
+                    self._read_exact(f, buf[: n * row].view(torch.uint8))
+                    out[a : a + n].copy_(buf[: n * row].view(n, *self.shape[1:]).chunk(parts, dim)[index])
+            return out
         shape = self.shape if dim is None else (self.shape[0] // parts, *self.shape[1:])
         out = torch.empty(shape, dtype=dtype)
         with open(self.path, "rb") as f:
