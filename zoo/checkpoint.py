@@ -159,18 +159,20 @@ def pth_tensors(path: Path) -> dict[str, StoredTensor]:
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError...: name the file
-        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (corrupt or truncated?): {e}") from None
+        raise _unreadable(path, e) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
     return stored_tensors(path, state)
 
 
-def stored_tensors(path: Path, state: dict, prefix: str = "") -> dict[str, StoredTensor]:
-    """StoredTensors for the tensors of a state dict (mmap'd by torch.load) whose keys start with `prefix`."""
+def _unreadable(path: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (corrupt or truncated?): {e}")
+
+
+def stored_tensors(path: Path, state: dict) -> dict[str, StoredTensor]:
+    """StoredTensors for the tensors of a state dict (mmap'd by torch.load)."""
     out = {}
     for key, t in state.items():
-        if not key.startswith(prefix):
-            continue
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is a {type(t).__name__}, not a tensor")
         out[key] = StoredTensor(path, key, tuple(t.shape), t.dtype, mapped=t)
@@ -190,15 +192,13 @@ def load_training_checkpoint(path: Path) -> object:
         raise CheckpointError(f"{path}: file not found")
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):
-            raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (corrupt or truncated?): {e}") from None
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (corrupt or truncated?): {e}") from None
-    try:
+        if not (isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e)):
+            raise _unreadable(path, e) from None
+    try:  # it names classes weights_only refuses
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False, pickle_module=_stand_in_pickle)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (corrupt or truncated?): {e}") from None
+        raise _unreadable(path, e) from None
 
 
 class StandIn(dict):

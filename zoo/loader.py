@@ -352,11 +352,7 @@ def _quantized_checkpoint(directory: Path, max_seq_len: int | None, device: torc
             split_dim = _split_dim(model, f"{name}.weight")
             weight = quantization.stored_weight(name, scheme, group_size, read, split_dim)
             bias = torch.empty(module.weight.shape[0], device="meta") if module.bias is not None else None
-            kind = {0: "column", 1: "row"}.get(split_dim)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, quantization.QuantLinear(
-                weight, bias, kind, gather_output=getattr(module, "gather_output", False),
-                input_is_parallel=getattr(module, "input_is_parallel", True)))
+            model.set_submodule(name, quantization.QuantLinear.replacing(module, weight, bias))
     expected = dict(model.named_parameters(remove_duplicate=False))
     sources = {}
     for key, stored in tensors.items():
@@ -465,9 +461,8 @@ def _fill(model: nn.Module, sources: dict[str, Source], dtype: torch.dtype, devi
             if (isinstance(module, quantization.LINEARS)
                     and quantization.is_quantized_layer(module_name, model, quant, group_size)
                     and not any(p.is_meta for p in module.parameters())):
-                parent, _, child = module_name.rpartition(".")
-                setattr(model.get_submodule(parent), child,
-                        quantization.quantize_linear(module, quant, group_size, name=module_name, refine=refine))
+                model.set_submodule(module_name, quantization.quantize_linear(module, quant, group_size,
+                                                                              name=module_name, refine=refine))
                 release_freed_memory()  # the layer's float weight and the quantizer's temporaries
         bar.update(math.prod(source.shape))
     bar.close()

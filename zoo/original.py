@@ -155,17 +155,20 @@ def _read_neox(given: Path) -> Original:
             sequential[int(m.group(1))] = p
     n_ranks = max([args.get("model_parallel_size") or 1, *(r + 1 for f in pipeline.values() for r in f),
                    *(r + 1 for r in sequential)])
-    if sequential:  # (in the pipeline layout these hold the training state, not the model's tensors)
-        _check_neox_version(sequential.get(0) or next(iter(sequential.values())))
     by_layer: dict[int, dict[str, list[StoredTensor]]] = {}
     if pipeline:  # layer_XX-model_RR-model_states.pt: a plain state dict per file
+        if sequential:  # here the mp_rank files hold the training state, and the checkpoint's version
+            first = sequential.get(0) or next(iter(sequential.values()))
+            _check_neox_version(load_training_checkpoint(first), first)
         for idx, files in sorted(pipeline.items()):
             files = _ranks(files, f"layer_{idx:02d} file", directory, n_ranks)
-            copies = [stored_tensors(f, _state_dict(f, None)) for f in files]
+            copies = [stored_tensors(f, _tensors_under(load_training_checkpoint(f), f, None)) for f in files]
             by_layer[idx] = _gathered(copies, files, "")
     elif sequential:  # mp_rank_RR_model_states.pt: everything under ["module"] as sequential.{idx}.{key}
         files = _ranks(sequential, "mp_rank file", directory, n_ranks)
-        copies = [stored_tensors(f, _state_dict(f, "module")) for f in files]
+        states = [load_training_checkpoint(f) for f in files]
+        _check_neox_version(states[0], files[0])
+        copies = [stored_tensors(f, _tensors_under(state, f, "module")) for f, state in zip(files, states)]
         for key, parts in _gathered(copies, files, " (under 'module')").items():
             m = re.fullmatch(r"sequential\.(\d+)\.(.+)", key)
             if m is None:
@@ -217,9 +220,8 @@ def _neox_config(places: list[Path]) -> tuple[Path, dict]:
     return files[0], {k.replace("-", "_"): v for k, v in args.items()}
 
 
-def _check_neox_version(path: Path) -> None:
+def _check_neox_version(state: object, path: Path) -> None:
     """Megatron's checkpoint_version below 2 ordered the fused qkv rows otherwise; zoo reads the current order."""
-    state = load_training_checkpoint(path)
     version = state.get("checkpoint_version") if isinstance(state, dict) else None
     if version is not None and float(version) < 2:
         raise CheckpointError(f"{path}: checkpoint_version {version} (an old Megatron order of the fused qkv rows) "
@@ -271,8 +273,8 @@ def _neox_tokenizer(places: list[Path], args: dict):
     return tok
 
 
-def _state_dict(path: Path, under: str | None) -> dict:
-    state = load_training_checkpoint(path)
+def _tensors_under(state: object, path: Path, under: str | None) -> dict:
+    """The loaded file's state dict (or its entry `under`), without DeepSpeed's None placeholders."""
     if under is not None:
         if not isinstance(state, dict) or not isinstance(state.get(under), dict):
             found = ", ".join(map(repr, state)) if isinstance(state, dict) else type(state).__name__

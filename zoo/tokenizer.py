@@ -155,10 +155,8 @@ class BPETokenizer(Tokenizer):
     @classmethod
     def from_vocab_merges(cls, vocab: Path, merges: Path, added: dict[str, int], bos=None, eos=None) -> "BPETokenizer":
         """GPT-2's files: vocab.json (token -> id) and merges.txt (a '#version' line, then 'left right' per line)."""
-        lines = [line for line in merges.read_text(encoding="utf-8").split("\n")
-                 if line and not line.startswith("#version")]
-        return cls(json.loads(vocab.read_text(encoding="utf-8")), lines, added, GPT2_PATTERN, False, bos, eos,
-                   name=vocab.name)
+        return cls(json.loads(vocab.read_text(encoding="utf-8")), _merge_lines(merges), added, GPT2_PATTERN, False,
+                   bos, eos, name=vocab.name)
 
     @classmethod
     def from_fairseq(cls, vocab: Path, merges: Path, dictionary: Path) -> "BPETokenizer":
@@ -170,10 +168,9 @@ class BPETokenizer(Tokenizer):
         entries = [line.split(" ")[0] for line in dictionary.read_text(encoding="utf-8").splitlines() if line.strip()]
         line_of = {entry: 4 + i for i, entry in enumerate(entries)}
         renumbered = {token: line_of[str(i)] for token, i in gpt2.items() if str(i) in line_of}
-        lines = [line for line in merges.read_text(encoding="utf-8").split("\n")
-                 if line and not line.startswith("#version")]
         specials = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-        return cls(renumbered, lines, specials, GPT2_PATTERN, False, "</s>", "</s>", name=dictionary.name, unk=3)
+        return cls(renumbered, _merge_lines(merges), specials, GPT2_PATTERN, False, "</s>", "</s>",
+                   name=dictionary.name, unk=3)
 
     def _id(self, token: str | int | None) -> int | None:
         if token is None or isinstance(token, int):
@@ -214,6 +211,11 @@ def _pre_tokenizer(pre: dict) -> tuple[str, bool]:
             if p.get("use_regex", True):
                 pattern = GPT2_PATTERN
     return pattern or r"[\s\S]+", prefix_space
+
+
+def _merge_lines(merges: Path) -> list[str]:
+    """GPT-2's merges.txt: a '#version' line, then 'left right' per line."""
+    return [line for line in merges.read_text(encoding="utf-8").split("\n") if line and not line.startswith("#version")]
 
 
 def load_tokenizer(directory: Path, config: dict | None = None) -> Tokenizer | None:

@@ -165,6 +165,15 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = stored.shape[0], (stored.shape[1] if isinstance(weight, Int8Weight)
                                                                   else 2 * stored.shape[1])
 
+    @classmethod
+    def replacing(cls, linear: nn.Module, weight: Int8Weight | Int4Weight, bias: torch.Tensor | None) -> "QuantLinear":
+        """The QuantLinear to put in `linear`'s place: the same tensor-parallel split and collectives."""
+        if isinstance(linear, ColumnParallelLinear):
+            return cls(weight, bias, "column", gather_output=linear.gather_output)
+        if isinstance(linear, RowParallelLinear):
+            return cls(weight, bias, "row", input_is_parallel=linear.input_is_parallel)
+        return cls(weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.prepared:  # on CPU, int4 moves to torch's operator layout, and zoo's packed copy is freed
             self.qweight.prepare(drop_packed=True)
@@ -206,12 +215,7 @@ def quantize_linear(linear: nn.Module, scheme: str, group_size: int = 128, symme
             e = ValueError(f"{e} (K here is this rank's share: {linear.weight.shape[1] * world_size()} input "
                            f"features over world size {world_size()}; use a smaller group size or world size)")
         raise ValueError(f"{name or 'linear layer'}: {e}") from None
-    bias = None if linear.bias is None else linear.bias.detach()
-    if isinstance(linear, ColumnParallelLinear):
-        return QuantLinear(weight, bias, "column", gather_output=linear.gather_output)
-    if isinstance(linear, RowParallelLinear):
-        return QuantLinear(weight, bias, "row", input_is_parallel=linear.input_is_parallel)
-    return QuantLinear(weight, bias)
+    return QuantLinear.replacing(linear, weight, None if linear.bias is None else linear.bias.detach())
 
 
 def is_quantized_layer(name: str, model: nn.Module, scheme: str = "int8", group_size: int = 128) -> bool:
@@ -230,9 +234,7 @@ def quantize(model: nn.Module, scheme: str, group_size: int = 128, symmetric: bo
     """Replace the linear layers of the blocks (and the untied output) by QuantLinear, in place."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LINEARS) and is_quantized_layer(name, model, scheme, group_size):
-            parent, _, child = name.rpartition(".")
-            layer = quantize_linear(module, scheme, group_size, symmetric, name, refine)
-            setattr(model.get_submodule(parent), child, layer)
+            model.set_submodule(name, quantize_linear(module, scheme, group_size, symmetric, name, refine))
     return model
 
 
