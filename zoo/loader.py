@@ -352,7 +352,7 @@ def _quantized_checkpoint(directory: Path, max_seq_len: int | None, device: torc
             split_dim = _split_dim(model, f"{name}.weight")
             weight = quantization.stored_weight(name, scheme, group_size, read, split_dim)
             bias = torch.empty(module.weight.shape[0], device="meta") if module.bias is not None else None
-            model.set_submodule(name, quantization.QuantLinear.replacing(module, weight, bias))
+            quantization.replace_module(model, name, quantization.QuantLinear.replacing(module, weight, bias))
     expected = dict(model.named_parameters(remove_duplicate=False))
     sources = {}
     for key, stored in tensors.items():
@@ -461,8 +461,8 @@ def _fill(model: nn.Module, sources: dict[str, Source], dtype: torch.dtype, devi
             if (isinstance(module, quantization.LINEARS)
                     and quantization.is_quantized_layer(module_name, model, quant, group_size)
                     and not any(p.is_meta for p in module.parameters())):
-                model.set_submodule(module_name, quantization.quantize_linear(module, quant, group_size,
-                                                                              name=module_name, refine=refine))
+                layer = quantization.quantize_linear(module, quant, group_size, name=module_name, refine=refine)
+                quantization.replace_module(model, module_name, layer)
                 release_freed_memory()  # the layer's float weight and the quantizer's temporaries
         bar.update(math.prod(source.shape))
     bar.close()

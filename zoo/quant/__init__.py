@@ -218,6 +218,12 @@ def quantize_linear(linear: nn.Module, scheme: str, group_size: int = 128, symme
     return QuantLinear.replacing(linear, weight, None if linear.bias is None else linear.bias.detach())
 
 
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` where `name` ("blocks.3.attn.wq") is; nn.Module.set_submodule is missing from older torch."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
 def is_quantized_layer(name: str, model: nn.Module, scheme: str = "int8", group_size: int = 128) -> bool:
     """The linear layers zoo quantizes: those inside the blocks, and the output layer unless it is tied
     to the embedding (which is read a row at a time and stays in floating point) or, for int4, its
@@ -234,7 +240,7 @@ def quantize(model: nn.Module, scheme: str, group_size: int = 128, symmetric: bo
     """Replace the linear layers of the blocks (and the untied output) by QuantLinear, in place."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LINEARS) and is_quantized_layer(name, model, scheme, group_size):
-            model.set_submodule(name, quantize_linear(module, scheme, group_size, symmetric, name, refine))
+            replace_module(model, name, quantize_linear(module, scheme, group_size, symmetric, name, refine))
     return model
 
 
