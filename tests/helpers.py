@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import torch
+import transformers  # a required test dependency: a failed import fails the run, never skips it
 
 from zoo.models import llama
 
@@ -26,10 +27,9 @@ LLAMA_VARIANTS = {
 
 def hf_llama(variant: str = "llama2-mha", seed: int = 0, **overrides):
     """A Hugging Face LlamaForCausalLM with random weights: std 0.15 (norm weights 1 +- 0.1), so logits are far from uniform."""
-    from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
-    cfg = LlamaConfig(**{**SMALL, **LLAMA_VARIANTS[variant], **overrides})
-    model = LlamaForCausalLM(cfg).eval()
+    cfg = transformers.LlamaConfig(**{**SMALL, **LLAMA_VARIANTS[variant], **overrides})
+    model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.15)
@@ -132,7 +132,6 @@ FAMILY_VARIANTS = {
 
 def hf_family(variant: str, seed: int = 0, **more):
     """A Hugging Face OPTForCausalLM / GPTNeoXForCausalLM with random weights (as `hf_llama`)."""
-    import transformers
     family, overrides = FAMILY_VARIANTS[variant]
     overrides = {**overrides, **more}
     torch.manual_seed(seed)

@@ -9,7 +9,6 @@ from helpers import hf_llama, save_hf, save_hf_bin, save_meta
 import zoo
 from zoo.checkpoint import CheckpointError
 
-pytest.importorskip("transformers")
 TOKENS = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
 
 

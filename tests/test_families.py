@@ -12,7 +12,6 @@ from helpers import FAMILY_VARIANTS, hf_family, save_hf, spawn
 import zoo
 from zoo import parallel
 
-pytest.importorskip("transformers")
 FP32_TOL = 1e-4
 
 
@@ -115,7 +114,7 @@ def test_unknown_model_type_lists_every_family(tmp_path):
 
 def _with_tokenizer(variant, directory):
     """Give a test checkpoint a byte-level BPE trained here: vocab.json + merges.txt for OPT, tokenizer.json for NeoX."""
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
     from pydoc_data.topics import topics
     tok = tokenizers.ByteLevelBPETokenizer()
     tok.train_from_iterator([topics[k] for k in sorted(topics)][:40], vocab_size=300,

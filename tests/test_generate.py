@@ -6,7 +6,6 @@ from helpers import hf_llama, save_hf
 import zoo
 from zoo.sampling import sample
 
-pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")

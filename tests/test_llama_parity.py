@@ -5,7 +5,6 @@ from helpers import LLAMA_VARIANTS, hf_llama, save_hf
 
 import zoo
 
-pytest.importorskip("transformers")
 FP32_TOL = 1e-4
 
 

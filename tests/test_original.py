@@ -16,7 +16,6 @@ from helpers import hf_family, spawn
 import zoo
 from zoo.checkpoint import load_training_checkpoint, plain
 
-pytest.importorskip("transformers")
 FP32_TOL = 1e-4
 TOKENS = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(3))
 
@@ -373,7 +372,7 @@ def test_training_checkpoint_unpickler_runs_nothing(tmp_path):
 def test_neox_tokenizer_from_the_config_vocab_file_and_run_py(tmp_path):
     """gpt-neox's config names its tokenizer.json (`vocab-file`, a path on the training machine): found by
     name beside the checkpoint; run.py then generates from the checkpoint as from any other."""
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
     from pydoc_data.topics import topics
     hf = hf_family("neox-rotary-0.25-parallel")
     directory = save_neox(hf, tmp_path / "ckpt", mp=2, step="global_step10")

@@ -12,7 +12,6 @@ from helpers import hf_llama, save_hf, save_meta, spawn
 import zoo
 from zoo import parallel
 
-pytest.importorskip("transformers")
 TP_TOL = 1e-5
 
 
@@ -118,7 +117,6 @@ def _check_layers_against_fairscale(rank):
 
 
 def test_layers_match_fairscale_forward_and_backward():
-    pytest.importorskip("fairscale")
     spawn(_check_layers_against_fairscale, 2)
 
 

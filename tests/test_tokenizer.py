@@ -16,7 +16,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def hf_bpe(tmp_path_factory):
     """A byte-level BPE trained here with Hugging Face `tokenizers`, LLaMA 3 style pre-tokenization."""
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
     from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
     from pydoc_data.topics import topics
     tok = tokenizers.Tokenizer(models.BPE())
@@ -91,7 +91,7 @@ def test_no_tokenizer_is_none(tmp_path):
 @pytest.fixture(scope="module")
 def gpt2_bpe(tmp_path_factory):
     """A GPT-2 style byte-level BPE (as OPT and Pythia ship them), trained here with `tokenizers`."""
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
     from pydoc_data.topics import topics
     tok = tokenizers.ByteLevelBPETokenizer()
     tok.train_from_iterator([topics[k] for k in sorted(topics)][:80], vocab_size=900,
