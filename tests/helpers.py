@@ -1,5 +1,6 @@
 """Tiny checkpoints written by the tests themselves, in Hugging Face and Meta layouts."""
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -60,6 +61,32 @@ def save_hf_bin(model, directory: Path, shards: int = 1) -> Path:
     return directory
 
 
+# Meta's key for each zoo parameter, written here from Meta's llama/model.py and the converter's key map
+# (../shared/ARCHITECTURES.md, section 2), not from zoo's own table: a wrong row in
+# zoo.models.llama.META_NAMES (w1 and w3 swapped, say) must fail the tests that load these files.
+# Meta's feed-forward is w2(silu(w1 x) * w3 x): w1 is the gate, w3 the up projection, w2 the down one.
+META_KEYS = {
+    "embed.weight": "tok_embeddings.weight",
+    "blocks.{i}.attn_norm.weight": "layers.{i}.attention_norm.weight",
+    "blocks.{i}.attn.wq.weight": "layers.{i}.attention.wq.weight",
+    "blocks.{i}.attn.wk.weight": "layers.{i}.attention.wk.weight",
+    "blocks.{i}.attn.wv.weight": "layers.{i}.attention.wv.weight",
+    "blocks.{i}.attn.wo.weight": "layers.{i}.attention.wo.weight",
+    "blocks.{i}.mlp_norm.weight": "layers.{i}.ffn_norm.weight",
+    "blocks.{i}.mlp.w_gate.weight": "layers.{i}.feed_forward.w1.weight",
+    "blocks.{i}.mlp.w_in.weight": "layers.{i}.feed_forward.w3.weight",
+    "blocks.{i}.mlp.w_out.weight": "layers.{i}.feed_forward.w2.weight",
+    "norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+
+
+def meta_key(name: str) -> str:
+    """Meta's checkpoint key for a zoo LLaMA parameter name (META_KEYS)."""
+    layer = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    return META_KEYS[f"blocks.{{i}}.{layer[2]}"].format(i=layer[1]) if layer else META_KEYS[name]
+
+
 # How Meta's fairscale layers split each weight across model-parallel ranks (the checkpoint layout).
 def meta_split_dim(meta_key: str, vocab_parallel: bool) -> int | None:
     if meta_key.startswith("tok_embeddings"):
@@ -73,7 +100,11 @@ def meta_split_dim(meta_key: str, vocab_parallel: bool) -> int | None:
 
 def save_meta(model: llama.Llama, directory: Path, shards: int = 1, vocab_parallel: bool = False,
               tokenizer: Path | None = None) -> Path:
-    """Write a zoo LLaMA in Meta's layout: params.json + consolidated.NN.pth, split over `shards` ranks."""
+    """Write a zoo LLaMA in Meta's layout: params.json + consolidated.NN.pth, split over `shards` ranks.
+
+    Keys come from META_KEYS (not zoo's table); every shard also holds LLaMA 1/2's `rope.freqs`
+    table, which a loader must ignore.
+    """
     cfg = model.config
     directory.mkdir(parents=True, exist_ok=True)
     # params.json has no hidden size: find the multiple_of that Meta's rule turns into ours
@@ -83,9 +114,10 @@ def save_meta(model: llama.Llama, directory: Path, shards: int = 1, vocab_parall
                   vocab_size=cfg.vocab_size, multiple_of=multiple_of, norm_eps=cfg.norm_eps,
                   rope_theta=cfg.rope_theta, max_seq_len=cfg.max_seq_len)
     (directory / "params.json").write_text(json.dumps(params))
-    state = {llama.zoo_to_meta(k): v for k, v in model.state_dict().items()}
+    state = {meta_key(k): v for k, v in model.state_dict().items()}
+    rope_freqs = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim)
     for rank in range(shards):
-        part = {}
+        part = {"rope.freqs": rope_freqs.clone()}
         for key, t in state.items():
             dim = meta_split_dim(key, vocab_parallel)
             part[key] = (t if dim is None else t.chunk(shards, dim=dim)[rank]).clone()
