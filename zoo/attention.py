@@ -4,6 +4,7 @@ One `Attention` module covers LLaMA (grouped-query heads, interleaved rotary, no
 GPT-NeoX (half-split partial rotary, biases) and OPT (learned positions, so no rotary, biases).
 The weights are always four separate projections wq/wk/wv/wo, whatever the checkpoint fuses.
 """
+import itertools
 import math
 
 import torch
@@ -20,7 +21,9 @@ class KVCache:
     `pos` is how many positions are filled; the model advances it after each forward.
     `left_pad[b]` is how many slots at the start of row b are padding (prompts of different
     lengths are left-padded to a common length, so every row decodes at the same slot).
+    `id` names the cache's run for hooks: every forward on one cache is one run (a generation).
     """
+    _ids = itertools.count(1)
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
                  dtype: torch.dtype, device: torch.device, left_pad: torch.Tensor | None = None):
@@ -31,6 +34,7 @@ class KVCache:
         self.pos = 0  # positions filled
         self.steps = 0  # forwards done (0 until the prefill is done)
         self.left_pad = None if left_pad is None else left_pad.to(device)
+        self.id = next(KVCache._ids)
 
     def advance(self, seq: int) -> None:
         """Called by the model once all layers have written their `seq` new positions."""

@@ -10,12 +10,28 @@ expanded once per forward; an unknown name is an error that lists the nearest va
 hooks on one point run in the order given (a list of hook sets is read left to right). With no
 hooks the models pay one `if hooks` test per point: no modules, no dictionaries.
 
+The contract:
+- Positions are positions in each row's own tokens, 0 = its first real token, in every forward
+  (prefill or decode, left-padded or not, in one process or under tensor parallelism).
+  `ctx.positions` (batch or 1, seq) gives them along x's sequence dim; left padding is negative
+  there and no built-in acts on it. Negative positions are refused: during generation the end of
+  a sequence moves, so "from the end" would mean a different token at every step.
+- A generation is a forward, step by step: over a generation every point (ln_final and logits
+  included) sees exactly the positions and values one forward of the final sequence shows.
+- Heads and neurons are indexed over the whole model, in one process and under tensor
+  parallelism alike; negative ones count from the end as in Python; out of range is an error.
+- A hook returns None or a floating-point tensor of x's shape on x's device; it is cast to x's dtype.
+- A run is one forward without a KV cache, or every forward on one KV cache (a generation).
+  `collect` holds one run: the first forward of a new run replaces what it held.
+
 Under tensor parallelism q, k, v, pattern and z hold this rank's heads and mlp_pre/mlp_post its
 hidden units: `ctx.shard` says which slice of the full tensor `x` is, `ctx.gather(x)` returns the
-full tensor. The built-in hooks take global head and neuron indices and handle the slices.
+full tensor. The built-in hooks take global head and neuron indices, and full-width values,
+and handle the slices.
 """
 import difflib
 import fnmatch
+import itertools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,7 +40,8 @@ import torch
 from zoo import parallel
 
 # name -> (shape, meaning). In shapes: b batch, s new tokens, S all positions so far, h heads,
-# kvh key/value heads, d head_dim, D model dim, F hidden units of the MLP, V vocabulary.
+# kvh key/value heads, d head_dim, D model dim, F hidden units of the MLP, V vocabulary, E the
+# unembedding's input width (D, or OPT's word_embed_proj_dim).
 POINTS = {
     "embed": ("b s D", "token embedding (+ learned positions and project_in, OPT)"),
     "resid_pre": ("b s D", "the residual stream entering the block"),
@@ -41,24 +58,50 @@ POINTS = {
     "mlp_post": ("b s F", "input of the down projection w_out: the neurons"),
     "mlp_out": ("b s D", "MLP output, after w_out (summed over ranks)"),
     "resid_post": ("b s D", "the residual stream leaving the block"),
-    "ln_final": ("b s D", "after the final norm (and project_out, OPT): the input of the unembedding"),
+    "ln_final": ("b s E", "after the final norm (and project_out, OPT): the input of the unembedding"),
     "logits": ("b s V", "the output logits"),
 }
 LAYER_POINTS = [p for p in POINTS if p not in ("embed", "ln_final", "logits")]
 HEAD_POINTS = {"q": 2, "k": 2, "v": 2, "z": 2, "pattern": 1}  # which dim holds heads
 NEURON_POINTS = {"mlp_pre": 2, "mlp_post": 2}
+_forward_runs = itertools.count(1)  # a run id for each forward without a KV cache
 
 
 @dataclass
 class Context:
-    """Where a hook fires. shard: (dim, start, stop, full) when x is a slice of a tensor split across ranks."""
+    """Where a hook fires.
+
+    slot: how many positions the KV cache held before this forward (0 without a cache); every row
+    writes x[:, 0] at that slot. left_pad: (batch,) leading padding slots per row, or None.
+    step: forward number within a run (0: the prefill, or a forward without a cache).
+    run: an id shared by the forwards of one run. shard: (dim, start, stop, full) when x is this
+    rank's slice of a tensor split across ranks.
+    """
     name: str
     layer: int | None
-    start_pos: int  # absolute position of x[:, 0] (for pattern: of the first query)
-    step: int  # forward number within a generation: 0 is the prefill
+    slot: int
+    left_pad: torch.Tensor | None
+    seq: int  # length of x's sequence dim (the queries for pattern)
+    step: int
+    run: tuple
     rank: int = 0
     world_size: int = 1
     shard: tuple | None = None
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """(batch or 1, seq) int64: each row's own token position along x's sequence dim; padding < 0."""
+        if self.left_pad is None:
+            return torch.arange(self.slot, self.slot + self.seq)[None]
+        return torch.arange(self.slot, self.slot + self.seq, device=self.left_pad.device)[None] - self.left_pad[:, None]
+
+    @property
+    def start_pos(self) -> int:
+        """The position of x[:, 0], when every row has the same (no left padding); else see `positions`."""
+        if self.left_pad is not None:
+            raise ValueError(f"{self.name}: the rows of this left-padded batch start at different positions "
+                             f"(left_pad {self.left_pad.tolist()}); use ctx.positions (batch, seq)")
+        return self.slot
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """The full tensor of which x is this rank's slice (x itself when it is not split)."""
@@ -66,12 +109,9 @@ class Context:
             return x
         return parallel.all_gather(x, dim=self.shard[0])
 
-    def local(self, indices) -> list[int]:
-        """Global head/neuron indices -> indices into this rank's slice (those it holds)."""
-        if self.shard is None:
-            return list(indices)
-        _, start, stop, _ = self.shard
-        return [i - start for i in indices if start <= i < stop]
+    @property
+    def point(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
 
 
 def names(model) -> list[str]:
@@ -85,36 +125,50 @@ def names(model) -> list[str]:
 class Hooks:
     """The hooks of one forward, resolved against a model's names: (layer, point) -> functions."""
 
-    def __init__(self, spec, model, start_pos: int, step: int):
+    def __init__(self, spec, model, cache, left_pad: torch.Tensor | None):
         valid = names(model)
         self.table: dict[tuple, list[Callable]] = {}
         for pattern, fn in _items(spec):
             matched = fnmatch.filter(valid, pattern)
             if not matched:
                 raise KeyError(_unknown(pattern, valid, model))
+            if not callable(fn):
+                raise TypeError(f"the hook given for {pattern!r} is a {type(fn).__name__}, not a function: pass "
+                                f"fn(x, ctx) or a built-in such as zoo.hooks.replace(value)")
             for name in matched:
                 self.table.setdefault(_key(name), []).append(fn)
-        self.start_pos, self.step = start_pos, step
+        if cache is not None:
+            self.slot, self.step, self.left_pad, self.run = cache.pos, cache.steps, cache.left_pad, ("cache", cache.id)
+        else:
+            self.slot, self.step, self.left_pad, self.run = 0, 0, left_pad, ("forward", next(_forward_runs))
         self.rank, self.world = parallel.rank(), parallel.world_size()
 
     def wants(self, layer: int | None, point: str) -> bool:
         return (layer, point) in self.table
 
+    def wants_every_position(self) -> bool:
+        """Whether ln_final or logits is hooked: then a prefill computes them at every position, not just the last."""
+        return self.wants(None, "ln_final") or self.wants(None, "logits")
+
     def __call__(self, layer: int | None, point: str, x: torch.Tensor) -> torch.Tensor:
         fns = self.table.get((layer, point))
         if not fns:
             return x
-        ctx = Context(point if layer is None else f"blocks.{layer}.{point}", layer, self.start_pos, self.step,
-                      self.rank, self.world, self._shard(layer, point, x))
+        name = point if layer is None else f"blocks.{layer}.{point}"
+        ctx = Context(name, layer, self.slot, self.left_pad, x.shape[_seq_dim(name)], self.step, self.run,
+                      self.rank, self.world, self._shard(point, x))
         for fn in fns:
-            out = fn(x, ctx)
+            try:
+                out = fn(x, ctx)
+            except Exception as e:
+                if hasattr(e, "add_note"):
+                    e.add_note(f"in the hook {_describe(fn)} on {name}")
+                raise
             if out is not None:
-                if out.shape != x.shape:
-                    raise ValueError(f"hook on {ctx.name} returned shape {tuple(out.shape)}, expected {tuple(x.shape)}")
-                x = out
+                x = _checked(out, x, name, fn)
         return x
 
-    def _shard(self, layer, point, x):
+    def _shard(self, point, x):
         if self.world == 1 or (point not in HEAD_POINTS and point not in NEURON_POINTS):
             return None
         dim = HEAD_POINTS.get(point, NEURON_POINTS.get(point))
@@ -122,11 +176,25 @@ class Hooks:
         return dim, self.rank * local, (self.rank + 1) * local, local * self.world
 
 
-def resolve(spec, model, cache) -> Hooks | None:
+def _checked(out, x: torch.Tensor, name: str, fn) -> torch.Tensor:
+    """A hook's result, checked against the activation it replaces and cast to its dtype."""
+    where = f"the hook {_describe(fn)} on {name}"
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{where} returned a {type(out).__name__}; return None or a tensor of shape {tuple(x.shape)}")
+    if out.shape != x.shape:
+        raise ValueError(f"{where} returned shape {tuple(out.shape)}, expected {tuple(x.shape)}")
+    if out.device != x.device:
+        raise ValueError(f"{where} returned a tensor on {out.device}; the activation is on {x.device}")
+    if not out.is_floating_point():
+        raise TypeError(f"{where} returned {out.dtype}; return a floating-point tensor ({x.dtype} here)")
+    return out.to(x.dtype)
+
+
+def resolve(spec, model, cache, left_pad: torch.Tensor | None = None) -> Hooks | None:
     """The Hooks of one forward (None when there are none: the models then skip every hook point)."""
-    if not spec:
+    if spec is None or (isinstance(spec, (dict, list, tuple)) and not spec):  # (an empty collect is still hooks)
         return None
-    return Hooks(spec, model, cache.pos if cache is not None else 0, cache.steps if cache is not None else 0)
+    return Hooks(spec, model, cache, left_pad)
 
 
 def hook_points(model, tokens: torch.Tensor | None = None) -> dict[str, tuple]:
@@ -159,8 +227,13 @@ def _items(spec):
         return [item for part in spec for item in _items(part)]
     if hasattr(spec, "as_hooks"):
         spec = spec.as_hooks()
+    if not isinstance(spec, dict):
+        raise TypeError(f"hooks= takes a dict {{name: fn}}, a zoo.hooks.collect or patch, or a list of those; "
+                        f"got a {type(spec).__name__}")
     out = []
     for pattern, fn in spec.items():
+        if not isinstance(pattern, str):
+            raise TypeError(f"hook point names are strings such as 'blocks.0.resid_post', not {pattern!r}")
         for f in fn if isinstance(fn, (list, tuple)) else [fn]:
             out.append((pattern, f))
     return out
@@ -176,125 +249,310 @@ def _unknown(pattern: str, valid: list[str], model) -> str:
     return f"no hook point matches {pattern!r}; nearest: {', '.join(near)} (see model.hook_points())"
 
 
+def _describe(fn) -> str:
+    return repr(fn) if isinstance(fn, (replace, add, ablate, patch)) else getattr(fn, "__qualname__", repr(fn))
+
+
 # ---- built-in hooks ---------------------------------------------------------------------------
 
-def _rows(x: torch.Tensor, ctx: Context, positions) -> torch.Tensor | bool:
-    """Which rows of x (along its sequence dim) have an absolute position in `positions` (None: all)."""
+def _position_rule(positions) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """positions (None = all; an int, a slice or range, or ints; never negative) -> a test of a positions tensor."""
     if positions is None:
-        return True
-    seq_dim = _seq_dim(ctx.name)
-    seq = x.shape[seq_dim]
+        return None
     if isinstance(positions, slice):
-        positions = range(*positions.indices(ctx.start_pos + seq))
-    elif isinstance(positions, int):
-        positions = [positions]
-    pos = torch.arange(ctx.start_pos, ctx.start_pos + seq)
+        start, stop, step = positions.start or 0, positions.stop, positions.step or 1
+        for part in (positions.start, positions.stop, positions.step):
+            _check_position(part, positions, allow_none=True)
+        if step <= 0:
+            raise ValueError(f"positions {positions}: the step must be positive")
+        return lambda p: (p >= start) & (p < stop if stop is not None else True) & ((p - start) % step == 0)
+    items = positions.tolist() if isinstance(positions, torch.Tensor) else positions
+    items = [items] if isinstance(items, int) else list(items)
+    for i in items:
+        _check_position(i, positions)
+    wanted = torch.tensor(items, dtype=torch.long)
+    return lambda p: torch.isin(p, wanted.to(p.device))
+
+
+def _check_position(i, positions, allow_none=False):
+    if i is None and allow_none:
+        return
+    if isinstance(i, bool) or not isinstance(i, int):
+        raise TypeError(f"positions {positions!r}: {i!r} is not an int")
+    if i < 0:
+        raise ValueError(f"positions {positions!r}: {i} is negative; positions count each row's tokens from 0 (its "
+                         f"first real token), and during generation the end moves, so there is no 'from the end'")
+
+
+def _selected(x: torch.Tensor, ctx: Context, rule) -> torch.Tensor:
+    """Bool mask broadcastable to x: the real (not padding) positions that `rule` picks (all, for None)."""
+    pos = ctx.positions  # (batch or 1, seq)
+    chosen = pos >= 0 if rule is None else rule(pos) & (pos >= 0)
+    seq_dim = _seq_dim(ctx.name)
     shape = [1] * x.dim()
-    shape[seq_dim] = seq
-    return torch.isin(pos, torch.as_tensor(list(positions), dtype=torch.long)).view(shape).to(x.device)
+    shape[0], shape[seq_dim] = chosen.shape
+    return chosen.view(shape).to(x.device)
 
 
-def replace(value, positions=None):
-    """Replace the activation (at `positions`, absolute; all by default) by a tensor or by fn(x, ctx)."""
-    def hook(x, ctx):
-        new = value(x, ctx) if callable(value) else torch.as_tensor(value, dtype=x.dtype, device=x.device)
-        return torch.where(_rows(x, ctx, positions), new.expand_as(x), x)
-    return hook
+def _fit(value, x: torch.Tensor, ctx: Context, what: str) -> torch.Tensor:
+    """A value broadcastable to x, in x's dtype and device; a full-width value on a split point cut to this rank's slice."""
+    value = torch.as_tensor(value).to(device=x.device, dtype=x.dtype)
+    if ctx.shard is not None:
+        dim, start, stop, full = ctx.shard
+        vdim = value.dim() - (x.dim() - dim)  # the same dim counted from the right
+        if vdim >= 0 and value.shape[vdim] == full != stop - start:
+            value = value.narrow(vdim, start, stop - start)
+    try:
+        torch.broadcast_shapes(value.shape, x.shape)
+    except RuntimeError:
+        raise ValueError(f"{what} at {ctx.name}: a value of shape {tuple(value.shape)} does not broadcast to the "
+                         f"activation's {tuple(x.shape)} ({POINTS[ctx.point][0]})") from None
+    return value
 
 
-def add(vector, positions=None, scale: float = 1.0):
+class replace:
+    """Replace the activation at `positions` (each row's own; all by default) by a tensor or by fn(x, ctx)."""
+
+    def __init__(self, value, positions=None):
+        self.value, self.positions, self.rule = value, positions, _position_rule(positions)
+
+    def __call__(self, x, ctx):
+        new = self.value(x, ctx) if callable(self.value) else self.value
+        new = _fit(new, x, ctx, "replace")
+        return torch.where(_selected(x, ctx, self.rule), new, x)
+
+    def __repr__(self):
+        return f"zoo.hooks.replace(positions={self.positions!r})"
+
+
+class add:
     """Add scale * vector to the activation at `positions` (steering / activation addition)."""
-    def hook(x, ctx):
-        v = scale * torch.as_tensor(vector, dtype=x.dtype, device=x.device)
-        return torch.where(_rows(x, ctx, positions), x + v, x)
-    return hook
+
+    def __init__(self, vector, positions=None, scale: float = 1.0):
+        self.vector, self.positions, self.scale, self.rule = vector, positions, scale, _position_rule(positions)
+
+    def __call__(self, x, ctx):
+        v = _fit(self.vector, x, ctx, "add")
+        return torch.where(_selected(x, ctx, self.rule), x + self.scale * v, x)
+
+    def __repr__(self):
+        return f"zoo.hooks.add(positions={self.positions!r}, scale={self.scale})"
 
 
-def ablate(heads=None, neurons=None, mode: str = "zero"):
-    """Zero (or mean-) ablate heads (on q/k/v/z/pattern) or neurons (on mlp_pre/mlp_post), by global index.
+class ablate:
+    """Zero or mean-ablate heads (on q/k/v/z/pattern) or neurons (on mlp_pre/mlp_post), by global index.
 
-    mode "mean" replaces them by their mean over the batch and positions of this forward.
+    mode "mean" replaces each one at position t of a row by its mean over that row's positions
+    0..t (a causal running mean, kept across the steps of a generation): rows never mix, so a
+    padded batch equals each row alone, and a generation equals one forward of its final sequence.
+    For a mean over a dataset, collect it and use replace().
     """
-    if (heads is None) == (neurons is None):
-        raise ValueError("ablate needs exactly one of heads=... or neurons=...")
-    if mode not in ("zero", "mean"):
-        raise ValueError(f"ablate mode must be 'zero' or 'mean', not {mode!r}")
-    indices = list(heads if heads is not None else neurons)
 
-    def hook(x, ctx):
-        point = ctx.name.rsplit(".", 1)[-1]
-        dims = HEAD_POINTS if heads is not None else NEURON_POINTS
-        if point not in dims:
-            raise ValueError(f"ablate({'heads' if heads is not None else 'neurons'}=...) cannot apply to {ctx.name}; "
-                             f"it applies to {', '.join(dims)}")
-        local = ctx.local(indices)
+    def __init__(self, heads=None, neurons=None, mode: str = "zero"):
+        if (heads is None) == (neurons is None):
+            raise ValueError("ablate needs exactly one of heads=... or neurons=...")
+        if mode not in ("zero", "mean"):
+            raise ValueError(f"ablate mode must be 'zero' or 'mean', not {mode!r}")
+        self.what = "head" if heads is not None else "neuron"
+        given = heads if heads is not None else neurons
+        self.indices = [given] if isinstance(given, int) else list(given)
+        for i in self.indices:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise TypeError(f"ablate({self.what}s={given!r}): {i!r} is not an int")
+        self.mode = mode
+        self.sums: dict[str, tuple] = {}  # point -> (run, running sum, count) for mode "mean"
+
+    def __repr__(self):
+        return f"zoo.hooks.ablate({self.what}s={self.indices}, mode={self.mode!r})"
+
+    def __call__(self, x, ctx):
+        dims = HEAD_POINTS if self.what == "head" else NEURON_POINTS
+        if ctx.point not in dims:
+            raise ValueError(f"ablate({self.what}s=...) cannot apply to {ctx.name}; it applies to {', '.join(dims)}")
+        dim = dims[ctx.point]
+        local = _local(ctx, self.indices, dim, x.shape[dim], self.what)
         if not local:
             return None
-        x = x.clone()
         index = [slice(None)] * x.dim()
-        index[dims[point]] = local
-        if mode == "zero":
-            x[tuple(index)] = 0
-        else:  # the mean over the batch and the sequence (queries for pattern)
-            x[tuple(index)] = x.mean(dim=(0, _seq_dim(ctx.name)), keepdim=True).expand_as(x)[tuple(index)]
+        index[dim] = local
+        x = x.clone()
+        x[tuple(index)] = 0 if self.mode == "zero" else self._running_mean(x[tuple(index)], ctx)
         return x
-    return hook
+
+    def _running_mean(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """x (the ablated slice) -> each row's mean over its real positions up to each one, in x's dtype."""
+        seq_dim = _seq_dim(ctx.name)
+        real = _selected(x, ctx, None)  # (batch or 1, ..., seq, ...) bool
+        values = torch.where(real, x, 0).float()
+        run, total, count = self.sums.get(ctx.name, (None, None, None))
+        if run != ctx.run:  # a new run: start from nothing
+            total, count = 0, 0
+        elif ctx.point == "pattern" and total.shape[-1] < x.shape[-1]:  # more keys than the last step
+            total = torch.nn.functional.pad(total, (0, x.shape[-1] - total.shape[-1]))
+        sums = values.cumsum(seq_dim) + (total.unsqueeze(seq_dim) if torch.is_tensor(total) else 0)
+        counts = real.long().cumsum(seq_dim) + (count.unsqueeze(seq_dim) if torch.is_tensor(count) else 0)
+        last = torch.tensor([x.shape[seq_dim] - 1], device=x.device)
+        self.sums[ctx.name] = (ctx.run, sums.index_select(seq_dim, last).squeeze(seq_dim),
+                               counts.index_select(seq_dim, last).squeeze(seq_dim))
+        return torch.where(real, sums / counts.clamp(min=1), x).to(x.dtype)
+
+
+def _local(ctx: Context, indices: list[int], dim: int, local_size: int, what: str) -> list[int]:
+    """Global indices (negative from the end; out of range is an error) -> this rank's local indices."""
+    _, start, stop, full = ctx.shard if ctx.shard is not None else (dim, 0, local_size, local_size)
+    out = []
+    for i in indices:
+        if not -full <= i < full:
+            raise IndexError(f"{what} {i} is out of range for {ctx.name}, which has {full} {what}s "
+                             f"(valid: {-full}..{full - 1})")
+        i %= full
+        if start <= i < stop:
+            out.append(i - start)
+    return out
 
 
 class collect:
     """Record activations: `cache = collect("blocks.*.resid_post")`, `model(tokens, hooks=cache)`, `cache[name]`.
 
-    During generation each decode step is concatenated along the sequence (pattern: along the
-    queries, with the keys padded with zeros to the longest). gather=True keeps full tensors under
-    tensor parallelism. Recorded tensors are detached copies.
+    A collect holds one run: a forward without a KV cache, or a whole generation (every forward on
+    one KV cache), whose steps are joined along the sequence (pattern: along the queries, with the
+    keys padded with zeros to the longest). The first forward of another run replaces what it held.
+    Tensors are in the run's slot layout: row b's first real token is at `left_pad[b]` (left_pad
+    None: no padding). gather=True keeps full tensors under tensor parallelism. Recorded tensors
+    are detached copies. Reads like a dict: `cache[name]`, `in`, keys(), values(), items(), len().
     """
 
     def __init__(self, *patterns: str, gather: bool = False):
+        for p in patterns:
+            if not isinstance(p, str):
+                raise TypeError(f"collect takes hook point names (globs allowed), not {p!r}")
         self.patterns, self.gather = patterns, gather
         self.store: dict[str, list[torch.Tensor]] = {}
+        self.run, self.left_pad = None, None
 
     def as_hooks(self) -> dict:
         return {p: self._record for p in self.patterns}
 
     def _record(self, x, ctx):
+        if ctx.run != self.run:
+            self.store, self.run = {}, ctx.run
+            self.left_pad = None if ctx.left_pad is None else ctx.left_pad.clone()
         x = (ctx.gather(x) if self.gather else x).detach().clone()
         self.store.setdefault(ctx.name, []).append(x)
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.store:
+            raise KeyError(f"{name!r} was not recorded; this collect holds {', '.join(self.store) or 'nothing yet'} "
+                           f"(it records {', '.join(map(repr, self.patterns))})")
         parts = self.store[name]
         if len(parts) == 1:
             return parts[0]
         if name.endswith(".pattern"):  # (b, h, q, S): pad the key dim to the longest before joining
             longest = max(p.shape[-1] for p in parts)
             parts = [torch.nn.functional.pad(p, (0, longest - p.shape[-1])) for p in parts]
-        return torch.cat(parts, dim=_seq_dim(name))
+        joined = torch.cat(parts, dim=_seq_dim(name))
+        self.store[name] = [joined]
+        return joined
 
-    def __contains__(self, name: str) -> bool:
+    def __contains__(self, name) -> bool:
         return name in self.store
+
+    def __iter__(self):
+        return iter(self.store)
+
+    def __len__(self) -> int:
+        return len(self.store)
 
     def keys(self):
         return self.store.keys()
 
+    def values(self):
+        return [self[n] for n in self.store]
+
+    def items(self):
+        return [(n, self[n]) for n in self.store]
+
+    def get(self, name: str, default=None):
+        return self[name] if name in self.store else default
+
     def clear(self) -> None:
-        self.store.clear()
+        self.store, self.run, self.left_pad = {}, None, None
+
+    def __repr__(self):
+        return f"zoo.hooks.collect({', '.join(map(repr, self.patterns))})"
 
 
-def patch(cache: collect, names: str | list[str] | None = None):
-    """Activation patching: replace each activation by the one `cache` recorded at the same positions.
+class patch:
+    """Activation patching: replace activations by those `cache` recorded at the same token positions.
 
-    names: which recorded points to patch (globs allowed); default all of them.
+        model(corrupted, hooks=hooks.patch(cache))                         # every recorded point
+        model(corrupted, hooks=hooks.patch(cache, "blocks.*.resid_post"))  # those matching a glob
+        model(corrupted, hooks={"blocks.1.resid_pre": hooks.patch(cache)}) # as the hook of one point
+
+    Row b, position p takes the recorded row b's position p (a recording of one row serves every
+    row), whatever the left padding of either run; padding is left alone.
     """
-    chosen = list(cache.keys()) if names is None else [n for pat in ([names] if isinstance(names, str) else names)
-                                                       for n in fnmatch.filter(list(cache.keys()), pat)]
 
-    def hook(x, ctx):
-        recorded = cache[ctx.name]
-        if ctx.shard is not None and recorded.shape[ctx.shard[0]] == ctx.shard[3]:  # recorded gathered: take our slice
-            recorded = recorded.narrow(ctx.shard[0], ctx.shard[1], ctx.shard[2] - ctx.shard[1])
-        seq_dim = _seq_dim(ctx.name)
-        piece = recorded.narrow(seq_dim, ctx.start_pos, x.shape[seq_dim])
-        if ctx.name.endswith(".pattern"):
-            piece = piece[..., : x.shape[-1]]
-        return piece.to(x.dtype)
+    def __init__(self, cache: collect, names: str | list[str] | None = None):
+        if not isinstance(cache, collect):
+            raise TypeError(f"patch takes a zoo.hooks.collect that has recorded a run, not a {type(cache).__name__}")
+        self.cache, self.names = cache, names
 
-    return {name: hook for name in chosen}
+    def as_hooks(self) -> dict:
+        recorded = list(self.cache.keys())
+        if not recorded:
+            raise ValueError(f"patch: {self.cache!r} has recorded nothing yet; run the model with it first")
+        if self.names is None:
+            return {name: self for name in recorded}
+        chosen = []
+        for pattern in [self.names] if isinstance(self.names, str) else self.names:
+            matched = fnmatch.filter(recorded, pattern)
+            if not matched:
+                raise ValueError(f"patch: {pattern!r} matches no recorded point; recorded: {', '.join(recorded)}")
+            chosen += matched
+        return {name: self for name in chosen}
+
+    def __repr__(self):
+        return f"zoo.hooks.patch({self.cache!r}, names={self.names!r})"
+
+    def __call__(self, x, ctx):
+        if ctx.name not in self.cache:
+            raise ValueError(f"patch: nothing was recorded at {ctx.name}; recorded: {', '.join(self.cache) or 'nothing'}")
+        recorded = self.cache[ctx.name]
+        if ctx.shard is not None and recorded.shape[ctx.shard[0]] == ctx.shard[3] != x.shape[ctx.shard[0]]:
+            recorded = recorded.narrow(ctx.shard[0], ctx.shard[1], ctx.shard[2] - ctx.shard[1])  # gathered: our slice
+        seq_dim, batch = _seq_dim(ctx.name), x.shape[0]
+        other = [d for d in range(x.dim()) if d not in (0, seq_dim) and not (ctx.point == "pattern" and d == 3)]
+        if recorded.shape[0] not in (1, batch) or any(recorded.shape[d] != x.shape[d] for d in other):
+            raise ValueError(f"patch at {ctx.name}: the recording has shape {tuple(recorded.shape)}, this run "
+                             f"{tuple(x.shape)} ({POINTS[ctx.point][0]}); they must agree but for the sequence")
+        recorded = recorded.to(x.device).expand(batch, *recorded.shape[1:])
+        pad = self.cache.left_pad.to(x.device)[:, None] if self.cache.left_pad is not None else 0
+        pos = ctx.positions.to(x.device).expand(batch, -1)  # (batch, seq)
+        source = pos + pad  # where each position lies in the recording
+        length = recorded.shape[seq_dim]
+        real = pos >= 0
+        if (real & (source >= length)).any():
+            have = length - (self.cache.left_pad.max().item() if self.cache.left_pad is not None else 0)
+            raise ValueError(f"patch at {ctx.name}: this run needs positions up to {pos.max().item()}, the recording "
+                             f"covers positions 0..{have - 1}")
+        piece = _take(recorded, seq_dim, source.clamp(0, length - 1))
+        if ctx.point == "pattern":  # the keys, by position too; padding keys are 0
+            keys = torch.arange(x.shape[-1], device=x.device)[None] - (ctx.left_pad.to(x.device)[:, None]
+                                                                       if ctx.left_pad is not None else 0)
+            keys = keys.expand(batch, -1)
+            key_source = keys + pad
+            ok = (keys >= 0) & (key_source < piece.shape[-1])
+            piece = _take(piece, 3, key_source.clamp(0, piece.shape[-1] - 1)) * ok[:, None, None, :]
+        shape = [1] * x.dim()
+        shape[0], shape[seq_dim] = real.shape
+        return torch.where(real.view(shape), piece.to(x.dtype), x)
+
+
+def _take(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """t's entries along `dim` at index (batch, n), per row: the result has n entries along dim."""
+    shape = [1] * t.dim()
+    shape[0], shape[dim] = index.shape
+    size = list(t.shape)
+    size[dim] = index.shape[1]
+    return t.gather(dim, index.view(shape).expand(size))

@@ -154,7 +154,7 @@ class GPTNeoX(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *, hooks=None,
                 left_pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab) fp32; see Llama.forward."""
-        hooks = resolve(hooks, self, cache)  # None when there are none
+        hooks = resolve(hooks, self, cache, left_pad)  # None when there are none
         positions, mask = positions_and_mask(tokens, cache, left_pad)  # (batch or 1, seq)
         rope = rope_angles(self.inv_freq, positions)  # for the first rotary_dim dims of each head
         h = self.embed(tokens)  # (batch, seq, dim)
@@ -162,7 +162,7 @@ class GPTNeoX(nn.Module):
             h = hooks(None, "embed", h)
         for i, block in enumerate(self.blocks):
             h = block(h, rope, mask, cache, i, hooks)
-        if last_only:
+        if last_only and not (hooks and hooks.wants_every_position()):  # hooked, they see every position
             h = h[:, -1:]
         h = self.norm(h)
         if hooks:
@@ -170,6 +170,8 @@ class GPTNeoX(nn.Module):
         logits = self.output(h).float()  # (batch, seq, vocab)
         if hooks:
             logits = hooks(None, "logits", logits)
+        if last_only:
+            logits = logits[:, -1:]
         if cache is not None:
             cache.advance(tokens.shape[1])
         return logits

@@ -185,7 +185,7 @@ class Llama(nn.Module):
         `left_pad` (batch,) marks leading padding when there is no cache (a cache carries its own).
         `hooks`: functions to call at hook points, by name (see zoo/hooks.py).
         """
-        hooks = resolve(hooks, self, cache)  # None when there are none
+        hooks = resolve(hooks, self, cache, left_pad)  # None when there are none
         positions, mask = positions_and_mask(tokens, cache, left_pad)  # (batch or 1, seq), see attention.py
         rope = rope_angles(self.inv_freq, positions)
 
@@ -194,7 +194,7 @@ class Llama(nn.Module):
             h = hooks(None, "embed", h)
         for i, block in enumerate(self.blocks):
             h = block(h, rope, mask, cache, i, hooks)
-        if last_only:
+        if last_only and not (hooks and hooks.wants_every_position()):  # hooked, they see every position
             h = h[:, -1:]
         h = self.norm(h)
         if hooks:
@@ -202,6 +202,8 @@ class Llama(nn.Module):
         logits = self.output(h).float()  # (batch, seq, vocab)
         if hooks:
             logits = hooks(None, "logits", logits)
+        if last_only:
+            logits = logits[:, -1:]
         if cache is not None:
             cache.advance(tokens.shape[1])
         return logits

@@ -154,7 +154,7 @@ class OPT(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *, hooks=None,
                 left_pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab) fp32; see Llama.forward."""
-        hooks = resolve(hooks, self, cache)  # None when there are none
+        hooks = resolve(hooks, self, cache, left_pad)  # None when there are none
         positions, mask = positions_and_mask(tokens, cache, left_pad)  # (batch or 1, seq)
         h = self.embed(tokens)  # (batch, seq, embed_dim)
         if self.project_in is not None:
@@ -164,7 +164,7 @@ class OPT(nn.Module):
             h = hooks(None, "embed", h)
         for i, block in enumerate(self.blocks):
             h = block(h, mask, cache, i, hooks)
-        if last_only:
+        if last_only and not (hooks and hooks.wants_every_position()):  # hooked, they see every position
             h = h[:, -1:]
         if self.norm is not None:
             h = self.norm(h)
@@ -175,6 +175,8 @@ class OPT(nn.Module):
         logits = self.output(h).float()  # (batch, seq, vocab)
         if hooks:
             logits = hooks(None, "logits", logits)
+        if last_only:
+            logits = logits[:, -1:]
         if cache is not None:
             cache.advance(tokens.shape[1])
         return logits
