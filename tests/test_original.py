@@ -143,15 +143,23 @@ def test_neox_gpt_j_tied_layer_norm(tmp_path):
 
 
 def test_neox_bf16_and_cached_decode(tmp_path):
+    """bf16 with the KV cache, from a 2-rank checkpoint: against the fp32 logits, zoo's error is no larger
+    than HF's own bf16 error (mean within 10%, max within 25%, as test_families). Measured: mean 0.0082
+    against HF's 0.0083, max 0.047 against 0.052, for logits of std 1.7."""
     hf = hf_family("neox-rotary-0.25-parallel")
     directory = save_neox(hf, tmp_path, mp=2)
     model = zoo.load(directory, dtype=torch.bfloat16)
+    hf16 = hf_family("neox-rotary-0.25-parallel").to(torch.bfloat16)
     with torch.no_grad():
-        want = hf(TOKENS).logits
+        exact = hf(TOKENS).logits
+        theirs = (hf16(TOKENS).logits.float() - exact).abs()
         cache = model.new_cache(2, TOKENS.shape[1])
         got = torch.cat([model(TOKENS[:, :10], cache=cache)] +
                         [model(TOKENS[:, i : i + 1], cache=cache) for i in range(10, TOKENS.shape[1])], dim=1)
-    assert (got.float() - want).abs().mean() < 0.05  # bf16 weights and activations, logits of std ~2
+    ours = (got.float() - exact).abs()
+    assert model.embed.weight.dtype == torch.bfloat16
+    assert ours.mean() <= 1.1 * theirs.mean(), (ours.mean(), theirs.mean())
+    assert ours.max() <= 1.25 * theirs.max(), (ours.max(), theirs.max())
 
 
 # ---- writing metaseq's layout --------------------------------------------------------------------

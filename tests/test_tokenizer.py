@@ -103,7 +103,8 @@ def gpt2_bpe(tmp_path_factory):
     return tok, directory
 
 
-MORE_TEXTS = TEXTS + ["   x  =  [1,2,3]\r\n\tyield  from  g()", "ﬁ ligatures, Ωmega, 🧪🧪🧪, naïve—dash", "x" * 5 + " 2024-01-01T00:00"]
+MORE_TEXTS = TEXTS + ["   x  =  [1,2,3]\r\n\tyield  from  g()", "ﬁ ligatures, Ωmega, 🧪🧪🧪, naïve—dash", "x" * 5 + " 2024-01-01T00:00",
+                      "a <added one> b<added one>c"]  # a token added to tokenizer.json: not in vocab.json
 
 
 def test_gpt2_vocab_merges_and_tokenizer_json_match_hf(gpt2_bpe, tmp_path):
@@ -119,9 +120,11 @@ def test_gpt2_vocab_merges_and_tokenizer_json_match_hf(gpt2_bpe, tmp_path):
         want = reference.encode(text).ids
         assert from_json.encode(text) == want, text
         assert from_json.decode(want) == reference.decode(want, skip_special_tokens=False)
-        if "<added one>" not in text:
+        if "<added one>" not in text:  # vocab.json + merges.txt do not hold added tokens
             assert from_files.encode(text) == want, text
-    assert from_json.encode("a <added one> b") == reference.encode("a <added one> b").ids  # added tokens split out
+    added = reference.token_to_id("<added one>")
+    assert from_json.encode("a <added one> b").count(added) == 1  # added tokens are split out whole
+    assert added not in from_files.encode("a <added one> b")
 
 
 def test_metaseq_dict_renumbers_gpt2_ids(gpt2_bpe, tmp_path):
