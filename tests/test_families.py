@@ -60,6 +60,18 @@ def test_left_padded_batch_matches_hf(pair):
     assert (got - want)[mask.bool()].abs().max() < FP32_TOL
 
 
+def test_left_padded_generation_equals_each_row_alone(pair):
+    """Prompts of 3, 14 and 8 tokens in one left-padded batch: each row's tokens are those it gets alone
+    (OPT's learned positions and NeoX's rotary ones must both skip the padding)."""
+    _, _, model, _ = pair
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (3, 14, 8)]
+    batched = zoo.generate(model, prompts, max_new_tokens=12, stop_ids=set())
+    alone = [zoo.generate(model, [p], max_new_tokens=12, stop_ids=set())[0] for p in prompts]
+    assert batched == alone
+    assert all(len(x) == 12 for x in batched)
+
+
 def test_greedy_generation_with_kv_cache_matches_hf(pair):
     _, hf, model, _ = pair
     prompt = torch.randint(3, 320, (1, 10), generator=torch.Generator().manual_seed(3))
