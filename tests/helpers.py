@@ -1,6 +1,13 @@
-"""Tiny checkpoints written by the tests themselves, in Hugging Face and Meta layouts."""
+"""Tiny checkpoints written by the tests themselves, in Hugging Face and Meta layouts; run.py in-process."""
+import contextlib
+import functools
+import importlib.util
+import io
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -179,3 +186,36 @@ def hf_family(variant: str, seed: int = 0, **more):
         for name, p in model.named_parameters():
             p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.15)
     return model.eval()
+
+
+@functools.cache
+def run_py_module():
+    """The repository's run.py, imported as a module."""
+    spec = importlib.util.spec_from_file_location("run_py", Path(__file__).resolve().parent.parent / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_py(*argv: str, stdin: str = "") -> tuple[int, str, str]:
+    """run.py's main(argv) in this process, reading `stdin`: (exit status, stdout, stderr).
+
+    What a subprocess would print, without its second or two of importing torch.
+    """
+    out, err, saved = io.StringIO(), io.StringIO(), sys.stdin
+    sys.stdin = io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = run_py_module().main(list(argv))
+    finally:
+        sys.stdin = saved
+    return status, out.getvalue(), err.getvalue()
+
+
+def torchrun(*argv: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """run.py under torchrun, `nproc` ranks on this machine (one thread each)."""
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(root / "run.py"), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})

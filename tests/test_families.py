@@ -1,13 +1,9 @@
 """OPT and GPT-NeoX against Hugging Face's OPTForCausalLM and GPTNeoXForCausalLM on the same weights."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT
-from helpers import FAMILY_VARIANTS, hf_family, save_hf, spawn
+from helpers import FAMILY_VARIANTS, hf_family, run_py, save_hf, spawn, torchrun
 
 import zoo
 from zoo import parallel
@@ -146,12 +142,10 @@ def test_run_py_single_and_torchrun(variant, tmp_path):
     directory = _with_tokenizer(variant, save_hf(hf_family(variant), tmp_path))
     args = ("--ckpt", str(directory), "--prompt", "The for statement", "--max-new-tokens", "12",
             "--temperature", "0", "--dtype", "float32")
-    one = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr
-    assert one.stdout.startswith("The for statement") and "decode 11 tokens" in one.stderr
+    status, out, err = run_py(*args)
+    assert status == 0, err
+    assert out.startswith("The for statement") and "decode 11 tokens" in err
     # (random weights: ids past the tokenizer's 300 tokens decode to nothing, as for OPT's padded vocabulary)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ROOT / "run.py"), *args], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    two = torchrun(*args)
     assert two.returncode == 0, two.stderr
-    assert two.stdout == one.stdout
+    assert two.stdout == out

@@ -2,7 +2,6 @@
 inverse of the known conversions (our own tables below, not zoo's), must give the HF model's logits."""
 import argparse
 import json
-import subprocess
 import sys
 import types
 from enum import Enum
@@ -10,8 +9,7 @@ from enum import Enum
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
-from helpers import hf_family, spawn
+from helpers import hf_family, run_py, spawn
 
 import zoo
 from zoo.checkpoint import load_training_checkpoint, plain
@@ -410,11 +408,10 @@ def test_neox_tokenizer_from_the_config_vocab_file_and_run_py(tmp_path):
     assert again.encode(text) == tok.encode(text).ids and again.eos_id == tok.token_to_id("<|endoftext|>")
     config.write_text(yaml)  # the tokenizer.json run.py needs, beside `latest` this time
     tok.save(str(directory / "tokenizer.json"))
-    run = subprocess.run([sys.executable, str(ROOT / "run.py"), "--ckpt", str(directory), "--prompt", "The for",
-                          "--max-new-tokens", "6", "--temperature", "0", "--dtype", "float32"],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith("The for") and "decode 5 tokens" in run.stderr
+    status, out, err = run_py("--ckpt", str(directory), "--prompt", "The for", "--max-new-tokens", "6",
+                              "--temperature", "0", "--dtype", "float32")
+    assert status == 0, err
+    assert out.startswith("The for") and "decode 5 tokens" in err
 
 
 def test_training_checkpoint_unpickler_cannot_touch_torch():

@@ -1,13 +1,8 @@
 """Tensor parallelism at world sizes 2 and 4 (gloo, CPU): same logits as one process, any checkpoint onto any world size."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
-from helpers import hf_family, hf_llama, save_hf, save_meta, spawn
+from helpers import hf_family, hf_llama, run_py, save_hf, save_meta, spawn, torchrun
 
 import zoo
 from zoo import parallel
@@ -184,19 +179,13 @@ def test_layers_match_fairscale_forward_and_backward():
     spawn(_check_layers_against_fairscale, 2)
 
 
-def torchrun(*args, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "run.py"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def test_run_py_under_torchrun_prints_once_and_matches_one_process(tiny_dir):
+def test_run_py_under_torchrun_prints_once_and_matches_one_process():
     args = ("--prompt", "The for statement", "--max-new-tokens", "16", "--temperature", "0", "--dtype", "float32")
-    one = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, timeout=300)
+    status, out, err = run_py(*args)
     two = torchrun(*args)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr
-    assert two.stdout == one.stdout  # the same text, printed by rank 0 only
+    assert status == 0 and two.returncode == 0, two.stderr
+    assert len(out) > len("The for statement") + 20
+    assert two.stdout == out  # the same text, printed by rank 0 only
     assert two.stderr.count("[prefill") == 1
 
 

@@ -4,31 +4,17 @@ The expected text comes from the model itself, outside run.py: greedy tokens by 
 token (no KV cache, no zoo.generate), or zoo.generate with the same sampling settings. run.py runs
 in this process (`main(argv)`), except once as a user starts it, in a subprocess.
 """
-import importlib.util
-import io
 import subprocess
 import sys
 
 import pytest
 import torch
 from conftest import ROOT
+from helpers import run_py, run_py_module
 
 import zoo
 
-spec = importlib.util.spec_from_file_location("run_py", ROOT / "run.py")
-run_py = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(run_py)
-
-
-@pytest.fixture
-def run(monkeypatch, capsys):
-    """run(*argv, stdin="") -> (exit status, stdout, stderr) of run.py's main, in this process."""
-    def call(*argv, stdin=""):
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-        status = run_py.main(list(argv))
-        out, err = capsys.readouterr()
-        return status, out, err
-    return call
+DEMO_PROMPT = run_py_module().DEMO_PROMPT
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +41,8 @@ def greedy(model, prompt: str, n: int) -> list[int]:
     return new
 
 
-def test_greedy_prints_the_models_continuation(run, tiny):
-    status, out, err = run("--prompt", "A list comprehension", "--max-new-tokens", "24", "--temperature", "0",
+def test_greedy_prints_the_models_continuation(tiny):
+    status, out, err = run_py("--prompt", "A list comprehension", "--max-new-tokens", "24", "--temperature", "0",
                            "--dtype", "float32", "--device", "cpu")
     assert status == 0, err
     new = greedy(tiny, "A list comprehension", 24)
@@ -67,11 +53,11 @@ def test_greedy_prints_the_models_continuation(run, tiny):
     assert f"[prefill {prompt_tokens} tokens: " in err and "decode 23 tokens: " in err and "tokens/s" in err
 
 
-def test_sampling_flags_and_seed_are_used(run, tiny):
+def test_sampling_flags_and_seed_are_used(tiny):
     """--temperature, --top-k, --top-p and --seed reach the sampler: same seed same text, another seed another."""
     prompt = "The import statement"
     flags = ("--max-new-tokens", "16", "--temperature", "0.9", "--top-k", "50", "--top-p", "0.95", "--dtype", "float32")
-    a, b, c = (run(*flags, "--seed", seed, stdin=prompt) for seed in ("7", "7", "8"))
+    a, b, c = (run_py(*flags, "--seed", seed, stdin=prompt) for seed in ("7", "7", "8"))
     assert a[0] == b[0] == c[0] == 0, a[2]
     assert a[1] == b[1] != c[1]
     ids = tiny.tokenizer.encode(prompt, bos=True)
@@ -81,8 +67,8 @@ def test_sampling_flags_and_seed_are_used(run, tiny):
     assert a[1] != prompt + continuation(tiny, prompt, greedy(tiny, prompt, 16)) + "\n"  # it did sample
 
 
-def test_interactive_reads_prompts_until_eof(run, tiny):
-    status, out, err = run("--interactive", "--max-new-tokens", "8", "--temperature", "0", "--dtype", "float32",
+def test_interactive_reads_prompts_until_eof(tiny):
+    status, out, err = run_py("--interactive", "--max-new-tokens", "8", "--temperature", "0", "--dtype", "float32",
                            stdin="The while loop\nA tuple\n")
     assert status == 0, err
     want = "".join(f"> {p}{continuation(tiny, p, greedy(tiny, p, 8))}\n" for p in ("The while loop", "A tuple"))
@@ -90,25 +76,25 @@ def test_interactive_reads_prompts_until_eof(run, tiny):
     assert err.count("[prefill") == 2  # a speed report per prompt
 
 
-def test_unknown_checkpoint_is_a_clear_error(run):
-    status, out, err = run("--ckpt", "no-such-model")
+def test_unknown_checkpoint_is_a_clear_error():
+    status, out, err = run_py("--ckpt", "no-such-model")
     assert status == 2 and out == ""
     assert "checkpoint 'no-such-model' not found" in err
 
 
-def test_prompt_longer_than_context_is_a_clear_error(run):
-    status, _, err = run("--prompt", "word " * 2000, "--max-new-tokens", "4")
+def test_prompt_longer_than_context_is_a_clear_error():
+    status, _, err = run_py("--prompt", "word " * 2000, "--max-new-tokens", "4")
     assert status == 2
     assert "does not fit the model's context of 512" in err
 
 
-def test_quantized_int4(run, tiny_dir):
-    status, out, err = run("--quant", "int4", "--max-new-tokens", "12", "--temperature", "0",
+def test_quantized_int4(tiny_dir):
+    status, out, err = run_py("--quant", "int4", "--max-new-tokens", "12", "--temperature", "0",
                            "--prompt", "The for statement")  # groups of 128, bf16
     assert status == 0, err
     model = zoo.load(tiny_dir, quant="int4")
     assert out == "The for statement" + continuation(model, "The for statement", greedy(model, "The for statement", 12)) + "\n"
-    status, _, err = run("--quant", "int4", "--group-size", "48", "--max-new-tokens", "4")
+    status, _, err = run_py("--quant", "int4", "--group-size", "48", "--max-new-tokens", "4")
     assert status == 2 and "int4 group size 48 is not supported; choose one of (32, 64, 128, 256)" in err
 
 
@@ -118,7 +104,7 @@ def test_demo_as_a_user_runs_it(tiny_dir):
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     model = zoo.load(tiny_dir, dtype=torch.bfloat16)
-    ids = model.tokenizer.encode(run_py.DEMO_PROMPT, bos=True)
+    ids = model.tokenizer.encode(DEMO_PROMPT, bos=True)
     new = zoo.generate(model, [ids], max_new_tokens=20, temperature=0.7, top_p=0.9, seed=0)[0]
-    assert r.stdout == run_py.DEMO_PROMPT + continuation(model, run_py.DEMO_PROMPT, new) + "\n"
+    assert r.stdout == DEMO_PROMPT + continuation(model, DEMO_PROMPT, new) + "\n"
     assert "prefill" in r.stderr and "decode" in r.stderr and "tokens/s" in r.stderr and "Traceback" not in r.stderr

@@ -24,7 +24,7 @@ def hf_bpe(tmp_path_factory):
         pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=800, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    trainer = trainers.BpeTrainer(vocab_size=800, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                              special_tokens=["<|begin_of_text|>", "<|end_of_text|>"])
     tok.train_from_iterator([topics[k] for k in sorted(topics)][:60], trainer)
     directory = tmp_path_factory.mktemp("bpe")
