@@ -10,22 +10,28 @@ Prints prefill and decode speed (tokens/s) at the end, on stderr. Under torchrun
 slice of the model and computes the same tokens; only rank 0 reads the prompt and prints.
 """
 import argparse
+import os
 import sys
 
-import torch
 import torch.distributed as dist
 
 import zoo
 from zoo import parallel
+from zoo.checks import DTYPES
 
 DEMO_CHECKPOINT = "tiny-llama"
 DEMO_PROMPT = "The for statement"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line (argparse's own adds the usage), from rank 0 only; exit status 2
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", default=DEMO_CHECKPOINT,
                    help="checkpoint directory, or a name under checkpoints/ or $ZOO_CHECKPOINTS (default: %(default)s)")
     p.add_argument("--prompt", help="the prompt (default: text piped to stdin, else a demo prompt)")
@@ -52,10 +58,11 @@ def say(*args, **kwargs) -> None:
 def complete(model, text: str, args) -> None:
     """Stream the model's continuation of `text` to stdout; report speed on stderr."""
     ids = model.tokenizer.encode(text, bos=True)
-    say(text, end="", flush=True)
     stats = {}
-    for piece in zoo.stream(model, ids, stats=stats, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+    pieces = zoo.stream(model, ids, stats=stats, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # checks all, the length too, before the echo
+    say(text, end="", flush=True)
+    for piece in pieces:
         say(piece, end="", flush=True)
     say(flush=True)
     rate = lambda n, s: f"{n / s:.1f} tokens/s" if s > 0 else "-"  # noqa: E731
@@ -97,8 +104,8 @@ def main(argv=None) -> int:
             complete(model, text, args)
             if not args.interactive:
                 break
-    except (FileNotFoundError, RuntimeError, ValueError) as e:  # CheckpointError is a ValueError
-        say(f"\nerror: {e}", file=sys.stderr)  # every rank meets the same error and exits: no rank hangs
+    except (FileNotFoundError, RuntimeError, TypeError, ValueError) as e:  # CheckpointError is a ValueError
+        say(f"error: {e}", file=sys.stderr)  # every rank meets the same error and exits: no rank hangs
         return 2
     finally:
         if dist.is_initialized():

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.checks import integer, require, shown
 from zoo.parallel import column_parallel_linear, row_parallel_linear, world_size
 from zoo.rotary import apply_rotary
 
@@ -28,6 +29,7 @@ class KVCache:
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
                  dtype: torch.dtype, device: torch.device, left_pad: torch.Tensor | None = None):
         shape = (batch, n_kv_heads, max_len, head_dim)
+        self.batch = batch
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_len = max_len
@@ -53,7 +55,53 @@ class KVCache:
     def for_model(cls, model: nn.Module, batch: int, max_len: int, left_pad: torch.Tensor | None = None) -> "KVCache":
         """A cache shaped for `model` (any family: they all have `blocks[i].attn` and `embed`), on its device."""
         attn, w = model.blocks[0].attn, model.embed.weight
+        integer("batch", batch, low=1)
+        integer("max_len", max_len, low=1, high=model.config.max_seq_len)
+        left_pad = checked_left_pad(left_pad, batch, max_len, w.device)
         return cls(len(model.blocks), batch, attn.n_kv_heads, attn.head_dim, max_len, w.dtype, w.device, left_pad)
+
+
+def checked_left_pad(left_pad, batch: int, seq: int, device: torch.device) -> torch.Tensor | None:
+    """left_pad (batch,) ints: how many padding tokens each row starts with, each in 0..seq-1 (a real token is left)."""
+    if left_pad is None:
+        return None
+    accepted = f"a tensor or list of {batch} ints (one per row), each in 0..{seq - 1}: the number of padding tokens " \
+               f"a row starts with (not its length)"
+    if isinstance(left_pad, (list, tuple)):
+        require(all(isinstance(p, int) and not isinstance(p, bool) for p in left_pad), "left_pad", left_pad, accepted)
+        left_pad = torch.tensor(left_pad, dtype=torch.long)
+    require(isinstance(left_pad, torch.Tensor) and left_pad.shape == (batch,) and not left_pad.is_floating_point()
+            and left_pad.dtype != torch.bool, "left_pad", left_pad, accepted)
+    if left_pad.device.type == "cpu":  # a value check on the GPU would wait for it
+        require(bool(((left_pad >= 0) & (left_pad < seq)).all()), "left_pad", left_pad.tolist(), accepted)
+    return left_pad.to(device=device, dtype=torch.long)
+
+
+def checked_inputs(tokens: torch.Tensor, cache: "KVCache | None", left_pad, config, device: torch.device):
+    """A forward's arguments, checked before any work; returns left_pad as a tensor (or None).
+
+    tokens: (batch, seq) int64 or int32 ids below the vocabulary size (values checked on the CPU,
+    where it costs microseconds; on a GPU an out-of-range id is the embedding's device assert).
+    """
+    accepted = "a (batch, seq) tensor of int64 token ids"
+    require(isinstance(tokens, torch.Tensor), "tokens", tokens, accepted, TypeError)
+    require(tokens.dim() == 2 and tokens.shape[0] > 0 and tokens.shape[1] > 0, "tokens", tokens,
+            accepted + (" (tokens[None] adds the batch dim)" if tokens.dim() == 1 else ""))
+    require(tokens.dtype in (torch.int64, torch.int32), "tokens", tokens, accepted, TypeError)
+    require(tokens.device == device, "tokens", tokens, f"{accepted} on the model's device, {device} (got {tokens.device})")
+    if tokens.device.type == "cpu":
+        low, high = torch.aminmax(tokens)
+        require(low >= 0 and high < config.vocab_size, "tokens", tokens,
+                f"ids in 0..{config.vocab_size - 1} (got {low.item()}..{high.item()})")
+    batch, seq = tokens.shape
+    if cache is None:
+        require(seq <= config.max_seq_len, "tokens", tokens, f"at most the model's context of {config.max_seq_len} "
+                                                             f"positions")
+        return checked_left_pad(left_pad, batch, seq, device)
+    require(left_pad is None, "left_pad", left_pad, "None with a cache: the cache carries its own "
+                                                    "(model.new_cache(batch, max_len, left_pad=...))")
+    require(cache.batch == batch, "tokens", tokens, f"{cache.batch} rows, the batch size of the cache")
+    return None
 
 
 def positions_and_mask(tokens: torch.Tensor, cache: KVCache | None,

@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from zoo import original, parallel
+from zoo import checks, original, parallel
 from zoo import quant as quantization
 from zoo.checkpoint import (CheckpointError, StoredTensor, open_tensors, release_freed_memory, safetensors_metadata,
                             safetensors_tensors)
@@ -90,8 +90,8 @@ def load(ckpt: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: s
     than min/max (zoo.quant.refine_int4: less error, slower to load). Parameters come back frozen
     (requires_grad=False): zoo is for inference; call `requires_grad_()` to train.
     """
+    dtype, device = checks.floating_dtype("dtype", dtype), checks.device("device", device)
     directory = find_checkpoint(ckpt)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if quant is not None and quant not in quantization.SCHEMES:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(quantization.SCHEMES)}")
     if refine and quant != "int4":
@@ -116,6 +116,18 @@ def load(ckpt: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: s
     _fill(model, sources, dtype, device, progress, directory, checkpoint_name, quant, group_size, refine)
     model.checkpoint_dir = directory
     return model.to(device).eval()
+
+
+def _set_context(cfg, max_seq_len: int | None) -> None:
+    """zoo.load(max_seq_len=...): any length for rotary models, at most the learned positions for OPT."""
+    if max_seq_len is None:
+        return
+    checks.integer("max_seq_len", max_seq_len, low=1)
+    learned = getattr(cfg, "positions", None)
+    if learned is not None and max_seq_len > learned:
+        raise ValueError(f"max_seq_len={max_seq_len} is not accepted: this model learned {learned} positions; "
+                         f"choose at most {learned}")
+    cfg.max_seq_len = max_seq_len
 
 
 def build_empty(ckpt: str | os.PathLike) -> nn.Module:
@@ -164,8 +176,7 @@ def _meta_checkpoint(directory: Path, max_seq_len: int | None):
         cfg = llama.LlamaConfig.from_meta(params, vocab_size=vocab)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{directory / 'params.json'}: {e}") from None
-    if max_seq_len:
-        cfg.max_seq_len = max_seq_len
+    _set_context(cfg, max_seq_len)
     model = _build(llama.Llama, cfg, directory / "params.json")
     expected = _full_shapes(model)
     sources = {}
@@ -258,8 +269,7 @@ def _hf_config(directory: Path):
 
 def _hf_checkpoint(directory: Path, max_seq_len: int | None):
     config, family, cfg = _hf_config(directory)
-    if max_seq_len:
-        cfg.max_seq_len = max_seq_len
+    _set_context(cfg, max_seq_len)
     model = _build(family.model, cfg, directory / "config.json")
     sources = _hf_sources(model, family, cfg, _hf_tensors(directory), f"with this {directory / 'config.json'}")
     model.tokenizer = load_tokenizer(directory, config)
@@ -271,8 +281,7 @@ def _original_checkpoint(directory: Path, max_seq_len: int | None):
     """gpt-neox's or metaseq's own checkpoint (zoo/original.py), read with the Hugging Face names."""
     found = original.read(directory)
     family = FAMILIES[found.model_type]
-    if max_seq_len:
-        found.config.max_seq_len = max_seq_len
+    _set_context(found.config, max_seq_len)
     model = _build(family.model, found.config, found.config_file)
     sources = _hf_sources(model, family, found.config, found.tensors, f"as {found.config_file} describes")
     model.tokenizer, model.model_type = found.tokenizer, found.model_type
@@ -324,8 +333,7 @@ def _quantized_checkpoint(directory: Path, max_seq_len: int | None, device: torc
     path = directory / "model.safetensors"
     meta, family, cfg = _quantized_config(path)
     scheme, model_type = meta["scheme"], meta["model_type"]
-    if max_seq_len:
-        cfg.max_seq_len = max_seq_len
+    _set_context(cfg, max_seq_len)
     model = _build(family.model, cfg, path)
     tensors = safetensors_tensors(path)
     quantized_keys = set()

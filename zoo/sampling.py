@@ -4,11 +4,14 @@ import torch
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (batch, vocab) -> token ids (batch,). temperature 0 is greedy (argmax)."""
+    """logits (batch, vocab) -> token ids (batch,). temperature 0 is greedy (argmax).
+
+    top_k None or 0, and top_p None or 1.0, mean no cut-off (zoo.generate checks the values).
+    """
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
+    if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (batch, 1): the k-th largest
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.attention import Attention, KVCache, positions_and_mask
+from zoo.attention import Attention, KVCache, checked_inputs, positions_and_mask
 from zoo.hooks import hook_points, resolve
 from zoo.mlp import MLP
 from zoo.parallel import column_parallel_linear, parallel_embedding
@@ -154,6 +154,7 @@ class GPTNeoX(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *, hooks=None,
                 left_pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab) fp32; see Llama.forward."""
+        left_pad = checked_inputs(tokens, cache, left_pad, self.config, self.embed.weight.device)
         hooks = resolve(hooks, self, cache, left_pad)  # None when there are none
         positions, mask = positions_and_mask(tokens, cache, left_pad)  # (batch or 1, seq)
         rope = rope_angles(self.inv_freq, positions)  # for the first rotary_dim dims of each head

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.attention import Attention, KVCache, positions_and_mask
+from zoo.attention import Attention, KVCache, checked_inputs, positions_and_mask
 from zoo.hooks import hook_points, resolve
 from zoo.norm import RMSNorm
 from zoo.parallel import column_parallel_linear, parallel_embedding, row_parallel_linear, world_size
@@ -185,6 +185,7 @@ class Llama(nn.Module):
         `left_pad` (batch,) marks leading padding when there is no cache (a cache carries its own).
         `hooks`: functions to call at hook points, by name (see zoo/hooks.py).
         """
+        left_pad = checked_inputs(tokens, cache, left_pad, self.config, self.embed.weight.device)
         hooks = resolve(hooks, self, cache, left_pad)  # None when there are none
         positions, mask = positions_and_mask(tokens, cache, left_pad)  # (batch or 1, seq), see attention.py
         rope = rope_angles(self.inv_freq, positions)

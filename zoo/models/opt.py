@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.attention import Attention, KVCache, positions_and_mask
+from zoo.attention import Attention, KVCache, checked_inputs, positions_and_mask
 from zoo.hooks import hook_points, resolve
 from zoo.mlp import MLP
 from zoo.parallel import column_parallel_linear, parallel_embedding, world_size
@@ -33,7 +33,7 @@ class OPTConfig:
     n_heads: int = 12
     hidden_dim: int = 3072
     vocab_size: int = 50272
-    max_seq_len: int = 2048
+    max_seq_len: int = 2048  # the longest sequence it will be asked to hold: at most `positions`
     embed_dim: int | None = None  # word_embed_proj_dim; None: same as dim
     pre_norm: bool = True  # do_layer_norm_before
     final_norm: bool = True  # False when _remove_final_layer_norm (or post-LN)
@@ -41,8 +41,10 @@ class OPTConfig:
     bias: bool = True  # enable_bias
     activation: str = "relu"
     tie_embeddings: bool = True
+    positions: int | None = None  # learned positions (max_position_embeddings); None: max_seq_len
 
     def __post_init__(self):
+        self.positions = self.positions or self.max_seq_len
         self.embed_dim = self.embed_dim or self.dim
         self.head_dim = self.dim // self.n_heads
         self.n_kv_heads = self.n_heads
@@ -136,7 +138,7 @@ class OPT(nn.Module):
         self.config = cfg
         self.embed = parallel_embedding(cfg.vocab_size, cfg.embed_dim)
         self.project_in = nn.Linear(cfg.embed_dim, cfg.dim, bias=False) if cfg.embed_dim != cfg.dim else None
-        self.pos_embed = nn.Embedding(cfg.max_seq_len + POSITION_OFFSET, cfg.dim)
+        self.pos_embed = nn.Embedding(cfg.positions + POSITION_OFFSET, cfg.dim)  # all it learned
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.dim, elementwise_affine=cfg.norm_affine) if cfg.final_norm else None
         self.project_out = nn.Linear(cfg.dim, cfg.embed_dim, bias=False) if cfg.embed_dim != cfg.dim else None
@@ -154,6 +156,7 @@ class OPT(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *, hooks=None,
                 left_pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab) fp32; see Llama.forward."""
+        left_pad = checked_inputs(tokens, cache, left_pad, self.config, self.embed.weight.device)
         hooks = resolve(hooks, self, cache, left_pad)  # None when there are none
         positions, mask = positions_and_mask(tokens, cache, left_pad)  # (batch or 1, seq)
         h = self.embed(tokens)  # (batch, seq, embed_dim)

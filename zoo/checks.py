@@ -1,0 +1,81 @@
+"""Checks of what users pass in, at the public API's entry: an error names the argument, its value and
+what is accepted, before any work is done (never a raw error from deep inside)."""
+import math
+
+import torch
+
+
+def shown(value) -> str:
+    """A value as an error message shows it: tensors by dtype and shape, long things cut short."""
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def require(ok: bool, name: str, value, accepted: str, error: type = ValueError) -> None:
+    """Raise `error` naming the argument, its value and what is accepted, unless ok."""
+    if not ok:
+        raise error(f"{name}={shown(value)} is not accepted: {accepted}")
+
+
+def integer(name: str, value, low: int | None = None, high: int | None = None) -> int:
+    """value, checked to be an int in [low, high] (either bound optional)."""
+    span = (f" >= {low}" if high is None else f" in {low}..{high}") if low is not None else \
+        (f" <= {high}" if high is not None else "")
+    require(is_int(value), name, value, f"an int{span}", TypeError)
+    require((low is None or value >= low) and (high is None or value <= high), name, value, f"an int{span}")
+    return value
+
+
+def token_ids(name: str, ids, vocab_size: int) -> list[int]:
+    """A sequence of token ids, each an int in 0..vocab_size-1."""
+    require(isinstance(ids, (list, tuple)), name, ids, "a list of token ids (ints)", TypeError)
+    for i in ids:
+        if not is_int(i) or not 0 <= i < vocab_size:
+            raise (TypeError if not is_int(i) else ValueError)(
+                f"{name} holds {shown(i)}: token ids are ints in 0..{vocab_size - 1} (the vocabulary's size is "
+                f"{vocab_size})")
+    return list(ids)
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def floating_dtype(name: str, value) -> torch.dtype:
+    """torch.float32 / bfloat16 / float16, or one of their names ("bf16", "float32", ...)."""
+    accepted = "torch.float32, torch.bfloat16 or torch.float16 (or a name: " + ", ".join(DTYPES) + ")"
+    if isinstance(value, str) and value.removeprefix("torch.") in DTYPES:
+        return DTYPES[value.removeprefix("torch.")]
+    if value in (torch.int8, torch.uint8, "int8", "int4"):
+        accepted += "; for int8/int4 weights pass quant='int8' or quant='int4'"
+    require(isinstance(value, torch.dtype) and value in DTYPES.values(), name, value, accepted)
+    return value
+
+
+def device(name: str, value) -> torch.device:
+    """A CPU or CUDA device that this torch can use: "cpu", "cuda", "cuda:1", a torch.device; None: CUDA if present."""
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accepted = "'cpu', 'cuda', 'cuda:N' or a torch.device (None: CUDA if present, else the CPU)"
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name}={shown(value)} is not accepted: {accepted}") from None
+    require(dev.type in ("cpu", "cuda"), name, value, accepted)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}={shown(value)} is not accepted: this torch ({torch.__version__}) sees no CUDA GPU; "
+                             f"use 'cpu'")
+        count = torch.cuda.device_count()
+        require(dev.index is None or dev.index < count, name, value, f"a GPU index in 0..{count - 1}")
+    return dev
