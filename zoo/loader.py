@@ -20,6 +20,7 @@ from zoo import checks, original, parallel
 from zoo import quant as quantization
 from zoo.checkpoint import (CheckpointError, StoredTensor, open_tensors, release_freed_memory, safetensors_metadata,
                             safetensors_tensors)
+from zoo.kernels import dequantize_int4
 from zoo.models import gpt_neox, llama, opt
 from zoo.tokenizer import load_tokenizer
 
@@ -344,25 +345,32 @@ def _quantized_checkpoint(directory: Path, max_seq_len: int | None, device: torc
             raise CheckpointError(f"{path}: missing tensor {key!r}, which the {scheme} layout needs "
                                   f"({quantization.LAYOUTS[scheme]})")
         quantized_keys.add(key)
-        scales = tensors.get(f"{key.rpartition('.')[0]}.scales")
-        if dim == 1 and scheme == "int4" and scales is not None and scales.shape[1] % world:  # groups per rank
-            raise CheckpointError(f"{path}: {key!r}: its rows hold {scales.shape[1]} int4 groups of {group_size}, "
-                                  f"which do not split over world size {world} (a group may not straddle two "
-                                  f"ranks); use a smaller world size, or quantize the float checkpoint at load "
-                                  f"with a smaller group size")
         return tensors[key].read(*(() if dim is None else (dim, rank, world))).to(device)
 
-    # files written before zoo quantized the output layer keep it in floating point
-    stored_output = any(f"output.{k}" in tensors for k in ("qweight", "packed", "scales"))
+    # A layer is quantized where the file stores it so; others (a tied output, an int4 layer whose inputs did
+    # not split into groups, the output of files older than its quantization) are stored as float L.weight.
+    sources, floating = {}, {}
     for name, module in list(model.named_modules()):
-        if (isinstance(module, quantization.LINEARS) and quantization.is_quantized_layer(name, model)
-                and (name != "output" or stored_output)):
-            split_dim = _split_dim(model, f"{name}.weight")
-            weight = quantization.stored_weight(name, scheme, group_size, read, split_dim)
-            bias = torch.empty(module.weight.shape[0], device="meta") if module.bias is not None else None
-            quantization.replace_module(model, name, quantization.QuantLinear.replacing(module, weight, bias))
+        if not (isinstance(module, quantization.LINEARS)
+                and f"{name}.{'qweight' if scheme == 'int8' else 'packed'}" in tensors):
+            continue
+        split_dim = _split_dim(model, f"{name}.weight")
+        why = quantization.int4_misfit(module, group_size) if scheme == "int4" else None
+        if why:  # under TP, groups that would straddle two ranks: this rank's slice of the dequantized weight
+            floating[name] = why
+            whole = quantization.stored_weight(name, scheme, group_size, read)
+            sources[f"{name}.weight"] = Source(
+                f"{path}: {name}.packed", (whole.packed.shape[0], 2 * whole.packed.shape[1]),
+                lambda split, dtype, w=whole: dequantize_int4(w.packed, w.scales, w.zeros, w.group_size).chunk(
+                    split.parts, split.dim)[split.index].to(dtype))
+            continue
+        weight = quantization.stored_weight(name, scheme, group_size, read, split_dim)
+        bias = torch.empty(module.weight.shape[0], device="meta") if module.bias is not None else None
+        quantization.replace_module(model, name, quantization.QuantLinear.replacing(module, weight, bias))
+    if floating and rank == 0:
+        print(f"zoo: {path}: at world size {world} these int4 layers run in floating point (their weights "
+              f"dequantized): {quantization.describe_layers(floating, model)}", file=sys.stderr)
     expected = dict(model.named_parameters(remove_duplicate=False))
-    sources = {}
     for key, stored in tensors.items():
         if key in quantized_keys:
             continue
@@ -452,6 +460,7 @@ def _fill(model: nn.Module, sources: dict[str, Source], dtype: torch.dtype, devi
                                   f"(zoo's {names[0]}, shape {full[names[0]]})")
     bar = _Progress(directory, sum(math.prod(s.shape) for s in sources.values() if s), progress)
     world, rank = parallel.world_size(), parallel.rank()
+    to_quantize = set(quantization.plan(model, quant, group_size)) if quant is not None else set()  # by shapes
     for names in groups.values():
         source = sources[next(n for n in names if sources.get(n))]
         dim, want = _split_dim(model, names[0]), full[names[0]]  # the whole tensor; this rank reads a slice
@@ -466,9 +475,7 @@ def _fill(model: nn.Module, sources: dict[str, Source], dtype: torch.dtype, devi
         if quant is not None:  # quantize a linear layer as soon as all its parameters are read
             module_name = names[0].rpartition(".")[0]
             module = model.get_submodule(module_name)
-            if (isinstance(module, quantization.LINEARS)
-                    and quantization.is_quantized_layer(module_name, model, quant, group_size)
-                    and not any(p.is_meta for p in module.parameters())):
+            if module_name in to_quantize and not any(p.is_meta for p in module.parameters()):
                 layer = quantization.quantize_linear(module, quant, group_size, name=module_name, refine=refine)
                 quantization.replace_module(model, module_name, layer)
                 release_freed_memory()  # the layer's float weight and the quantizer's temporaries

@@ -12,7 +12,8 @@ Which code runs, by device, activation dtype and M = rows of x (x.numel() // K):
     device  format  x dtype         M       path
     cuda    int8    fp16/bf16/fp32  any     Triton fused dequantize-matmul (triton_matmul.py)
     cuda    int4    fp16/bf16/fp32  any     Triton fused dequantize-matmul
-    cpu     int8    bf16            <= 128  torch's _weight_int8pack_mm (cpu.py)
+    cpu     int8    bf16            <= 128  torch's _weight_int8pack_mm (cpu.py); K not a multiple of 16:
+                                            the weight padded once by prepare(), x on each call
     cpu     int8    bf16            > 128   dequantize to bf16 on each call, then F.linear (cpu.py)
     cpu     int4    bf16            any     torch's _weight_int4pack_mm_for_cpu (cpu.py)
     cpu     int4    bf16            any     dequantize, then F.linear: only if torch lacks that operator
@@ -38,9 +39,10 @@ jobs (torch 2.13; LLaMA-7B weight shapes; 1 thread, the steadier numbers there):
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from zoo.kernels.cpu import (CpuInt4Weight, int4_dequantize_mm, int4_mm_cpu, int8_dequantize_mm, int8_mm_cpu,
-                             pack_int4_for_cpu)
+from zoo.kernels.cpu import (CPU_INT8_K_MULTIPLE, CpuInt4Weight, int4_dequantize_mm, int4_mm_cpu, int8_dequantize_mm,
+                             int8_mm_cpu, pack_int4_for_cpu)
 from zoo.kernels.reference import (dequantize_int4, dequantize_int8, int4_linear_ref, int8_linear_ref, pack_int4,
                                    unpack_int4)
 
@@ -52,9 +54,15 @@ CPU_INT4_OP = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")  # torch >=
 
 @dataclass
 class Int8Weight:
-    """int8 [N, K], symmetric, one scale per output channel: w[n, k] = qweight[n, k] * scales[n]."""
+    """int8 [N, K], symmetric, one scale per output channel: w[n, k] = qweight[n, k] * scales[n].
+
+    `cpu` is qweight padded with zero columns to a multiple of 16 for torch's CPU operator (cpu.py),
+    made by prepare() on the CPU when K needs it (never saved); qweight is then a view of its first K
+    columns, so the weight is held once. Round K (every LLaMA size) leaves it None.
+    """
     qweight: torch.Tensor  # int8 [N, K]
     scales: torch.Tensor   # [N], fp32 or the activation dtype
+    cpu: torch.Tensor | None = None  # int8 [N, K padded to 16]
 
     def __post_init__(self):
         n = self.qweight.shape[0]
@@ -63,7 +71,12 @@ class Int8Weight:
                              f"{self.qweight.dtype} {tuple(self.qweight.shape)}, scales {tuple(self.scales.shape)}")
 
     def prepare(self, drop_packed: bool = False) -> "Int8Weight":
-        """Nothing to lay out: torch's CPU operator and the Triton kernel both read the stored format."""
+        """On the CPU with K not a multiple of 16, pad the weight for torch's operator (`cpu`); else
+        nothing to lay out: the operator and the Triton kernel both read the stored format."""
+        k = self.qweight.shape[1]
+        if self.qweight.device.type == "cpu" and k % CPU_INT8_K_MULTIPLE and self.cpu is None:
+            self.cpu = F.pad(self.qweight, (0, -k % CPU_INT8_K_MULTIPLE))  # [N, K padded]: zero columns
+            self.qweight = self.cpu[:, :k]  # [N, K], the same memory
         return self
 
 
@@ -111,7 +124,13 @@ def int8_path(x: torch.Tensor, weight: Int8Weight) -> str:
     _check_device(x, weight.qweight)
     if x.device.type == "cuda":
         return "triton"
-    return "cpu-op" if x.numel() // x.shape[-1] <= INT8_CPU_OP_MAX_M else "cpu-dequantize"
+    if x.numel() // x.shape[-1] > INT8_CPU_OP_MAX_M:
+        return "cpu-dequantize"
+    if weight.cpu is None and weight.qweight.shape[1] % CPU_INT8_K_MULTIPLE:
+        raise RuntimeError(f"this Int8Weight's K = {weight.qweight.shape[1]} is not a multiple of "
+                           f"{CPU_INT8_K_MULTIPLE}, which torch's CPU operator needs: call weight.prepare() once, at "
+                           f"load (it pads K)")
+    return "cpu-op"
 
 
 def int4_path(x: torch.Tensor, weight: Int4Weight) -> str:
@@ -133,7 +152,9 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
         from zoo.kernels.triton_matmul import w8a16_matmul  # imported here: CPU-only use needs no Triton
         return w8a16_matmul(x, weight.qweight, weight.scales)
     x2 = x.reshape(-1, x.shape[-1]).to(CPU_DTYPE).contiguous()  # [M, K]
-    if path == "cpu-op":
+    if path == "cpu-op" and weight.cpu is not None:  # K padded by prepare(): x takes zero columns too
+        y = int8_mm_cpu(F.pad(x2, (0, weight.cpu.shape[1] - x2.shape[1])), weight.cpu, weight.scales)
+    elif path == "cpu-op":
         y = int8_mm_cpu(x2, weight.qweight, weight.scales)
     else:
         y = int8_dequantize_mm(x2, weight.qweight, weight.scales)

@@ -2,7 +2,11 @@
 
     torch.ops.aten._weight_int8pack_mm(x [M, K], qweight int8 [N, K], scales [N]) -> [M, N]
         y = x @ (qweight * scales[:, None]).T.  x is fp32, fp16 or bf16; scales must have x's dtype.
-        Takes our int8 format as it is: nothing to pack.
+        Takes our int8 format as it is: nothing to pack, as long as K is a multiple of 16. With bf16 x
+        and any other K it reads past the rows (torch 2.13, this AVX512 CPU): garbage or NaN for M
+        of 1-3, SIGSEGV from M ~ 17 (K = 8, 24, 40, 72, 88, 100, 136, 200, 232, 264 all fail; fp32
+        and fp16 x happened to be right). So K is padded with zero columns to a multiple of 16
+        (Int8Weight.prepare, once) and x with zeros to match (int8_linear, each call: a copy of x).
 
     torch.ops.aten._convert_weight_to_int4pack_for_cpu(q int32 [N, K], inner_k_tiles) -> uint8 [N, K/2]
         Takes the UNPACKED values 0..15 and lays them out for this CPU's instruction set (AVX512 or
@@ -28,12 +32,18 @@ import torch.nn.functional as F
 
 from zoo.kernels.reference import unpack_int4
 
+CPU_INT8_K_MULTIPLE = 16  # _weight_int8pack_mm: K must be a multiple of this (see above)
 CPU_INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
 CPU_INT4_ROWS = 1024  # rows converted at a time (a multiple of the operator's N blocking: 16, 32 or 64)
 
 
 def int8_mm_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (fp32/fp16/bf16) @ int8 weight [N, K] with per-channel scales [N] -> [M, N] in x's dtype."""
+    """x [M, K] (fp32/fp16/bf16) @ int8 weight [N, K] with per-channel scales [N] -> [M, N] in x's dtype.
+
+    K must be a multiple of 16: pad both with zero columns first (Int8Weight.prepare, int8_linear)."""
+    if qweight.shape[1] % CPU_INT8_K_MULTIPLE:
+        raise ValueError(f"torch's int8 CPU operator needs K a multiple of {CPU_INT8_K_MULTIPLE} (else it reads past "
+                         f"the rows: garbage or a crash), got weight {tuple(qweight.shape)}; pad K with zero columns")
     return torch.ops.aten._weight_int8pack_mm(x, qweight, scales.to(x.dtype))
 
 

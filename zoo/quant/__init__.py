@@ -16,6 +16,13 @@ output layer unless it is tied to the embedding; the embedding, the norms and ev
 floating point. Hooks sit outside the matmuls, so they see the same kind of activations as in the
 unquantized model.
 
+Widths. int8 takes a layer of any width. int4 takes a layer whose inputs K split into whole groups
+(K % group_size == 0; under tensor parallelism the K of this rank's shard); any other layer stays
+in floating point, and loading says which on one line of stderr (`plan`). The same rule holds
+when quantizing at load, for `quantize`, in a saved checkpoint (such a layer is stored as
+`L.weight`) and when a saved checkpoint is loaded under tensor parallelism (a stored int4 layer
+whose groups would straddle two ranks is dequantized to floating point there: the same weights).
+
     zoo.quant.save(model, "llama-int4")                           # a quantized checkpoint...
     model = zoo.load("llama-int4")                                 # ...that loads as any other
 
@@ -28,13 +35,18 @@ the CPU that frees zoo's int4 copy (so the weight is held once), and a model tha
 longer be saved.
 
 Under tensor parallelism each rank quantizes its own shard as it is read (an int4 group never
-straddles two ranks: a row-parallel layer's K per rank must be a multiple of the group size). A
-quantized checkpoint loads under tensor parallelism too, each rank reading its slice of the stored
-tensors (the same rule for int4 groups); saving is single-process.
+straddles two ranks: see Widths). A quantized checkpoint loads under tensor parallelism too, each
+rank reading its slice of the stored tensors; saving is single-process. `save` never writes into
+a checkpoint it could damage (`check_output`) and writes into a temporary directory beside the
+output, renamed into place at the end: an interrupted save leaves no half-written checkpoint.
 """
 import dataclasses
 import json
+import os
+import re
 import shutil
+import sys
+import uuid
 from pathlib import Path
 
 import torch
@@ -42,7 +54,7 @@ from torch import nn
 
 from zoo.checkpoint import release_freed_memory
 from zoo.kernels import INT4_GROUP_SIZES, Int4Weight, Int8Weight, int4_linear, int8_linear, pack_int4
-from zoo.parallel import (ColumnParallelLinear, RowParallelLinear, gather_from_parallel, reduce_from_parallel,
+from zoo.parallel import (ColumnParallelLinear, RowParallelLinear, gather_from_parallel, rank, reduce_from_parallel,
                           scatter_to_parallel, world_size)
 
 SCHEMES = ("int8", "int4")
@@ -211,9 +223,6 @@ def quantize_linear(linear: nn.Module, scheme: str, group_size: int = 128, symme
         weight = quantize_int8(linear.weight) if scheme == "int8" else \
             quantize_int4(linear.weight, group_size, symmetric, refine)
     except ValueError as e:
-        if isinstance(linear, RowParallelLinear):  # groups may not straddle two ranks' shards
-            e = ValueError(f"{e} (K here is this rank's share: {linear.weight.shape[1] * world_size()} input "
-                           f"features over world size {world_size()}; use a smaller group size or world size)")
         raise ValueError(f"{name or 'linear layer'}: {e}") from None
     return QuantLinear.replacing(linear, weight, None if linear.bias is None else linear.bias.detach())
 
@@ -224,30 +233,130 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
-def is_quantized_layer(name: str, model: nn.Module, scheme: str = "int8", group_size: int = 128) -> bool:
-    """The linear layers zoo quantizes: those inside the blocks, and the output layer unless it is tied
-    to the embedding (which is read a row at a time and stays in floating point) or, for int4, its
-    inputs (word_embed_proj_dim in OPT) do not split into groups: it then stays in floating point."""
-    if name.startswith("blocks."):
-        return True
-    if name != "output" or getattr(model.config, "tie_embeddings", False):
-        return False
-    return scheme != "int4" or model.output.weight.shape[1] % group_size == 0
+def candidate_layers(model: nn.Module) -> list[str]:
+    """The linear layers zoo quantizes when their width allows (`plan`): those inside the blocks, and
+    the output layer unless it is tied to the embedding (read a row at a time, it stays in floating point)."""
+    tied = getattr(model.config, "tie_embeddings", False)
+    return [name for name, m in model.named_modules()
+            if isinstance(m, LINEARS) and (name.startswith("blocks.") or (name == "output" and not tied))]
+
+
+def int4_misfit(module: nn.Module, group_size: int) -> str | None:
+    """Why int4 with this group size cannot take the linear layer's inputs, or None if it can.
+
+    K must split into whole groups; under tensor parallelism it is this rank's K (a row-parallel
+    layer's share), as a group may not straddle two ranks. Reads only shapes (meta tensors do)."""
+    k = module.weight.shape[1]
+    if k % group_size == 0:
+        return None
+    share = (f" per rank ({k * world_size()} over world size {world_size()})"
+             if isinstance(module, RowParallelLinear) and world_size() > 1 else "")
+    return f"K = {k}{share} inputs do not split into int4 groups of {group_size}"
+
+
+def int4_misfits(model: nn.Module, group_size: int) -> dict[str, str]:
+    """The candidate layers int4 leaves in floating point at this group size: name -> why (`int4_misfit`)."""
+    reasons = {name: int4_misfit(model.get_submodule(name), group_size) for name in candidate_layers(model)}
+    return {name: why for name, why in reasons.items() if why}
+
+
+def plan(model: nn.Module, scheme: str, group_size: int = 128, announce: bool = True) -> list[str]:
+    """The names of the linear layers to quantize, decided from shapes alone before any weight is read.
+
+    int8 takes every candidate layer; int4 those whose inputs split into groups (`int4_misfit`), the
+    others stay in floating point and, with `announce`, one line on stderr says which and why (rank 0
+    only under tensor parallelism). A model where int4 fits no layer at all is an error, not a silent
+    float model.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if scheme == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group size {group_size} is not supported; choose one of {INT4_GROUP_SIZES}")
+    names = candidate_layers(model)
+    misfits = int4_misfits(model, group_size) if scheme == "int4" else {}
+    if names and len(misfits) == len(names):
+        widths = sorted({model.get_submodule(n).weight.shape[1] for n in names})
+        fitting = [g for g in INT4_GROUP_SIZES if any(k % g == 0 for k in widths)]
+        raise ValueError(f"int4 with group size {group_size} fits none of the model's linear layers (inputs K = "
+                         f"{', '.join(map(str, widths))}{' per rank' if world_size() > 1 else ''}): "
+                         + (f"use group size {' or '.join(map(str, fitting))}, or int8" if fitting else "use int8"))
+    if misfits and announce and rank() == 0:
+        print(f"zoo: int4 group {group_size} leaves in floating point: {describe_layers(misfits, model)}",
+              file=sys.stderr)
+    return [name for name in names if name not in misfits]
+
+
+def describe_layers(reasons: dict[str, str], model: nn.Module) -> str:
+    """{layer name: reason} in one line, a layer of every block written once as blocks.*.<name>."""
+    n_blocks = len(getattr(model, "blocks", ()))
+    by_pattern: dict[str, list[str]] = {}
+    for name in reasons:
+        by_pattern.setdefault(re.sub(r"^blocks\.\d+\.", "blocks.*.", name), []).append(name)
+    parts = []
+    for pattern, names in by_pattern.items():
+        if pattern.startswith("blocks.*.") and len(names) == n_blocks and len({reasons[n] for n in names}) == 1:
+            parts.append(f"{pattern} ({reasons[names[0]]})")
+        else:
+            parts += [f"{name} ({reasons[name]})" for name in names]
+    return "; ".join(parts)
 
 
 def quantize(model: nn.Module, scheme: str, group_size: int = 128, symmetric: bool = False,
              refine: bool = False) -> nn.Module:
-    """Replace the linear layers of the blocks (and the untied output) by QuantLinear, in place."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LINEARS) and is_quantized_layer(name, model, scheme, group_size):
-            replace_module(model, name, quantize_linear(module, scheme, group_size, symmetric, name, refine))
+    """Replace the linear layers of the blocks (and the untied output) by QuantLinear, in place (`plan`)."""
+    for name in plan(model, scheme, group_size):
+        replace_module(model, name, quantize_linear(model.get_submodule(name), scheme, group_size, symmetric, name,
+                                                    refine))
     return model
 
 
-def save(model: nn.Module, directory: str | Path) -> Path:
-    """Write a quantized model loaded by zoo.load (see the module docstring); returns the directory."""
+def check_output(directory: str | Path, source: str | Path | None = None, force: bool = False) -> Path:
+    """The output directory of a quantized checkpoint, resolved; refuses one where writing could lose data.
+
+    Refused, with a ValueError naming the path, whatever `force`: the source checkpoint directory, a
+    directory inside it (a second checkpoint beside the first, which loading would not pick), one
+    that contains it, a file. Refused unless `force`: a directory that already holds a checkpoint
+    (it is then replaced whole). Always refused: a non-empty directory holding no checkpoint (it is
+    not ours to replace). Reads nothing but directory listings.
+    """
+    out = Path(directory).expanduser().resolve()
+    if source is not None:
+        src = Path(source).expanduser().resolve()
+        if out == src:
+            raise ValueError(f"{out}: the output is the source checkpoint; write the quantized copy to a new directory")
+        if src in out.parents:
+            raise ValueError(f"{out}: the output lies inside the source checkpoint {src}; write it outside")
+        if out in src.parents:
+            raise ValueError(f"{out}: the output contains the source checkpoint {src}; write it elsewhere")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory; the output is a directory")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not _holds_checkpoint(out):
+        raise ValueError(f"{out}: not empty and holds no checkpoint ({', '.join(held[:5])}"
+                         f"{', ...' if len(held) > 5 else ''}); choose a new or empty directory")
+    if held and not force:
+        raise ValueError(f"{out}: already holds a checkpoint ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}); "
+                         f"choose a new directory, or pass --force (force=True) to replace it")
+    return out
+
+
+CHECKPOINT_FILES = ("*.safetensors", "*.pth", "*.pt", "*.bin", "params.json", "config.json")
+
+
+def _holds_checkpoint(directory: Path) -> bool:
+    return any(next(directory.glob(pattern), None) is not None for pattern in CHECKPOINT_FILES)
+
+
+def save(model: nn.Module, directory: str | Path, force: bool = False) -> Path:
+    """Write a quantized model loaded by zoo.load (see the module docstring); returns the directory.
+
+    The directory is checked first (`check_output`: never the model's own checkpoint; an existing
+    checkpoint only with force=True, replaced whole), written as a temporary sibling and renamed
+    into place when complete. Layers that stayed in floating point are stored as `L.weight`."""
     if world_size() > 1:
         raise NotImplementedError("saving a quantized model under tensor parallelism is not supported")
+    source = getattr(model, "checkpoint_dir", None)
+    directory = check_output(directory, source, force)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("the model has no quantized layers: zoo.quant.quantize(model, ...) or zoo.load(..., quant=...)")
@@ -272,18 +381,35 @@ def save(model: nn.Module, directory: str | Path) -> Path:
     metadata = {"format": FORMAT, "version": VERSION, "scheme": scheme, "group_size": str(group_size),
                 "layout": LAYOUTS[scheme], "model_type": model.model_type, "config": json.dumps(config),
                 "tokenizer": json.dumps(special)}  # the ids a config.json would give (it is not copied)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, directory / "model.safetensors",
-              metadata=metadata)
-    source = getattr(model, "checkpoint_dir", None)
     files = {file: Path(source) / file for file in TOKENIZER_FILES if source is not None}
     files.update(getattr(tokenizer, "files", {}))  # ones found elsewhere (gpt-neox's config names its own)
-    for name, path in files.items():
-        if path.exists():
-            shutil.copyfile(path, directory / name)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    partial = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:8]}"  # renamed when complete
+    partial.mkdir()
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, partial / "model.safetensors",
+                  metadata=metadata)
+        for name, path in files.items():
+            if path.exists():
+                shutil.copyfile(path, partial / name)
+        _replace_directory(partial, directory)
+    except BaseException:  # interrupted or failed: no half-written checkpoint stays behind
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return directory
+
+
+def _replace_directory(new: Path, directory: Path) -> None:
+    """Rename `new` to `directory`; an existing one (empty, or a checkpoint check_output let through) is
+    moved aside first and removed only once `new` is in its place."""
+    if directory.is_dir() and any(directory.iterdir()):
+        old = directory.parent / f".{directory.name}.replaced-{uuid.uuid4().hex[:8]}"
+        directory.rename(old)
+        new.rename(directory)
+        shutil.rmtree(old)
+    else:
+        os.replace(new, directory)  # onto an empty directory, or a new name
 
 
 def stored_weight(name: str, scheme: str, group_size: int, read, split_dim: int | None = None) -> Int8Weight | Int4Weight:
