@@ -148,3 +148,116 @@ def test_run_py_with_no_new_tokens(capsys):
     assert run.main(["--max-new-tokens", "0", "--prompt", "The for statement"]) == 0
     out, err = capsys.readouterr()
     assert out == "The for statement\n" and "decode 0 tokens" in err
+
+
+# ---- config files: every key checked as it is read; no invalid config ever becomes a model ----------------
+
+import json  # noqa: E402
+import random  # noqa: E402
+
+from zoo.checkpoint import CheckpointError  # noqa: E402
+from zoo.loader import build_empty  # noqa: E402
+
+COUNTS = [0, -1, 2.5, 6.0, "4", True, None, [4]]
+NUMBERS = [0, -1e-5, "1e-5", None, True, [1.0]]
+FLAGS = ["true", 1, None]
+# format -> (file, a valid config, {key: bad values}); the valid ones are small models of each family
+CONFIGS = {
+    "meta": ("params.json", dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=32,
+                                 norm_eps=1e-5, rope_theta=10000.0, max_seq_len=128),
+             {"dim": COUNTS, "n_layers": COUNTS, "n_heads": COUNTS, "n_kv_heads": [0, 3, 2.0, "2"],
+              "vocab_size": [0, -2, 2.5, "320"], "multiple_of": COUNTS, "norm_eps": NUMBERS,
+              "rope_theta": NUMBERS, "max_seq_len": COUNTS, "ffn_dim_multiplier": [0, -1, "1.3", True],
+              "use_scaled_rope": FLAGS[:2]}),
+    "llama": ("config.json", dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=176, vocab_size=320, rms_norm_eps=1e-5,
+                                  max_position_embeddings=128),
+              {"hidden_size": COUNTS, "num_hidden_layers": COUNTS, "num_attention_heads": COUNTS,
+               "num_key_value_heads": [0, 3, "2", 2.0], "intermediate_size": COUNTS, "vocab_size": COUNTS,
+               "rms_norm_eps": NUMBERS, "rope_theta": NUMBERS, "max_position_embeddings": COUNTS, "head_dim": [0, 15, "16"],
+               "tie_word_embeddings": FLAGS, "attention_bias": FLAGS, "mlp_bias": FLAGS, "hidden_act": ["gelu", 1],
+               "rope_scaling": ["linear", 2, {"rope_type": "linear", "factor": 0}, {"rope_type": "yarn", "factor": 2.0},
+                                {"rope_type": "llama3", "factor": 8.0}]}),
+    "opt": ("config.json", dict(model_type="opt", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=160,
+                                vocab_size=320, max_position_embeddings=128),
+            {"hidden_size": COUNTS, "num_hidden_layers": COUNTS, "num_attention_heads": COUNTS + [3], "ffn_dim": COUNTS,
+             "vocab_size": COUNTS, "max_position_embeddings": COUNTS, "word_embed_proj_dim": [0, "32"],
+             "do_layer_norm_before": FLAGS, "enable_bias": FLAGS, "activation_function": ["swish", None]}),
+    "gpt_neox": ("config.json", dict(model_type="gpt_neox", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=160, vocab_size=320, max_position_embeddings=128),
+                 {"hidden_size": COUNTS, "num_hidden_layers": COUNTS, "num_attention_heads": COUNTS + [3],
+                  "intermediate_size": COUNTS, "vocab_size": COUNTS, "layer_norm_eps": NUMBERS,
+                  "rotary_pct": [-0.5, 1.5, "0.25", None, 0.1], "rotary_emb_base": NUMBERS,
+                  "use_parallel_residual": FLAGS, "hidden_act": ["swish", None]}),
+}
+
+
+def write_config(directory, fmt, cfg):
+    file = CONFIGS[fmt][0]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / file).write_text(json.dumps(cfg))
+    return directory / file
+
+
+@pytest.mark.parametrize("fmt", sorted(CONFIGS))
+def test_every_bad_config_value_is_refused_naming_the_file_and_key(fmt, tmp_path):
+    file, valid, bad = CONFIGS[fmt]
+    build_empty(write_config(tmp_path / "valid", fmt, valid).parent)  # the base builds
+    for name, values in bad.items():
+        for value in values:
+            path = write_config(tmp_path / f"{name}-{values.index(value)}", fmt, {**valid, name: value})
+            with pytest.raises(CheckpointError) as e:
+                build_empty(path.parent)
+            message = str(e.value)
+            assert message.startswith(f"{path}: "), message
+            # the key, or for a size that does not fit the others, the sizes that disagree
+            assert name in message or "multiple of" in message or "head_dim" in message or "rope" in message, message
+
+
+@pytest.mark.parametrize("fmt", sorted(CONFIGS))
+def test_random_invalid_configs_never_make_a_model(fmt, tmp_path):
+    """Property-style: several keys broken at once, at random (seeded): always an error naming the file."""
+    file, valid, bad = CONFIGS[fmt]
+    rng = random.Random(fmt)
+    for trial in range(40):
+        names = rng.sample(sorted(bad), rng.randint(1, 3))
+        cfg = {**valid, **{n: rng.choice(bad[n]) for n in names}}
+        path = write_config(tmp_path / str(trial), fmt, cfg)
+        with pytest.raises(CheckpointError, match=rf"^{path}: "):
+            build_empty(path.parent)
+
+
+def test_config_errors_through_load_and_inspect(tiny_dir, tmp_path, capsys):
+    from zoo.__main__ import main as zoo_main
+    directory = tmp_path / "tiny"
+    directory.mkdir()
+    for f in tiny_dir.iterdir():
+        (directory / f.name).symlink_to(f)
+    (directory / "params.json").unlink()
+    params = json.loads((tiny_dir / "params.json").read_text())
+    for broken, message in (({"n_layers": 6.0}, r"key 'n_layers': 6.0 is not accepted: an int >= 1"),
+                            ({"norm_eps": "1e-5"}, r"key 'norm_eps': '1e-5' is not accepted: a number > 0"),
+                            ({"n_heads": 0}, r"key 'n_heads': 0 is not accepted")):
+        (directory / "params.json").write_text(json.dumps({**params, **broken}))
+        with pytest.raises(CheckpointError, match=rf"params.json: {message}"):
+            zoo.load(directory)
+        assert zoo_main(["inspect", str(directory)]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+    # a wrong n_kv_heads in a single-file checkpoint says what may be wrong
+    (directory / "params.json").write_text(json.dumps({**params, "n_kv_heads": 4}))
+    with pytest.raises(CheckpointError, match=r"either params.json does not describe this checkpoint"):
+        zoo.load(directory)
+
+
+def _tp_sizes(rank, directory, tiny_dir):
+    with pytest.raises(CheckpointError, match=r"world size 2 does not divide the output layer's vocab_size \(321\), "
+                                              r"which tensor parallelism splits across ranks: run with a world size in \[1\]"):
+        zoo.load(directory)
+    with pytest.raises(CheckpointError, match=r"world size 2 does not divide n_heads \(4\) and n_kv_heads \(1\)"):
+        build_empty(write_config(directory.parent / f"mqa-{rank}", "llama", {**CONFIGS["llama"][1], "num_key_value_heads": 1}).parent)
+
+
+def test_sizes_the_world_size_does_not_divide_are_named_on_every_rank(tmp_path, tiny_dir):
+    from helpers import hf_llama, spawn
+    directory = save_hf(hf_llama("gqa", vocab_size=321), tmp_path / "vocab-321")
+    spawn(_tp_sizes, 2, directory, tiny_dir)

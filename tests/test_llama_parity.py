@@ -102,3 +102,19 @@ def test_bf16_close_to_fp32_as_hf_bf16_is(pair, tmp_path):
     assert ours.mean() <= 1.1 * theirs.mean()
     assert ours.max() <= 1.25 * theirs.max()
     assert ours.mean() < 0.03 * exact.std()
+
+
+def test_rmsnorm_bf16_equals_hf_bit_for_bit():
+    """RMSNorm casts the normalised fp32 values back to bf16 before the weight multiplies them, as HF's
+    LlamaRMSNorm (and Meta's) do: the same bf16 bits, not merely close ones."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from zoo.norm import RMSNorm
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(4, 9, 64, generator=g) * 3).to(torch.bfloat16)
+    weight = (1 + 0.3 * torch.randn(64, generator=g)).to(torch.bfloat16)
+    ours, theirs = RMSNorm(64, eps=1e-5).to(torch.bfloat16), LlamaRMSNorm(64, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        ours.weight.copy_(weight)
+        theirs.weight.copy_(weight)
+        assert torch.equal(ours(x), theirs(x))

@@ -53,12 +53,157 @@ def t(module: str, *tests: str) -> tuple[str, ...]:
 
 PARITY = t("test_llama_parity", "test_logits_match_hf_fp32")
 FAMILIES = t("test_families", "test_logits_match_hf_fp32")
+TP = t("test_parallel", "test_world_2_equals_single_process_for_every_layout")
 
 MUTANTS = [
-    # ---- models/llama.py ------------------------------------------------------------------------
+    # ---- models/llama.py: names, q/k permutation, SwiGLU, residual, config ------------------------
     Mutant("llama-meta-w1-w3-swapped", "zoo/models/llama.py",
            '"w1": "w_gate", "w3": "w_in"', '"w1": "w_in", "w3": "w_gate"',
            t("test_checkpoints", "test_meta_layout_equals_hf_layout")),
+    Mutant("llama-hf-qk-permutation-inverted", "zoo/models/llama.py",
+           "return t.reshape(heads, 2, cfg.head_dim // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)",
+           "return t.reshape(heads, cfg.head_dim // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)", PARITY),
+    Mutant("llama-swiglu-gate-on-up", "zoo/models/llama.py",
+           "neurons = F.silu(gate) * self.w_in(x)", "neurons = gate * F.silu(self.w_in(x))", PARITY),
+    Mutant("llama-residual-skips-attention", "zoo/models/llama.py",
+           "        out = h + m\n", "        out = x + m\n", PARITY),
+    Mutant("llama-hf-norm-eps-ignored", "zoo/models/llama.py",
+           'norm_eps=cfg.get("rms_norm_eps", 1e-6)', "norm_eps=1e-6", PARITY),
+    Mutant("llama-meta-hidden-dim-rounds-down", "zoo/models/llama.py",
+           "self.multiple_of * math.ceil(hidden / self.multiple_of)", "self.multiple_of * (hidden // self.multiple_of)",
+           t("test_inspect")),
+    # ---- models/opt.py ---------------------------------------------------------------------------------
+    Mutant("opt-positions-without-offset", "zoo/models/opt.py",
+           "h = h + self.pos_embed(positions + POSITION_OFFSET)", "h = h + self.pos_embed(positions)", FAMILIES),
+    Mutant("opt-post-ln-norm-before-residual", "zoo/models/opt.py",
+           "h = x + a if self.pre_norm else self.attn_norm(x + a)", "h = x + a if self.pre_norm else self.attn_norm(x) + a",
+           FAMILIES),
+    Mutant("opt-metaseq-qkv-order", "zoo/models/opt.py",
+           'METASEQ_QKV = ("k_proj", "v_proj", "q_proj")', 'METASEQ_QKV = ("q_proj", "k_proj", "v_proj")',
+           t("test_original", "test_metaseq_checkpoint_matches_hf")),
+    # ---- models/gpt_neox.py ----------------------------------------------------------------------------
+    Mutant("neox-qkv-split-as-blocks", "zoo/models/gpt_neox.py",
+           "return t.reshape(heads, 3, cfg.head_dim, *t.shape[1:])[:, part].reshape(heads * cfg.head_dim, *t.shape[1:])",
+           "return t.reshape(3, heads, cfg.head_dim, *t.shape[1:])[part].reshape(heads * cfg.head_dim, *t.shape[1:])",
+           FAMILIES),
+    Mutant("neox-parallel-mlp-reads-attention-output", "zoo/models/gpt_neox.py",
+           "            m = self.mlp_norm(x)\n", "            m = self.mlp_norm(x + a)\n", FAMILIES),
+    Mutant("neox-full-rotary", "zoo/models/gpt_neox.py",
+           "self.rotary_dim = int(self.head_dim * self.rotary_pct)", "self.rotary_dim = self.head_dim", FAMILIES),
+    Mutant("neox-row-bias-always-summed", "zoo/models/gpt_neox.py",
+           '"sum" if parallel_residual else "one"', '"sum"', t("test_original", "test_neox_checkpoint_matches_hf")),
+    # ---- attention.py: positions, masks, KV cache, scale -----------------------------------------------
+    # (rotary attention depends only on relative positions: OPT's learned positions are what see this one)
+    Mutant("attention-left-pad-shifts-positions", "zoo/attention.py",
+           "positions = (slots[None] - left_pad[:, None]).clamp(min=0)",
+           "positions = slots[None].expand(len(left_pad), -1)", t("test_families", "test_left_padded_batch_matches_hf")),
+    Mutant("attention-padding-attended", "zoo/attention.py",
+           "not_pad = (keys >= left_pad[:, None, None]) | (keys == slots[:, None])",
+           "not_pad = (keys >= 0) | (keys == slots[:, None])",
+           t("test_llama_parity", "test_left_padded_batch_matches_hf_attention_mask")),
+    Mutant("attention-cache-returns-only-new", "zoo/attention.py",
+           "return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]",
+           "return self.keys[layer][:, :, self.pos : end], self.values[layer][:, :, self.pos : end]",
+           t("test_llama_parity", "test_kv_cache_matches_full_forward")),
+    Mutant("attention-chunk-mask-hides-self", "zoo/attention.py",
+           "(torch.arange(start + seq, device=device) <= slots[:, None])",
+           "(torch.arange(start + seq, device=device) < slots[:, None])",
+           t("test_llama_parity", "test_kv_cache_matches_full_forward")),
+    Mutant("attention-unscaled-scores", "zoo/attention.py",
+           "attn_mask=mask, is_causal=mask is None and seq > 1,",
+           "attn_mask=mask, is_causal=mask is None and seq > 1, scale=1.0,", PARITY),
+    Mutant("attention-pattern-gqa-repeat-order", "zoo/attention.py",
+           "k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)",
+           "k, v = k.repeat(1, repeat, 1, 1), v.repeat(1, repeat, 1, 1)", t("test_hooks", "test_reading_hooks_change_nothing")),
+    # ---- rotary.py -------------------------------------------------------------------------------------
+    Mutant("rotary-interleaved-sign", "zoo/rotary.py",
+           "out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)",
+           "out = torch.stack((x1 * cos + x2 * sin, x1 * sin - x2 * cos), dim=-1).flatten(-2)", PARITY),
+    Mutant("rotary-half-split-as-interleaved", "zoo/rotary.py",
+           "x1, x2 = xf[..., : rot // 2], xf[..., rot // 2 :]", "x1, x2 = xf[..., 0::2], xf[..., 1::2]", FAMILIES),
+    Mutant("rotary-linear-scaling-multiplies", "zoo/rotary.py",
+           'return freqs / scaling["factor"]', 'return freqs * scaling["factor"]', PARITY),
+    Mutant("rotary-llama3-low-frequencies-unscaled", "zoo/rotary.py",
+           "torch.where(wavelen > old_len / low, freqs / factor, blended)",
+           "torch.where(wavelen > old_len / low, freqs, blended)", PARITY),
+    Mutant("rotary-theta-exponent", "zoo/rotary.py",
+           "[: rotary_dim // 2].float() / rotary_dim))", "[: rotary_dim // 2].float() / (rotary_dim // 2)))", PARITY),
+    # ---- norm.py -----------------------------------------------------------------------------------------
+    Mutant("rmsnorm-without-eps", "zoo/norm.py",
+           "torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)", "torch.rsqrt(xf.pow(2).mean(-1, keepdim=True))",
+           PARITY),
+    Mutant("rmsnorm-weight-before-cast", "zoo/norm.py",
+           "return xf.type_as(x) * self.weight", "return (xf * self.weight.float()).type_as(x)",
+           t("test_llama_parity", "test_rmsnorm_bf16_equals_hf_bit_for_bit")),
+    # ---- parallel/ ------------------------------------------------------------------------------------------
+    Mutant("parallel-row-bias-on-every-rank", "zoo/parallel/layers.py",
+           "y = reduce_from_parallel(F.linear(x, self.weight))  # (..., out)\n        return y if self.bias is None else y + self.bias",
+           "return reduce_from_parallel(F.linear(x, self.weight, self.bias))",
+           t("test_parallel", "test_layers_match_fairscale_forward_and_backward")),
+    Mutant("parallel-vocab-embedding-keeps-others-tokens", "zoo/parallel/layers.py",
+           "outside = (local < 0) | (local >= self.weight.shape[0])", "outside = local < 0",
+           t("test_parallel", "test_layers_match_fairscale_forward_and_backward")),
+    Mutant("parallel-copy-backward-not-reduced", "zoo/parallel/comm.py",
+           "grad = grad.clone()\n        dist.all_reduce(grad)\n", "grad = grad.clone()\n",
+           t("test_parallel", "test_layers_match_fairscale_forward_and_backward")),
+    Mutant("parallel-kv-heads-not-checked", "zoo/attention.py",
+           "if n_heads % world or n_kv_heads % world:", "if n_heads % world:",
+           t("test_parallel", "test_world_size_that_does_not_divide_heads")),
+    # ---- loader.py, original.py, checkpoint.py: merge and slice rules ------------------------------------
+    Mutant("loader-meta-shards-merged-in-reverse", "zoo/loader.py",
+           "            for p in parts:\n                lo, hi", "            for p in reversed(parts):\n                lo, hi",
+           t("test_checkpoints", "test_meta_model_parallel_shards_merge")),
+    Mutant("loader-every-rank-reads-slice-0", "zoo/loader.py",
+           "start = split.index * step if split else 0", "start = 0", TP),
+    Mutant("loader-meta-rope-freqs-not-ignored", "zoo/models/llama.py",
+           'META_IGNORED = re.compile(r"^rope\\.freqs$")', 'META_IGNORED = re.compile(r"^$")',
+           t("test_checkpoints", "test_meta_layout_equals_hf_layout")),
+    Mutant("original-norms-from-rank-0", "zoo/original.py",
+           't = (t / len(self.parts) if self.how == "mean" else t).to(dtype or self.dtype)',
+           't = (self._piece(self.parts[0], torch.float32) if self.how == "mean" else t).to(dtype or self.dtype)',
+           t("test_original", "test_neox_checkpoint_matches_hf")),
+    Mutant("checkpoint-mapped-pages-kept", "zoo/checkpoint.py",
+           "    if _LIBC is None or t.numel() == 0:\n        return\n", "    return\n", t("test_memory")),
+    # ---- sampling.py, generate.py, run.py -----------------------------------------------------------------
+    Mutant("sampling-temperature-multiplies", "zoo/sampling.py",
+           "logits = logits.float() / temperature", "logits = logits.float() * temperature",
+           t("test_generate", "test_sample_frequencies_follow_softmax")),
+    Mutant("sampling-top-k-drops-kth", "zoo/sampling.py",
+           "logits.masked_fill(logits < kth,", "logits.masked_fill(logits <= kth,",
+           t("test_generate", "test_sample_frequencies_follow_softmax")),
+    Mutant("sampling-top-p-drops-crossing-token", "zoo/sampling.py",
+           "drop = sorted_probs.cumsum(-1) - sorted_probs > top_p", "drop = sorted_probs.cumsum(-1) > top_p",
+           t("test_generate", "test_sample_frequencies_follow_softmax")),
+    Mutant("generate-right-padding", "zoo/generate.py",
+           "tokens[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)",
+           "tokens[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)",
+           t("test_llama_parity", "test_batch_of_different_lengths_equals_one_by_one")),
+    Mutant("generate-rows-never-stop", "zoo/generate.py",
+           "        done |= torch.isin(next_tokens, stop)\n", "",
+           t("test_generate", "test_stops_at_stop_token_per_row")),
+    Mutant("run-temperature-hard-coded", "run.py",
+           "temperature=args.temperature,", "temperature=0.0,", t("test_run", "test_sampling_flags_and_seed_are_used")),
+    Mutant("run-seed-ignored", "run.py", "seed=args.seed)", "seed=0)", t("test_run", "test_sampling_flags_and_seed_are_used")),
+    Mutant("run-top-p-ignored", "run.py", "top_p=args.top_p,", "top_p=None,",
+           t("test_run", "test_sampling_flags_and_seed_are_used")),
+    Mutant("run-max-new-tokens-ignored", "run.py",
+           "max_new_tokens=args.max_new_tokens,", "max_new_tokens=128,",
+           t("test_run", "test_greedy_prints_the_models_continuation")),
+    # ---- hooks.py (behaviour any rewrite keeps; extend the list as the module settles) ---------------------
+    Mutant("hooks-mean-ablation-is-zero", "zoo/hooks.py",
+           'x[tuple(index)] = 0 if self.mode == "zero" else self._running_mean(x[tuple(index)], ctx)',
+           "x[tuple(index)] = 0", t("test_hooks", "test_ablate_neurons_and_mean_mode")),
+    # ---- quant/ and kernels/ (behaviour any rewrite keeps; extend the list as the modules settle) -----------
+    Mutant("quant-int8-one-scale-per-tensor", "zoo/quant/__init__.py",
+           "scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127",
+           "scales = w.abs().amax().clamp(min=1e-12).expand(w.shape[0]) / 127", t("test_quant")),
+    Mutant("quant-int4-step-twice-too-coarse", "zoo/quant/__init__.py",
+           "scales = ((hi - lo) / 15).clamp(min=1e-12)", "scales = ((hi - lo) / 7.5).clamp(min=1e-12)", t("test_quant")),
+    Mutant("kernels-int4-nibbles-swapped", "zoo/kernels/reference.py",
+           "return q[..., 0::2] | (q[..., 1::2] << 4)", "return q[..., 1::2] | (q[..., 0::2] << 4)", t("test_kernels")),
+    Mutant("kernels-int8-dispatch-inverted", "zoo/kernels/__init__.py",
+           'return "cpu-op" if x.numel() // x.shape[-1] <= INT8_CPU_OP_MAX_M else "cpu-dequantize"',
+           'return "cpu-op" if x.numel() // x.shape[-1] > INT8_CPU_OP_MAX_M else "cpu-dequantize"', t("test_kernels")),
 ]
 
 
@@ -90,6 +235,14 @@ def copy_of(base: Path, dest: Path) -> Path:
     """A copy of base whose files are hard links (cheap); a file to change is unlinked first, never edited."""
     shutil.copytree(base, dest, copy_function=os.link)
     return dest
+
+
+def first_failure(output: str) -> str:
+    """The first test pytest's short summary names as failed or in error ('' if none)."""
+    for line in output.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            return line.split()[1]
+    return ""
 
 
 def pytest(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[int | str, float, str]:
@@ -163,7 +316,8 @@ def main(argv=None) -> int:
             verdict = "survived" if rc == 0 else "killed"
             if rc == 0:
                 survived.append(m)
-            print(f"{verdict:8s} {seconds:5.1f}s  {m.name}{'  (timeout)' if rc == 'timeout' else ''}", flush=True)
+            by = "timeout" if rc == "timeout" else first_failure(out) if rc else ""
+            print(f"{verdict:8s} {seconds:5.1f}s  {m.name}{f'  by {by}' if by else ''}", flush=True)
             shutil.rmtree(root)
 
     killed = len(chosen) - len(survived)

@@ -132,6 +132,15 @@ def positions_and_mask(tokens: torch.Tensor, cache: KVCache | None,
     return positions, (causal & not_pad)[:, None]
 
 
+def check_heads_split(n_heads: int, n_kv_heads: int) -> None:
+    """Tensor parallelism splits the query heads and the key/value heads: the world size must divide both."""
+    world = world_size()
+    if n_heads % world or n_kv_heads % world:
+        fits = [w for w in range(1, n_kv_heads + 1) if n_kv_heads % w == 0 and n_heads % w == 0]
+        raise ValueError(f"world size {world} does not divide n_heads ({n_heads}) and n_kv_heads "
+                         f"({n_kv_heads}): run with a world size in {fits}")
+
+
 class Attention(nn.Module):
     """Under tensor parallelism each rank holds n_heads/w query heads and n_kv_heads/w kv heads:
     wq/wk/wv are column-parallel (split by heads), wo row-parallel (its partial sums all-reduced)."""
@@ -141,11 +150,8 @@ class Attention(nn.Module):
         super().__init__()
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        check_heads_split(n_heads, n_kv_heads)
         world = world_size()
-        if n_heads % world or n_kv_heads % world:
-            fits = [w for w in range(1, n_kv_heads + 1) if n_kv_heads % w == 0 and n_heads % w == 0]
-            raise ValueError(f"world size {world} does not divide n_heads ({n_heads}) and n_kv_heads "
-                             f"({n_kv_heads}): run with a world size in {fits}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads // world, n_kv_heads // world, head_dim  # this rank's
         self.interleaved = rotary == "interleaved"
         self.rotary = rotary is not None

@@ -79,3 +79,35 @@ def device(name: str, value) -> torch.device:
         count = torch.cuda.device_count()
         require(dev.index is None or dev.index < count, name, value, f"a GPU index in 0..{count - 1}")
     return dev
+
+
+# ---- config files: each key read once, checked as it is read ------------------------------------
+REQUIRED = object()
+COUNT = ("an int >= 1", lambda v: is_int(v) and v >= 1)
+POSITIVE = ("a number > 0", lambda v: is_number(v) and v > 0)
+FRACTION = ("a number in 0..1", lambda v: is_number(v) and 0 <= v <= 1)
+FLAG = ("true or false", lambda v: isinstance(v, bool))
+TEXT = ("a string", lambda v: isinstance(v, str))
+MAPPING = ("a mapping of keys to values", lambda v: isinstance(v, dict))
+
+
+def key(cfg: dict, name: str, kind: tuple, default=REQUIRED, nullable: bool = False, numeric_text: bool = False):
+    """cfg[name], checked to be of `kind` (COUNT, POSITIVE, ...), else a ValueError naming the key and the value.
+
+    default: the value when the key is absent (REQUIRED: an error). nullable: null (None) also means
+    the default. numeric_text: a string that reads as a number is that number (YAML reads 1e-5 as text).
+    """
+    accepted, ok = kind
+    if name not in cfg or (nullable and cfg[name] is None):
+        if default is REQUIRED:
+            raise ValueError(f"missing key {name!r} ({accepted})")
+        return default
+    value = cfg[name]
+    if numeric_text and isinstance(value, str):
+        try:
+            value = float(value) if not value.strip().lstrip("+-").isdigit() else int(value)
+        except ValueError:
+            pass
+    if not ok(value):
+        raise ValueError(f"key {name!r}: {shown(value)} is not accepted: {accepted}")
+    return value

@@ -143,7 +143,8 @@ def build_empty(ckpt: str | os.PathLike) -> nn.Module:
         params = _read_json(directory / "params.json")
         tokenizer = load_tokenizer(directory)
         # vocab_size -1 means the tokenizer's; without one, LLaMA 1/2's SentencePiece vocabulary of 32000
-        cfg = llama.LlamaConfig.from_meta(params, vocab_size=tokenizer.n_words if tokenizer else 32000)
+        cfg = _parsed(directory / "params.json", llama.LlamaConfig.from_meta, params,
+                      tokenizer.n_words if tokenizer else 32000)
         return _build(llama.Llama, cfg, directory / "params.json")
     if _is_quantized(directory):  # the float model of the same shapes
         _, family, cfg = _quantized_config(directory / "model.safetensors")
@@ -173,10 +174,7 @@ def _meta_checkpoint(directory: Path, max_seq_len: int | None):
     vocab = tokenizer.n_words if tokenizer else None
     if vocab is None and "tok_embeddings.weight" in files[0]:
         vocab = files[0]["tok_embeddings.weight"].shape[0]  # vocab_size -1 (LLaMA 1/2) split the embedding dim
-    try:
-        cfg = llama.LlamaConfig.from_meta(params, vocab_size=vocab)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{directory / 'params.json'}: {e}") from None
+    cfg = _parsed(directory / "params.json", llama.LlamaConfig.from_meta, params, vocab)
     _set_context(cfg, max_seq_len)
     model = _build(llama.Llama, cfg, directory / "params.json")
     expected = _full_shapes(model)
@@ -217,9 +215,10 @@ def _merge_shards(parts: list[StoredTensor], full: tuple) -> Source:
         if have < full[dims[0]] and full[dims[0]] % shapes[0][dims[0]] == 0:  # shards at the end are missing
             n = full[dims[0]] // shapes[0][dims[0]]
             raise CheckpointError(f"{parts[0].path.parent}: {parts[0].key!r} has {have} of {full[dims[0]]} rows "
-                                  f"along dim {dims[0]} in {len(parts)} file(s): a checkpoint of {n} model-parallel "
-                                  f"shards whose consolidated.{len(parts):02d}.pth ... consolidated.{n - 1:02d}.pth "
-                                  f"are missing")
+                                  f"along dim {dims[0]} in {len(parts)} file(s): either params.json does not describe "
+                                  f"this checkpoint (the sizes follow from dim, n_heads, n_kv_heads, multiple_of and "
+                                  f"ffn_dim_multiplier), or it is a checkpoint of {n} model-parallel shards whose "
+                                  f"consolidated.{len(parts):02d}.pth ... consolidated.{n - 1:02d}.pth are missing")
     if len(parts) == 1 or all(s == full for s in shapes):  # one file, or a replicated tensor
         return Source(where, shapes[0], lambda split, dtype: parts[0].read(*(split or ()), dtype=dtype))
     if (len(dims) != 1 or any(len(s) != len(full) for s in shapes)
@@ -262,10 +261,15 @@ def _hf_config(directory: Path):
         raise CheckpointError(f"{directory / 'config.json'}: unknown model_type {model_type!r}; "
                               f"supported: {', '.join(FAMILIES)}")
     family = FAMILIES[model_type]
+    return config, family, _parsed(directory / "config.json", family.config.from_hf, config)
+
+
+def _parsed(path: Path, read: Callable, *args):
+    """read(*args): a config read from the file at `path`; an error in it names the file."""
     try:
-        return config, family, family.config.from_hf(config)
+        return read(*args)
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{directory / 'config.json'}: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _hf_checkpoint(directory: Path, max_seq_len: int | None):

@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.attention import Attention, KVCache, checked_inputs, positions_and_mask
+from zoo.attention import Attention, KVCache, check_heads_split, checked_inputs, positions_and_mask
+from zoo.checks import COUNT, FLAG, FRACTION, MAPPING, POSITIVE, TEXT, key
 from zoo.hooks import hook_points, resolve
 from zoo.mlp import MLP
-from zoo.parallel import column_parallel_linear, parallel_embedding
+from zoo.parallel import check_split, column_parallel_linear, parallel_embedding
 from zoo.rotary import inv_frequencies, rope_angles
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -45,27 +46,35 @@ class GPTNeoXConfig:
     tie_embeddings: bool = False
 
     def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim ({self.dim}) is not a multiple of n_heads ({self.n_heads})")
         self.head_dim = self.dim // self.n_heads
         self.n_kv_heads = self.n_heads
         self.rotary_dim = int(self.head_dim * self.rotary_pct)
+        if self.rotary_dim % 2:
+            raise ValueError(f"rotary dims ({self.rotary_dim} = {self.rotary_pct} of head_dim {self.head_dim}) are odd: "
+                             f"rotary embeddings rotate pairs of dims")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"hidden_act {self.activation!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "GPTNeoXConfig":
         """From config.json: rotary settings as `rotary_pct`/`rotary_emb_base` or transformers 5's `rope_parameters`."""
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope = key(cfg, "rope_parameters", MAPPING, None, nullable=True) or \
+            key(cfg, "rope_scaling", MAPPING, None, nullable=True) or {}
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"rope type {rope['rope_type']!r} is not supported for GPT-NeoX")
-        return cls(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-                   hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
-                   max_seq_len=cfg.get("max_position_embeddings", 2048),
-                   rotary_pct=rope.get("partial_rotary_factor", cfg.get("rotary_pct", 0.25)),
-                   rope_theta=rope.get("rope_theta", cfg.get("rotary_emb_base", 10000.0)),
-                   norm_eps=cfg.get("layer_norm_eps", 1e-5), parallel_residual=cfg.get("use_parallel_residual", True),
-                   bias=cfg.get("attention_bias", True), activation=cfg.get("hidden_act", "gelu"),
-                   tie_embeddings=cfg.get("tie_word_embeddings", False))
-
+        return cls(dim=key(cfg, "hidden_size", COUNT), n_layers=key(cfg, "num_hidden_layers", COUNT),
+                   n_heads=key(cfg, "num_attention_heads", COUNT), hidden_dim=key(cfg, "intermediate_size", COUNT),
+                   vocab_size=key(cfg, "vocab_size", COUNT),
+                   max_seq_len=key(cfg, "max_position_embeddings", COUNT, default=2048),
+                   rotary_pct=key(rope, "partial_rotary_factor", FRACTION, None) or key(cfg, "rotary_pct", FRACTION, 0.25),
+                   rope_theta=key(rope, "rope_theta", POSITIVE, None) or key(cfg, "rotary_emb_base", POSITIVE, 10000.0),
+                   norm_eps=key(cfg, "layer_norm_eps", POSITIVE, default=1e-5),
+                   parallel_residual=key(cfg, "use_parallel_residual", FLAG, default=True),
+                   bias=key(cfg, "attention_bias", FLAG, default=True),
+                   activation=key(cfg, "hidden_act", TEXT, default="gelu"),
+                   tie_embeddings=key(cfg, "tie_word_embeddings", FLAG, default=False))
 
     @classmethod
     def from_neox(cls, args: dict, vocab_size: int, hidden_dim: int) -> "GPTNeoXConfig":
@@ -79,23 +88,26 @@ class GPTNeoXConfig:
                        "mlp_type": ("regular", "regular"),
                        "use_bias_in_norms": (True, True), "use_bias_in_mlp": (True, True),
                        "activation": ("gelu", ("gelu", "relu"))}  # key: (gpt-neox's default, what zoo supports)
-        for key, (default, supported) in unsupported.items():
-            value = args.get(key, default)
+        for option, (default, supported) in unsupported.items():
+            value = args.get(option, default)
             if value not in (supported if isinstance(supported, tuple) else (supported,)):
-                raise ValueError(f"{key.replace('_', '-')}: {value!r} is not supported by zoo's GPT-NeoX "
+                raise ValueError(f"{option.replace('_', '-')}: {value!r} is not supported by zoo's GPT-NeoX "
                                  f"(supported: {supported!r})")
         if args.get("num_kv_heads") not in (None, args["num_attention_heads"]):
             raise ValueError("num-kv-heads: grouped-query attention is not supported by zoo's GPT-NeoX")
         activation = "gelu_new" if args.get("activation", "gelu") == "gelu" and args.get("openai_gelu") else \
             args.get("activation", "gelu")
-        return cls(dim=args["hidden_size"], n_layers=args["num_layers"], n_heads=args["num_attention_heads"],
-                   hidden_dim=hidden_dim, vocab_size=vocab_size,
-                   max_seq_len=args.get("max_position_embeddings") or args.get("seq_length") or 2048,
-                   # float(): PyYAML reads a number without a dot, like 1e-5, as a string
-                   rotary_pct=float(args.get("rotary_pct", 1.0)), rope_theta=float(args.get("rotary_emb_base", 10000)),
-                   norm_eps=float(args.get("layernorm_epsilon", 1e-5)), parallel_residual=args.get("gpt_j_residual", False),
-                   bias=args.get("use_bias_in_attn_linear", True), activation=activation,
-                   tie_embeddings=not args.get("no_weight_tying", False))
+        yaml = dict(numeric_text=True)  # PyYAML reads a number without a dot, like 1e-5, as a string
+        return cls(dim=key(args, "hidden_size", COUNT, **yaml), n_layers=key(args, "num_layers", COUNT, **yaml),
+                   n_heads=key(args, "num_attention_heads", COUNT, **yaml), hidden_dim=hidden_dim, vocab_size=vocab_size,
+                   max_seq_len=key(args, "max_position_embeddings", COUNT, None, nullable=True, **yaml)
+                   or key(args, "seq_length", COUNT, 2048, nullable=True, **yaml),
+                   rotary_pct=key(args, "rotary_pct", FRACTION, 1.0, **yaml),
+                   rope_theta=key(args, "rotary_emb_base", POSITIVE, 10000, **yaml),
+                   norm_eps=key(args, "layernorm_epsilon", POSITIVE, 1e-5, **yaml),
+                   parallel_residual=key(args, "gpt_j_residual", FLAG, False),
+                   bias=key(args, "use_bias_in_attn_linear", FLAG, True), activation=activation,
+                   tie_embeddings=not key(args, "no_weight_tying", FLAG, False))
 
 
 class Block(nn.Module):
@@ -138,6 +150,9 @@ class GPTNeoX(nn.Module):
     def __init__(self, cfg: GPTNeoXConfig):
         super().__init__()
         self.config = cfg
+        check_heads_split(cfg.n_heads, cfg.n_heads)  # the splits, before any layer is built
+        check_split({"the embedding's dim": cfg.dim, "the MLP's hidden_dim": cfg.hidden_dim,
+                     "the output layer's vocab_size": cfg.vocab_size})
         self.embed = parallel_embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)

@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.attention import Attention, KVCache, checked_inputs, positions_and_mask
+from zoo.attention import Attention, KVCache, check_heads_split, checked_inputs, positions_and_mask
+from zoo.checks import COUNT, FLAG, MAPPING, POSITIVE, TEXT, is_int, key
 from zoo.hooks import hook_points, resolve
 from zoo.norm import RMSNorm
-from zoo.parallel import column_parallel_linear, parallel_embedding, row_parallel_linear, world_size
+from zoo.parallel import check_split, column_parallel_linear, parallel_embedding, row_parallel_linear, world_size
 from zoo.rotary import ROPE_TYPES, inv_frequencies, rope_angles
 
 
@@ -48,7 +49,11 @@ class LlamaConfig:
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise ValueError(f"dim ({self.dim}) is not a multiple of n_heads ({self.n_heads}), and no head_dim is given")
         self.head_dim = self.head_dim or self.dim // self.n_heads
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) is odd: rotary embeddings rotate pairs of dims")
         if self.hidden_dim is None:  # Meta's rule: 2/3 of 4*dim, scaled, rounded up to a multiple
             hidden = int(2 * (4 * self.dim) / 3)
             if self.ffn_dim_multiplier is not None:
@@ -59,44 +64,62 @@ class LlamaConfig:
         kind = (self.rope_scaling or {}).get("rope_type", "default")
         if kind not in ROPE_TYPES:
             raise ValueError(f"unsupported rope scaling {kind!r}; supported: {', '.join(ROPE_TYPES)}")
+        if self.rope_scaling:  # the numbers rotary.inv_frequencies reads
+            key(self.rope_scaling, "factor", POSITIVE)
+            if kind == "llama3":
+                for name in ("low_freq_factor", "high_freq_factor"):
+                    key(self.rope_scaling, name, POSITIVE)
+                key(self.rope_scaling, "original_max_position_embeddings", COUNT)
 
     @classmethod
     def from_meta(cls, params: dict, vocab_size: int | None = None) -> "LlamaConfig":
         """From Meta's params.json. vocab_size -1 there means 'the tokenizer's size' (passed in)."""
         known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                  "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len"}
-        missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
-        if missing:  # Meta's defaults are 7B's: a file without them would silently build the wrong model
-            raise ValueError(f"missing required key(s) {', '.join(missing)}")
-        args = {k: v for k, v in params.items() if k in known and k != "use_scaled_rope"}
-        if args.get("vocab_size", -1) <= 0:
-            args["vocab_size"] = vocab_size
-        if params.get("use_scaled_rope"):  # LLaMA 3.1's constants (llama-models' apply_scaling)
-            args["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-        if "max_seq_len" not in args:  # not in Meta's files: LLaMA 2 4096, LLaMA 3 8192, 3.1 131072
-            theta = params.get("rope_theta", 10000.0)
-            args["max_seq_len"] = 131072 if params.get("use_scaled_rope") else 8192 if theta >= 500000 else 4096
-        return cls(**args, extra={k: v for k, v in params.items() if k not in known})
+        # Meta's defaults are 7B's: a file without dim, n_layers or n_heads would silently build the wrong model
+        dim, n_layers, n_heads = key(params, "dim", COUNT), key(params, "n_layers", COUNT), key(params, "n_heads", COUNT)
+        vocab = key(params, "vocab_size", ("an int >= 1, or -1 for the tokenizer's", lambda v: is_int(v) and v >= -1
+                                           and v != 0), default=-1)
+        if vocab == -1:
+            if vocab_size is None:
+                raise ValueError("vocab_size -1 means the tokenizer's, and there is no tokenizer.model beside it")
+            vocab = vocab_size
+        scaled = key(params, "use_scaled_rope", FLAG, default=False)
+        theta = key(params, "rope_theta", POSITIVE, default=10000.0)
+        return cls(
+            dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=key(params, "n_kv_heads", COUNT, None, nullable=True),
+            vocab_size=vocab, multiple_of=key(params, "multiple_of", COUNT, default=256),
+            ffn_dim_multiplier=key(params, "ffn_dim_multiplier", POSITIVE, None, nullable=True),
+            norm_eps=key(params, "norm_eps", POSITIVE, default=1e-5), rope_theta=theta,
+            # LLaMA 3.1's constants (llama-models' apply_scaling)
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 8192} if scaled else None,
+            # not in Meta's files: LLaMA 2 4096, LLaMA 3 8192, 3.1 131072
+            max_seq_len=key(params, "max_seq_len", COUNT, default=131072 if scaled else 8192 if theta >= 500000 else 4096),
+            extra={k: v for k, v in params.items() if k not in known})
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "LlamaConfig":
         """From a Hugging Face config.json (rope settings in the v4 or the v5 `rope_parameters` layout)."""
-        if cfg.get("hidden_act", "silu") != "silu":
+        if key(cfg, "hidden_act", TEXT, default="silu") != "silu":
             raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported by LLaMA (silu only)")
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope = dict(key(cfg, "rope_parameters", MAPPING, None, nullable=True) or
+                    key(cfg, "rope_scaling", MAPPING, None, nullable=True) or {})
+        theta = key(rope, "rope_theta", POSITIVE, default=None) or key(cfg, "rope_theta", POSITIVE, default=10000.0)
+        rope.pop("rope_theta", None)
         if "type" in rope:  # legacy name of rope_type
             rope.setdefault("rope_type", rope.pop("type"))
         return cls(
-            dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-            n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
-            hidden_dim=cfg["intermediate_size"], head_dim=cfg.get("head_dim"),
-            norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta,
-            rope_scaling=None if rope.get("rope_type", "default") == "default" else rope,
-            max_seq_len=cfg.get("max_position_embeddings", 2048),
-            tie_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", False), mlp_bias=cfg.get("mlp_bias", False),
+            dim=key(cfg, "hidden_size", COUNT), n_layers=key(cfg, "num_hidden_layers", COUNT),
+            n_heads=key(cfg, "num_attention_heads", COUNT),
+            n_kv_heads=key(cfg, "num_key_value_heads", COUNT, None, nullable=True),
+            vocab_size=key(cfg, "vocab_size", COUNT), hidden_dim=key(cfg, "intermediate_size", COUNT),
+            head_dim=key(cfg, "head_dim", COUNT, None, nullable=True), norm_eps=key(cfg, "rms_norm_eps", POSITIVE, 1e-6),
+            rope_theta=theta, rope_scaling=None if rope.get("rope_type", "default") == "default" else rope,
+            max_seq_len=key(cfg, "max_position_embeddings", COUNT, default=2048),
+            tie_embeddings=key(cfg, "tie_word_embeddings", FLAG, default=False),
+            attention_bias=key(cfg, "attention_bias", FLAG, default=False),
+            mlp_bias=key(cfg, "mlp_bias", FLAG, default=False),
         )
 
 
@@ -160,6 +183,9 @@ class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.config = cfg
+        check_heads_split(cfg.n_heads, cfg.n_kv_heads)  # the splits, before any layer is built
+        check_split({"the embedding's dim": cfg.dim, "the MLP's hidden_dim": cfg.hidden_dim,
+                     "the output layer's vocab_size": cfg.vocab_size})
         self.embed = parallel_embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)

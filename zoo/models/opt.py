@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.attention import Attention, KVCache, checked_inputs, positions_and_mask
+from zoo.attention import Attention, KVCache, check_heads_split, checked_inputs, positions_and_mask
+from zoo.checks import COUNT, FLAG, TEXT, key
 from zoo.hooks import hook_points, resolve
 from zoo.mlp import MLP
-from zoo.parallel import column_parallel_linear, parallel_embedding, world_size
+from zoo.parallel import check_split, column_parallel_linear, parallel_embedding, world_size
 
 POSITION_OFFSET = 2
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -46,6 +47,8 @@ class OPTConfig:
     def __post_init__(self):
         self.positions = self.positions or self.max_seq_len
         self.embed_dim = self.embed_dim or self.dim
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim ({self.dim}) is not a multiple of n_heads ({self.n_heads})")
         self.head_dim = self.dim // self.n_heads
         self.n_kv_heads = self.n_heads
         if self.activation not in ACTIVATIONS:
@@ -54,15 +57,17 @@ class OPTConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "OPTConfig":
-        pre_norm = cfg.get("do_layer_norm_before", True)
-        return cls(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-                   hidden_dim=cfg["ffn_dim"], vocab_size=cfg["vocab_size"],
-                   max_seq_len=cfg.get("max_position_embeddings", 2048), embed_dim=cfg.get("word_embed_proj_dim"),
-                   pre_norm=pre_norm, final_norm=pre_norm and not cfg.get("_remove_final_layer_norm", False),
-                   norm_affine=cfg.get("layer_norm_elementwise_affine", True), bias=cfg.get("enable_bias", True),
-                   activation=cfg.get("activation_function", "relu"),
-                   tie_embeddings=cfg.get("tie_word_embeddings", True))
-
+        pre_norm = key(cfg, "do_layer_norm_before", FLAG, default=True)
+        return cls(dim=key(cfg, "hidden_size", COUNT), n_layers=key(cfg, "num_hidden_layers", COUNT),
+                   n_heads=key(cfg, "num_attention_heads", COUNT), hidden_dim=key(cfg, "ffn_dim", COUNT),
+                   vocab_size=key(cfg, "vocab_size", COUNT),
+                   max_seq_len=key(cfg, "max_position_embeddings", COUNT, default=2048),
+                   embed_dim=key(cfg, "word_embed_proj_dim", COUNT, None, nullable=True),
+                   pre_norm=pre_norm, final_norm=pre_norm and not key(cfg, "_remove_final_layer_norm", FLAG, False),
+                   norm_affine=key(cfg, "layer_norm_elementwise_affine", FLAG, default=True),
+                   bias=key(cfg, "enable_bias", FLAG, default=True),
+                   activation=key(cfg, "activation_function", TEXT, default="relu"),
+                   tie_embeddings=key(cfg, "tie_word_embeddings", FLAG, default=True))
 
     @classmethod
     def from_metaseq(cls, cfg: dict, shapes: dict[str, tuple]) -> "OPTConfig":
@@ -77,13 +82,13 @@ class OPTConfig:
         if unresolved:  # an omegaconf interpolation, resolved only by omegaconf itself
             raise ValueError(f"{', '.join(unresolved)}: unresolved omegaconf interpolation(s); put the model's Hugging "
                              f"Face config.json beside the checkpoint")
-        for key in ("decoder.embed_tokens.weight", "decoder.embed_positions.weight", "decoder.layers.0.fc1.weight"):
-            if key not in shapes:
-                raise ValueError(f"missing tensor {key!r} (metaseq names)")
-        for key, opt_value in (("no_scale_embedding", True), ("layernorm_embedding", False),
-                               ("decoder_learned_pos", True), ("share_decoder_input_output_embed", True)):
-            if cfg.get(key, opt_value) != opt_value:
-                raise ValueError(f"{key}={cfg[key]!r} is not supported (OPT has {key}={opt_value!r})")
+        for tensor in ("decoder.embed_tokens.weight", "decoder.embed_positions.weight", "decoder.layers.0.fc1.weight"):
+            if tensor not in shapes:
+                raise ValueError(f"missing tensor {tensor!r} (metaseq names)")
+        for option, opt_value in (("no_scale_embedding", True), ("layernorm_embedding", False),
+                                  ("decoder_learned_pos", True), ("share_decoder_input_output_embed", True)):
+            if cfg.get(option, opt_value) != opt_value:
+                raise ValueError(f"{option}={cfg[option]!r} is not supported (OPT has {option}={opt_value!r})")
         layers = {int(k.split(".")[2]) for k in shapes if k.startswith("decoder.layers.")}
         vocab_size, embed_dim = shapes["decoder.embed_tokens.weight"]
         positions, dim = shapes["decoder.embed_positions.weight"]
@@ -92,11 +97,11 @@ class OPTConfig:
         if final_norm and not pre_norm:
             raise ValueError("a post-LN model (decoder_normalize_before False) with a final layer norm is not "
                              "supported")
-        return cls(dim=dim, n_layers=len(layers), n_heads=cfg["decoder_attention_heads"],
+        return cls(dim=dim, n_layers=len(layers), n_heads=key(cfg, "decoder_attention_heads", COUNT),
                    hidden_dim=shapes["decoder.layers.0.fc1.weight"][0], vocab_size=vocab_size,
                    max_seq_len=positions - POSITION_OFFSET, embed_dim=embed_dim, pre_norm=pre_norm,
                    final_norm=final_norm, norm_affine="decoder.layers.0.self_attn_layer_norm.weight" in shapes,
-                   bias="decoder.layers.0.fc1.bias" in shapes, activation=cfg.get("activation_fn", "relu"))
+                   bias="decoder.layers.0.fc1.bias" in shapes, activation=key(cfg, "activation_fn", TEXT, "relu"))
 
 
 class Block(nn.Module):
@@ -136,6 +141,9 @@ class OPT(nn.Module):
     def __init__(self, cfg: OPTConfig):
         super().__init__()
         self.config = cfg
+        check_heads_split(cfg.n_heads, cfg.n_heads)  # the splits, before any layer is built
+        check_split({"the embedding's embed_dim": cfg.embed_dim, "the MLP's hidden_dim": cfg.hidden_dim,
+                     "the output layer's vocab_size": cfg.vocab_size})
         self.embed = parallel_embedding(cfg.vocab_size, cfg.embed_dim)
         self.project_in = nn.Linear(cfg.embed_dim, cfg.dim, bias=False) if cfg.embed_dim != cfg.dim else None
         self.pos_embed = nn.Embedding(cfg.positions + POSITION_OFFSET, cfg.dim)  # all it learned

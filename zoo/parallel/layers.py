@@ -17,6 +17,16 @@ from zoo.parallel.comm import (copy_to_parallel, gather_from_parallel, rank, red
                                scatter_to_parallel, world_size)
 
 
+def check_split(sizes: dict[str, int]) -> None:
+    """Before a model builds its layers: each size split across ranks (named by what it is) must divide evenly."""
+    world = world_size()
+    bad = [f"{what} ({size})" for what, size in sizes.items() if size % world]
+    if bad:
+        fits = [w for w in range(1, min(sizes.values()) + 1) if all(size % w == 0 for size in sizes.values())]
+        raise ValueError(f"world size {world} does not divide {', '.join(bad)}, which tensor parallelism splits "
+                         f"across ranks: run with a world size in {fits}")
+
+
 def _part(size: int, what: str) -> int:
     if size % world_size():
         raise ValueError(f"{what} ({size}) is not divisible by the world size ({world_size()})")
