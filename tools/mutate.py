@@ -68,7 +68,7 @@ MUTANTS = [
     Mutant("llama-residual-skips-attention", "zoo/models/llama.py",
            "        out = h + m\n", "        out = x + m\n", PARITY),
     Mutant("llama-hf-norm-eps-ignored", "zoo/models/llama.py",
-           'norm_eps=cfg.get("rms_norm_eps", 1e-6)', "norm_eps=1e-6", PARITY),
+           'norm_eps=key(cfg, "rms_norm_eps", POSITIVE, 1e-6)', "norm_eps=1e-6", PARITY),
     Mutant("llama-meta-hidden-dim-rounds-down", "zoo/models/llama.py",
            "self.multiple_of * math.ceil(hidden / self.multiple_of)", "self.multiple_of * (hidden // self.multiple_of)",
            t("test_inspect")),
@@ -202,8 +202,8 @@ MUTANTS = [
     Mutant("kernels-int4-nibbles-swapped", "zoo/kernels/reference.py",
            "return q[..., 0::2] | (q[..., 1::2] << 4)", "return q[..., 1::2] | (q[..., 0::2] << 4)", t("test_kernels")),
     Mutant("kernels-int8-dispatch-inverted", "zoo/kernels/__init__.py",
-           'return "cpu-op" if x.numel() // x.shape[-1] <= INT8_CPU_OP_MAX_M else "cpu-dequantize"',
-           'return "cpu-op" if x.numel() // x.shape[-1] > INT8_CPU_OP_MAX_M else "cpu-dequantize"', t("test_kernels")),
+           "if x.numel() // x.shape[-1] > INT8_CPU_OP_MAX_M:", "if x.numel() // x.shape[-1] <= INT8_CPU_OP_MAX_M:",
+           t("test_kernels")),
 ]
 
 
