@@ -184,6 +184,24 @@ def test_dispatch_paths_on_cpu():
         int8_path(torch.zeros(1, 64, device="meta"), int8)
 
 
+def test_int8_weight_pads_k_once_for_the_cpu_operator():
+    """torch's int8 operator needs K % 16 == 0 (cpu.py): prepare() pads the weight with zero columns once,
+    keeps qweight as a view of the same memory (held once, saved unpadded), and int8_linear pads x."""
+    qweight, scales = random_int8(40, 72)
+    weight = Int8Weight(qweight.clone(), scales)
+    with pytest.raises(RuntimeError, match=r"K = 72 is not a multiple of 16.*call weight.prepare\(\)"):
+        int8_linear(torch.zeros(3, 72), weight)  # unprepared: a clear error, not torch's garbage or SIGSEGV
+    with pytest.raises(ValueError, match=r"needs K a multiple of 16.*got weight \(40, 72\)"):
+        int8_mm_cpu(torch.zeros(3, 72, dtype=torch.bfloat16), qweight, scales)
+    weight.prepare()
+    assert weight.cpu.shape == (40, 80) and torch.equal(weight.cpu[:, 72:], torch.zeros(40, 8, dtype=torch.int8))
+    assert torch.equal(weight.qweight, qweight) and weight.qweight.data_ptr() == weight.cpu.data_ptr()
+    for m in (1, 17, 129):  # the padded operator, and the dequantize path past INT8_CPU_OP_MAX_M
+        x = random_x((m, 72), torch.bfloat16, seed=m)
+        assert rel_err(int8_linear(x, weight), int8_linear_ref(x.float(), qweight, scales)) <= TOL[torch.bfloat16]
+    assert Int8Weight(*random_int8(40, 96)).prepare().cpu is None  # round K: nothing padded, nothing copied
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("m", [1, 200])
 def test_dispatch_matches_reference_on_cpu(m, dtype):
