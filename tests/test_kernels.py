@@ -202,6 +202,29 @@ def test_int8_weight_pads_k_once_for_the_cpu_operator():
     assert Int8Weight(*random_int8(40, 96)).prepare().cpu is None  # round K: nothing padded, nothing copied
 
 
+def test_padding_costs_round_k_nothing():
+    """The operator calls of int8_linear: round K runs torch's operator on x as it is (what it ran before
+    odd K was padded), odd K adds one pad of x; both call the operator once."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    for k, pads in ((96, 0), (72, 1)):
+        weight = Int8Weight(*random_int8(40, k)).prepare()
+        x = random_x((1, k), torch.bfloat16)
+        with Ops() as ops:
+            int8_linear(x, weight)
+        assert ops.names.count("_weight_int8pack_mm.default") == 1, ops.names
+        assert ops.names.count("constant_pad_nd.default") == pads, ops.names
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("m", [1, 200])
 def test_dispatch_matches_reference_on_cpu(m, dtype):
