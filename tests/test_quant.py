@@ -386,3 +386,33 @@ def test_inspect_a_quantized_checkpoint(tiny_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "zoo", "inspect", str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "total parameters: 6,622,464" in r.stdout
+
+
+def test_int4_floating_layers_are_said_once_and_shown_by_inspect(tmp_path, capsys):
+    """Hidden 96 takes groups of 32 but not 64; the FFN's 200 inputs take neither: loading says so in one line,
+    a saved checkpoint stores that layer as a float L.weight, and inspect shows both."""
+    from zoo.__main__ import main
+    directory = save_hf(hf_llama("gqa", hidden_size=96, intermediate_size=200), tmp_path / "hf")
+    capsys.readouterr()
+    model = zoo.load(directory, quant="int4", group_size=32)
+    assert capsys.readouterr().err == ("zoo: int4 group 32 leaves in floating point: blocks.*.mlp.w_out (K = 200 "
+                                       "inputs do not split into int4 groups of 32)\n")
+    out = quant.save(model, tmp_path / "q")
+    from safetensors import safe_open
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {"blocks.1.mlp.w_out.weight", "blocks.1.mlp.w_in.packed"} <= set(f.keys())
+        assert "blocks.1.mlp.w_out.packed" not in f.keys()
+    again = zoo.load(out)
+    assert isinstance(again.blocks[1].mlp.w_out, torch.nn.Linear) and isinstance(again.blocks[1].mlp.w_in,
+                                                                                 quant.QuantLinear)
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert ("  quantized: int4, group 32\n  in floating point: blocks.*.mlp.w_out (K = 200 inputs do not split into "
+            "int4 groups of 32)\n") in shown
+    assert main(["inspect", str(directory)]) == 0
+    shown = capsys.readouterr().out
+    assert ("  int4 group 32 leaves in floating point: blocks.*.mlp.w_out (K = 200 inputs do not split into int4 "
+            "groups of 32)\n  int4 group 64, 128, 256 fits no linear layer: zoo.load refuses it\n") in shown
+    with pytest.raises(ValueError, match=r"int4 with group size 64 fits none of the model's linear layers \(inputs "
+                                         r"K = 96, 200\): use group size 32, or int8"):
+        zoo.load(directory, quant="int4", group_size=64)
