@@ -89,14 +89,18 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = Fals
     (`refine_int4`): about 13% less squared weight error, at some seconds per billion weights.
     """
     k = w.shape[1]
-    if group_size not in INT4_GROUP_SIZES:
-        raise ValueError(f"int4 group size {group_size} is not supported; choose one of {INT4_GROUP_SIZES}")
+    _check_group_size(group_size)
     if k % group_size:
         raise ValueError(f"K = {k} input features are not a multiple of the group size {group_size}")
     if refine and symmetric:
         raise ValueError("refine fits a scale and a zero per group: it applies to asymmetric int4 only")
     packed, scales, zeros = _by_rows(w, lambda rows: _int4_rows(rows, group_size, symmetric, refine))
     return Int4Weight(packed, scales, zeros, group_size)
+
+
+def _check_group_size(group_size: int) -> None:
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group size {group_size} is not supported; choose one of {INT4_GROUP_SIZES}")
 
 
 def _int4_rows(w: torch.Tensor, group_size: int, symmetric: bool, refine: bool):
@@ -270,8 +274,8 @@ def plan(model: nn.Module, scheme: str, group_size: int = 128, announce: bool = 
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization {scheme!r}; choose one of {', '.join(SCHEMES)}")
-    if scheme == "int4" and group_size not in INT4_GROUP_SIZES:
-        raise ValueError(f"int4 group size {group_size} is not supported; choose one of {INT4_GROUP_SIZES}")
+    if scheme == "int4":
+        _check_group_size(group_size)
     names = candidate_layers(model)
     misfits = int4_misfits(model, group_size) if scheme == "int4" else {}
     if names and len(misfits) == len(names):
