@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         return inspect(args) if args.command == "inspect" else quantize(args)
-    except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
+    except (OSError, ValueError) as e:  # CheckpointError is a ValueError; OSError: a path we cannot read or write
         print(f"error: {e}", file=sys.stderr)
         return 2
 
