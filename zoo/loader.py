@@ -366,7 +366,7 @@ def _quantized_checkpoint(directory: Path, max_seq_len: int | None, device: torc
             sources[f"{name}.weight"] = Source(
                 f"{path}: {name}.packed", (whole.packed.shape[0], 2 * whole.packed.shape[1]),
                 lambda split, dtype, w=whole: dequantize_int4(w.packed, w.scales, w.zeros, w.group_size).chunk(
-                    split.parts, split.dim)[split.index].to(dtype))
+                    split.parts, split.dim)[split.index].to(dtype).contiguous())
             continue
         weight = quantization.stored_weight(name, scheme, group_size, read, split_dim)
         bias = torch.empty(module.weight.shape[0], device="meta") if module.bias is not None else None
