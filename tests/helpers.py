@@ -160,6 +160,42 @@ def _worker(rank: int, world: int, port: int, fn, args) -> None:
     dist.destroy_process_group()
 
 
+def spawn_checks(checks: dict[str, tuple], world: int, out: Path) -> None:
+    """Several checks in one group of `world` ranks, started once: checks = {name: (fn, args)}, each
+    fn(rank, *args) run in turn on every rank. Each rank writes out/{name}.{rank}: "ok" or the
+    traceback; `check_outcome` then passes or fails the test that owns the check. A rank stops at its
+    first failure (spawn ends the others), so a later check is reported as not run, never as passed.
+    """
+    try:
+        spawn(_run_checks, world, checks, out)
+    except Exception as e:  # the outcome files say which check failed and how; keep the rest for 'not run'
+        (out / "spawn-error").write_text(str(e))
+
+
+def _run_checks(rank: int, checks: dict[str, tuple], out: Path) -> None:
+    import traceback
+    for name, (fn, args) in checks.items():
+        try:
+            fn(rank, *args)
+        except BaseException:
+            (out / f"{name}.{rank}").write_text(traceback.format_exc())
+            raise
+        (out / f"{name}.{rank}").write_text("ok")
+
+
+def check_outcome(out: Path, name: str, world: int) -> None:
+    """Fail the calling test if check `name` of a `spawn_checks` run failed on any rank, or did not run."""
+    import pytest
+    for rank in range(world):
+        path = out / f"{name}.{rank}"
+        if not path.exists():
+            error = (out / "spawn-error").read_text() if (out / "spawn-error").exists() else "no error reported"
+            pytest.fail(f"check {name!r} did not run on rank {rank}: an earlier one in the same worker failed "
+                        f"({error.strip()[-2000:]})", pytrace=False)
+        if path.read_text() != "ok":
+            pytest.fail(f"check {name!r} failed on rank {rank}:\n{path.read_text()}", pytrace=False)
+
+
 # OPT and GPT-NeoX variants, as Hugging Face config keyword arguments.
 FAMILY_VARIANTS = {
     "opt-pre-ln": ("opt", dict()),

@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import hf_family, hf_llama, run_py, save_hf, save_meta, spawn, torchrun
+from helpers import check_outcome, hf_family, hf_llama, run_py, save_hf, save_meta, spawn, spawn_checks, torchrun
 
 import zoo
 from zoo import parallel
@@ -47,7 +47,8 @@ def check_equals_one_process(name, model, want):
     assert greedy == want[2], name
 
 
-def _check_world_2(rank, dirs, want, bf16):
+def _check_layouts(rank, dirs, want):
+    """Every layout at world size 2 gives one process's logits, cached logits and greedy tokens."""
     assert parallel.world_size() == 2 and parallel.rank() == rank
     for name, directory in dirs.items():
         model = zoo.load(directory, dtype=torch.float32)
@@ -58,10 +59,9 @@ def _check_world_2(rank, dirs, want, bf16):
         total, norms = want[name][3]
         assert sum(p.numel() for p in model.parameters()) == (total - norms) // 2 + norms, name
         check_equals_one_process(name, model, want[name])
-    _check_bf16(dirs["hf"], *bf16)
 
 
-def _check_bf16(directory, exact, one):
+def _check_bf16(rank, directory, exact, one):
     """bf16 under TP is as close to one process in bf16 as bf16 rounding allows.
 
     Each rank's partial sum of a row-parallel layer is rounded to bf16 before the all-reduce adds
@@ -89,54 +89,15 @@ def sizes(model) -> tuple[int, int]:
     return sum(p.numel() for _, p in named), sum(p.numel() for n, p in named if "norm" in n)
 
 
-def test_world_2_equals_single_process_for_every_layout(checkpoints):
-    dirs, _ = checkpoints
-    dirs = {name: d for name, d in dirs.items() if name != "mha"}
-    want = {}
-    for name, directory in dirs.items():
-        model = zoo.load(directory, dtype=torch.float32)
-        want[name] = (*run_model(model), sizes(model))
-    # the Meta layouts hold the same weights as HF's: MP=2 merged in one process equals MP=1
-    assert all(torch.equal(want[n][0], want["meta1"][0]) for n in ("meta2", "meta2-vocab"))
-    with torch.no_grad():
-        bf16 = (want["hf"][0], zoo.load(dirs["hf"], dtype=torch.bfloat16)(TOKENS).float())
-    spawn(_check_world_2, 2, dirs, want, bf16)
-
-
-def _check_world_4(rank, dirs, want, tiny_dir):
-    assert parallel.world_size() == 4
-    for name, directory in dirs.items():
-        model = zoo.load(directory, dtype=torch.float32)
-        assert model.blocks[0].attn.n_heads == 1, name  # 4 heads over 4 ranks
-        check_equals_one_process(name, model, want[name])
-    with pytest.raises(zoo.CheckpointError, match=r"world size 4 does not divide n_heads \(8\) and n_kv_heads "
-                                                  r"\(2\): run with a world size in \[1, 2\]"):
-        zoo.load(tiny_dir)  # the bundled model has 2 kv heads
-
-
-def test_world_4_equals_single_process(checkpoints, tiny_dir):
-    """Meta MP=4 and HF onto 4 ranks, LLaMA, OPT (project_in/out) and NeoX (fused qkv, one head per rank).
-    The bundled tiny-llama has 2 kv heads, so world size 4 is refused for it with the sizes that work."""
-    dirs, root = checkpoints
-    dirs = {name: dirs[name] for name in ("mha", "meta4-mha")}
-    dirs.update({v: save_hf(hf_family(v), root / v) for v in ("opt-post-ln-proj", "neox-rotary-0.25-parallel")})
-    want = {name: run_model(zoo.load(d, dtype=torch.float32)) for name, d in dirs.items()}
-    assert torch.equal(want["meta4-mha"][0], want["mha"][0])  # MP=4 merged in one process equals HF's
-    spawn(_check_world_4, 4, dirs, want, tiny_dir)
-
-
 def _check_errors(rank, mqa):
+    """A world size that does not divide the kv heads is refused with the sizes that work."""
     with pytest.raises(zoo.CheckpointError, match=r"world size 2 does not divide n_heads \(4\) and n_kv_heads "
                                                   r"\(1\): run with a world size in \[1\]"):
         zoo.load(mqa)
 
 
-def test_world_size_that_does_not_divide_heads(checkpoints):
-    mqa = save_hf(hf_llama("mqa"), checkpoints[1] / "mqa")  # 1 kv head cannot be split over 2 ranks
-    spawn(_check_errors, 2, mqa)
-
-
 def _check_layers_against_fairscale(rank):
+    """zoo's four parallel layers against fairscale's, forward and gradients, and against the unsplit layer."""
     from fairscale.nn.model_parallel import initialize, layers
     initialize.initialize_model_parallel(2)
     torch.manual_seed(0)  # the same full weights and inputs on both ranks
@@ -175,8 +136,63 @@ def _check_layers_against_fairscale(rank):
     initialize.destroy_model_parallel()
 
 
-def test_layers_match_fairscale_forward_and_backward():
-    spawn(_check_layers_against_fairscale, 2)
+@pytest.fixture(scope="module")
+def world_2(checkpoints, tmp_path_factory):
+    """Every world-size-2 check, run by one pair of ranks started once; each test reads its own outcome."""
+    dirs, root = checkpoints
+    layouts = {name: d for name, d in dirs.items() if name != "mha"}
+    want = {}
+    for name, directory in layouts.items():
+        model = zoo.load(directory, dtype=torch.float32)
+        want[name] = (*run_model(model), sizes(model))
+    # the Meta layouts hold the same weights as HF's: MP=2 merged in one process equals MP=1
+    assert all(torch.equal(want[n][0], want["meta1"][0]) for n in ("meta2", "meta2-vocab"))
+    with torch.no_grad():
+        one_bf16 = zoo.load(dirs["hf"], dtype=torch.bfloat16)(TOKENS).float()
+    mqa = save_hf(hf_llama("mqa"), root / "mqa")  # 1 kv head cannot be split over 2 ranks
+    checks = {"fairscale": (_check_layers_against_fairscale, ()), "heads": (_check_errors, (mqa,)),
+              "layouts": (_check_layouts, (layouts, want)), "bf16": (_check_bf16, (dirs["hf"], want["hf"][0], one_bf16))}
+    out = tmp_path_factory.mktemp("world-2")
+    spawn_checks(checks, 2, out)
+    return out
+
+
+def test_layers_match_fairscale_forward_and_backward(world_2):
+    check_outcome(world_2, "fairscale", 2)
+
+
+def test_world_size_that_does_not_divide_heads(world_2):
+    check_outcome(world_2, "heads", 2)
+
+
+def test_world_2_equals_single_process_for_every_layout(world_2):
+    check_outcome(world_2, "layouts", 2)
+
+
+def test_world_2_bf16_is_one_process_within_bf16_rounding(world_2):
+    check_outcome(world_2, "bf16", 2)
+
+
+def _check_world_4(rank, dirs, want, tiny_dir):
+    assert parallel.world_size() == 4
+    for name, directory in dirs.items():
+        model = zoo.load(directory, dtype=torch.float32)
+        assert model.blocks[0].attn.n_heads == 1, name  # 4 heads over 4 ranks
+        check_equals_one_process(name, model, want[name])
+    with pytest.raises(zoo.CheckpointError, match=r"world size 4 does not divide n_heads \(8\) and n_kv_heads "
+                                                  r"\(2\): run with a world size in \[1, 2\]"):
+        zoo.load(tiny_dir)  # the bundled model has 2 kv heads
+
+
+def test_world_4_equals_single_process(checkpoints, tiny_dir):
+    """Meta MP=4 and HF onto 4 ranks, LLaMA, OPT (project_in/out) and NeoX (fused qkv, one head per rank).
+    The bundled tiny-llama has 2 kv heads, so world size 4 is refused for it with the sizes that work."""
+    dirs, root = checkpoints
+    dirs = {name: dirs[name] for name in ("mha", "meta4-mha")}
+    dirs.update({v: save_hf(hf_family(v), root / v) for v in ("opt-post-ln-proj", "neox-rotary-0.25-parallel")})
+    want = {name: run_model(zoo.load(d, dtype=torch.float32)) for name, d in dirs.items()}
+    assert torch.equal(want["meta4-mha"][0], want["mha"][0])  # MP=4 merged in one process equals HF's
+    spawn(_check_world_4, 4, dirs, want, tiny_dir)
 
 
 def test_run_py_under_torchrun_prints_once_and_matches_one_process():
