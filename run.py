@@ -12,6 +12,7 @@ slice of the model and computes the same tokens; only rank 0 reads the prompt an
 import argparse
 import os
 import sys
+import time
 
 import torch.distributed as dist
 
@@ -47,6 +48,8 @@ def parse_args(argv=None):
                    help="weight-only quantization of the linear layers (blocks and untied output)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (default: %(default)s)")
     p.add_argument("--refine", action="store_true", help="int4: least-squares scales and zeros (less error, slower load)")
+    p.add_argument("--compile", nargs="?", const="default", choices=["default", "max-autotune"],
+                   help="torch.compile the prefill and the decode step (zoo.compile); the compile time is printed")
     return p.parse_args(argv)
 
 
@@ -58,6 +61,11 @@ def say(*args, **kwargs) -> None:
 def complete(model, text: str, args) -> None:
     """Stream the model's continuation of `text` to stdout; report speed on stderr."""
     ids = model.tokenizer.encode(text, bos=True)
+    if getattr(model, "compiled", None) is not None and not getattr(model, "warm", False):
+        start = time.perf_counter()  # compile now (inductor caches on disk: faster the next time), not while timing
+        zoo.generate(model, [ids[:2] if len(ids) > 1 else ids * 2], max_new_tokens=2)
+        model.warm = True
+        say(f"[compiled in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
     stats = {}
     pieces = zoo.stream(model, ids, stats=stats, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # checks all, the length too, before the echo
@@ -97,6 +105,8 @@ def main(argv=None) -> int:
         parallel.setup()
         model = zoo.load(args.ckpt, dtype=DTYPES[args.dtype], device=args.device, quant=args.quant,
                          group_size=args.group_size, refine=args.refine)
+        if args.compile:
+            zoo.compile(model, mode=args.compile)
         if model.tokenizer is None:
             raise zoo.CheckpointError(f"{zoo.find_checkpoint(args.ckpt)}: no tokenizer (tokenizer.model, "
                                       f"tokenizer.json, or vocab.json + merges.txt)")

@@ -8,8 +8,9 @@
 """
 from zoo import hooks
 from zoo.checkpoint import CheckpointError
+from zoo.compile import compile
 from zoo.generate import generate, steps, stream
 from zoo.loader import find_checkpoint, load
 
-__all__ = ["load", "generate", "stream", "steps", "find_checkpoint", "CheckpointError", "hooks"]
+__all__ = ["load", "generate", "stream", "steps", "compile", "find_checkpoint", "CheckpointError", "hooks"]
 __version__ = "0.1.0"

@@ -23,11 +23,16 @@ class KVCache:
     `left_pad[b]` is how many slots at the start of row b are padding (prompts of different
     lengths are left-padded to a common length, so every row decodes at the same slot).
     `id` names the cache's run for hooks: every forward on one cache is one run (a generation).
+
+    static=True keeps every shape fixed from step to step, for torch.compile and CUDA graphs: the
+    next slot is also a tensor (`slot`), new keys and values are written at it, and attention
+    reads the whole cache with a mask instead of the filled slice (the same result: masked keys
+    weigh exactly 0). The eager default reads only the filled slice, which is cheaper there.
     """
     _ids = itertools.count(1)
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device, left_pad: torch.Tensor | None = None):
+                 dtype: torch.dtype, device: torch.device, left_pad: torch.Tensor | None = None, static: bool = False):
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.batch = batch
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
@@ -37,28 +42,42 @@ class KVCache:
         self.steps = 0  # forwards done (0 until the prefill is done)
         self.left_pad = None if left_pad is None else left_pad.to(device)
         self.id = next(KVCache._ids)
+        self.static = static
+        self.slot = torch.zeros((), dtype=torch.long, device=device)  # = pos, as a tensor (static caches read it)
+        if static and device.type == "cuda":  # the same buffers every step: CUDA graphs may write them in place
+            for t in (*self.keys, *self.values, self.slot):
+                torch._dynamo.mark_static_address(t)
 
+    @torch.compiler.disable  # Python bookkeeping: a compiled forward runs it eagerly, so no guard sees `pos`
     def advance(self, seq: int) -> None:
         """Called by the model once all layers have written their `seq` new positions."""
         self.pos += seq
         self.steps += 1
+        self.slot += seq
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new (batch, n_kv_heads, seq, head_dim) keys/values; return all of them so far."""
+        """Store the new (batch, n_kv_heads, seq, head_dim) keys/values; return all of them so far
+        (static: the whole cache, (batch, n_kv_heads, max_len, head_dim))."""
+        if self.static:
+            slots = self.slot + torch.arange(k.shape[2], device=k.device)
+            self.keys[layer].index_copy_(2, slots, k)
+            self.values[layer].index_copy_(2, slots, v)
+            return self.keys[layer], self.values[layer]
         end = self.pos + k.shape[2]
         self.keys[layer][:, :, self.pos : end] = k
         self.values[layer][:, :, self.pos : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
-
     @classmethod
-    def for_model(cls, model: nn.Module, batch: int, max_len: int, left_pad: torch.Tensor | None = None) -> "KVCache":
+    def for_model(cls, model: nn.Module, batch: int, max_len: int, left_pad: torch.Tensor | None = None,
+                  static: bool = False) -> "KVCache":
         """A cache shaped for `model` (any family: they all have `blocks[i].attn` and `embed`), on its device."""
         attn, w = model.blocks[0].attn, model.embed.weight
         integer("batch", batch, low=1)
         integer("max_len", max_len, low=1, high=model.config.max_seq_len)
         left_pad = checked_left_pad(left_pad, batch, max_len, w.device)
-        return cls(len(model.blocks), batch, attn.n_kv_heads, attn.head_dim, max_len, w.dtype, w.device, left_pad)
+        return cls(len(model.blocks), batch, attn.n_kv_heads, attn.head_dim, max_len, w.dtype, w.device, left_pad,
+                   static)
 
 
 def checked_left_pad(left_pad, batch: int, seq: int, device: torch.device) -> torch.Tensor | None:
@@ -82,7 +101,10 @@ def checked_inputs(tokens: torch.Tensor, cache: "KVCache | None", left_pad, conf
 
     tokens: (batch, seq) int64 or int32 ids below the vocabulary size (values checked on the CPU,
     where it costs microseconds; on a GPU an out-of-range id is the embedding's device assert).
+    A compiled forward (zoo.compile, called by zoo's own generation loop) skips the checks.
     """
+    if torch.compiler.is_compiling():
+        return left_pad
     accepted = "a (batch, seq) tensor of int64 token ids"
     require(isinstance(tokens, torch.Tensor), "tokens", tokens, accepted, TypeError)
     require(tokens.dim() == 2 and tokens.shape[0] > 0 and tokens.shape[1] > 0, "tokens", tokens,
@@ -114,6 +136,8 @@ def positions_and_mask(tokens: torch.Tensor, cache: KVCache | None,
     leading padding when there is no cache; a cache carries its own.
     """
     seq, device = tokens.shape[1], tokens.device
+    if cache is not None and cache.static:
+        return _static_positions_and_mask(seq, cache)
     start = 0
     if cache is not None:
         start, left_pad = cache.pos, cache.left_pad
@@ -129,6 +153,19 @@ def positions_and_mask(tokens: torch.Tensor, cache: KVCache | None,
     # A padding slot is never attended to, except by itself, so that no softmax row is empty.
     not_pad = (keys >= left_pad[:, None, None]) | (keys == slots[:, None])  # (batch, seq, start+seq)
     positions = (slots[None] - left_pad[:, None]).clamp(min=0)  # (batch, seq): real tokens start at 0
+    return positions, (causal & not_pad)[:, None]
+
+
+def _static_positions_and_mask(seq: int, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions_and_mask for a static cache: the same rules, over all max_len slots, from the `slot` tensor."""
+    device = cache.slot.device
+    slots = cache.slot + torch.arange(seq, device=device)  # (seq,)
+    keys = torch.arange(cache.max_len, device=device)
+    causal = keys <= slots[:, None]  # (seq, max_len): slots not yet written are never read
+    if cache.left_pad is None:
+        return slots[None], causal[None, None]
+    not_pad = (keys >= cache.left_pad[:, None, None]) | (keys == slots[:, None])  # (batch, seq, max_len)
+    positions = (slots[None] - cache.left_pad[:, None]).clamp(min=0)
     return positions, (causal & not_pad)[:, None]
 
 

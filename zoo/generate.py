@@ -10,6 +10,7 @@ from typing import Iterator
 import torch
 
 from zoo.checks import integer, is_int, is_number, require, shown, token_ids
+from zoo.compile import compiled_for
 from zoo.sampling import sample
 
 
@@ -48,19 +49,22 @@ def _steps(model, prompts, total, temperature, top_k, top_p, seed, stop_ids, hoo
     tokens = torch.zeros(batch, longest, dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         tokens[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-    cache = model.new_cache(batch, total, left_pad=left_pad if left_pad.any() else None)
+    compiled = compiled_for(model, hooks)  # None: eager
+    prefill, decode = (compiled.prefill, compiled.decode) if compiled else (model, model)
+    cache = model.new_cache(batch, compiled.cache_len(total, model.config.max_seq_len) if compiled else total,
+                            left_pad=left_pad if left_pad.any() else None, static=compiled is not None)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    logits = model(tokens, cache=cache, hooks=hooks, last_only=True)[:, -1]  # (batch, vocab)
+    logits = prefill(tokens, cache=cache, hooks=hooks, last_only=True)[:, -1]  # (batch, vocab)
     for step in range(total - longest):
         next_tokens = sample(logits, temperature, top_k, top_p, generator)
         yield next_tokens, done.clone()
         done |= torch.isin(next_tokens, stop)
         if done.all() or step == total - longest - 1:
             return
-        logits = model(next_tokens[:, None], cache=cache, hooks=hooks)[:, -1]
+        logits = decode(next_tokens[:, None], cache=cache, hooks=hooks)[:, -1]
 
 
 def checked_prompts(prompts, vocab_size: int) -> list[list[int]]:

@@ -160,8 +160,8 @@ class GPTNeoX(nn.Module):
         self.register_buffer("inv_freq", inv_frequencies(cfg.rotary_dim, cfg.rope_theta), persistent=False)
         self.tokenizer = None  # set by zoo.load
 
-    def new_cache(self, batch: int, max_len: int, left_pad: torch.Tensor | None = None) -> KVCache:
-        return KVCache.for_model(self, batch, max_len, left_pad)
+    def new_cache(self, batch: int, max_len: int, left_pad: torch.Tensor | None = None, static: bool = False) -> KVCache:
+        return KVCache.for_model(self, batch, max_len, left_pad, static)
 
     def hook_points(self, tokens: torch.Tensor | None = None) -> dict[str, tuple]:
         return hook_points(self, tokens)

@@ -1,0 +1,94 @@
+"""torch.compile for generation: the prefill and a static-shape decode step, CUDA graphs on GPUs.
+
+    model = zoo.compile(zoo.load("tiny-llama"))       # or zoo.load(..., compile=True), run.py --compile
+    zoo.generate(model, prompts, max_new_tokens=64)   # the prefill and every decode step run compiled
+
+The decode step sees the same shapes at every step: the KV cache is static (KVCache(static=True):
+written at a slot tensor, read whole with a mask; attention.py), so it compiles once per batch
+size and cache size, not once per position. The cache size is rounded up to a multiple of
+CACHE_STEP positions so that generations of different lengths share the compiled step. The
+prefill's sequence length is marked dynamic: one graph for every prompt length.
+
+On CUDA the decode step also runs as a CUDA graph (inductor's "triton.cudagraphs"): one launch per
+step instead of one per kernel. On the CPU inductor freezes the weights into the graph
+("freezing": constant folding and weight prepacking for its matmuls); `max_autotune=True` also
+tries inductor's own C++ GEMM templates, which pays for matrix-vector products at batch 1 but
+compiles for minutes on a small machine.
+
+What does not compile runs eagerly, and says so once on stderr: hooks (they are Python functions
+called per point; a generation with hooks uses the eager model and a plain cache), and tensor
+parallelism (gloo's collectives are not traceable). Compiled code is cached by inductor on disk
+(its FX graph cache, under $TORCHINDUCTOR_CACHE_DIR or /tmp/torchinductor_$USER), so a second
+process compiles faster.
+"""
+import math
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from zoo import parallel
+
+CACHE_STEP = 256  # compiled caches hold a multiple of this many positions (at most the model's context)
+MODES = ("default", "max-autotune")
+
+
+@dataclass
+class Compiled:
+    """The compiled callables of a model: each takes the model's forward arguments."""
+    prefill: Callable
+    decode: Callable
+    options: dict
+
+    def cache_len(self, needed: int, context: int) -> int:
+        """The static cache's size for a generation that needs `needed` positions."""
+        return min(context, CACHE_STEP * math.ceil(needed / CACHE_STEP))
+
+
+def compile(model: nn.Module, mode: str = "default") -> nn.Module:
+    """Compile `model`'s prefill and decode step for zoo.generate / stream / steps; returns the model.
+
+    mode "default": inductor (CUDA graphs for the decode step on a GPU, frozen weights on the CPU);
+    "max-autotune": also let inductor search its GEMM templates (slow to compile). Nothing runs
+    until the first generation, which then compiles (seconds to minutes; cached on disk).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not accepted: one of {', '.join(MODES)}")
+    if parallel.world_size() > 1:
+        _say_once(model, "zoo.compile: tensor parallelism runs eagerly (its collectives do not compile)")
+        return model
+    device = next(model.parameters()).device
+    options = {"max_autotune": mode == "max-autotune"}
+    if device.type == "cpu":
+        options["freezing"] = True
+    decode_options = {**options, "triton.cudagraphs": device.type == "cuda"}
+    prefill = torch.compile(model.forward, options=options)
+    context = model.config.max_seq_len
+
+    def prefill_any_length(tokens, **kwargs):  # one graph for every prompt length from 2 (1 is the decode step)
+        if tokens.shape[1] > 1:
+            torch._dynamo.mark_dynamic(tokens, 1, min=2, max=context)
+        return prefill(tokens, **kwargs)
+
+    model.compiled = Compiled(prefill=prefill_any_length,
+                              decode=torch.compile(model.forward, dynamic=False, options=decode_options),
+                              options=decode_options)
+    return model
+
+
+def compiled_for(model: nn.Module, hooks) -> Compiled | None:
+    """The compiled callables a generation uses, or None to run eagerly (an uncompiled model, or hooks: said once)."""
+    compiled = getattr(model, "compiled", None)
+    if compiled is not None and hooks is not None:
+        _say_once(model, "zoo.compile: a generation with hooks runs eagerly (hooks call Python at every point)")
+        return None
+    return compiled
+
+
+def _say_once(model: nn.Module, message: str) -> None:
+    said = model.__dict__.setdefault("_compile_notes", set())
+    if message not in said and parallel.rank() == 0:
+        print(message, file=sys.stderr)
+    said.add(message)
