@@ -4,6 +4,7 @@ The expected text comes from the model itself, outside run.py: greedy tokens by 
 token (no KV cache, no zoo.generate), or zoo.generate with the same sampling settings. run.py runs
 in this process (`main(argv)`), except once as a user starts it, in a subprocess.
 """
+import os
 import subprocess
 import sys
 
@@ -101,7 +102,8 @@ def test_quantized_int4(tiny_dir):
 def test_demo_as_a_user_runs_it(tiny_dir):
     """`python run.py`: the demo prompt, with the documented defaults (bf16, temperature 0.7, top-p 0.9, seed 0)."""
     r = subprocess.run([sys.executable, str(ROOT / "run.py"), "--max-new-tokens", "20"], input="",
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+                       capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "2"})  # as this process (conftest): same bf16 sums
     assert r.returncode == 0, r.stderr
     model = zoo.load(tiny_dir, dtype=torch.bfloat16)
     ids = model.tokenizer.encode(DEMO_PROMPT, bos=True)
