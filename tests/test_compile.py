@@ -85,3 +85,16 @@ def test_hooks_run_eagerly_and_say_so(model, capsys):
 def test_bad_mode():
     with pytest.raises(ValueError, match=r"mode='fast' is not accepted: one of default, max-autotune"):
         zoo.compile(None, mode="fast")
+
+
+def test_what_does_not_compile_runs_eagerly_with_the_same_tokens(tiny_dir, capsys):
+    """int8 on the CPU: inductor cannot lower torch's int8 operator (torch 2.13); the generation must not change."""
+    model = zoo.load(tiny_dir, dtype=torch.bfloat16, quant="int8")
+    prompts = [[1, 306, 4, 87], [1, 5]]
+    want = zoo.generate(model, prompts, max_new_tokens=6, stop_ids=set())
+    capsys.readouterr()
+    zoo.compile(model)
+    assert zoo.generate(model, prompts, max_new_tokens=6, stop_ids=set()) == want
+    assert capsys.readouterr().err.count("runs eagerly") <= 2  # the prefill and the decode step, once each at most
+    assert zoo.generate(model, prompts, max_new_tokens=6, stop_ids=set()) == want
+    assert capsys.readouterr().err == ""

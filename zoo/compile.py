@@ -16,8 +16,9 @@ tries inductor's own C++ GEMM templates, which pays for matrix-vector products a
 compiles for minutes on a small machine.
 
 What does not compile runs eagerly, and says so once on stderr: hooks (they are Python functions
-called per point; a generation with hooks uses the eager model and a plain cache), and tensor
-parallelism (gloo's collectives are not traceable). Compiled code is cached by inductor on disk
+called per point; a generation with hooks uses the eager model and a plain cache), tensor
+parallelism (gloo's collectives are not traceable), and whatever inductor fails to compile (on
+the CPU, torch 2.13's inductor cannot lower the int8 weight-only operator: int8 runs eagerly). Compiled code is cached by inductor on disk
 (its FX graph cache, under $TORCHINDUCTOR_CACHE_DIR or /tmp/torchinductor_$USER), so a second
 process compiles faster.
 """
@@ -72,10 +73,28 @@ def compile(model: nn.Module, mode: str = "default") -> nn.Module:
             torch._dynamo.mark_dynamic(tokens, 1, min=2, max=context)
         return prefill(tokens, **kwargs)
 
-    model.compiled = Compiled(prefill=prefill_any_length,
-                              decode=torch.compile(model.forward, dynamic=False, options=decode_options),
+    model.compiled = Compiled(prefill=_or_eager(model, prefill_any_length, "prefill"),
+                              decode=_or_eager(model, torch.compile(model.forward, dynamic=False, options=decode_options),
+                                               "decode step"),
                               options=decode_options)
     return model
+
+
+def _or_eager(model: nn.Module, compiled: Callable, what: str) -> Callable:
+    """compiled, until inductor fails to compile it (e.g. an operator it cannot lower): then the eager forward,
+    said once. A failed compile runs nothing, so the call is simply made again eagerly."""
+    failed = []
+
+    def call(*args, **kwargs):
+        if not failed:
+            try:
+                return compiled(*args, **kwargs)
+            except torch._dynamo.exc.BackendCompilerFailed as e:
+                failed.append(e)
+                reason = str(e).strip().splitlines()[0][:160]
+                _say_once(model, f"zoo.compile: the {what} does not compile here ({reason}); it runs eagerly")
+        return model(*args, **kwargs)
+    return call
 
 
 def compiled_for(model: nn.Module, hooks) -> Compiled | None:
