@@ -170,7 +170,11 @@ def save_meta(model, out: Path, shards: int) -> None:
     """params.json + consolidated.NN.pth with Meta's names, each tensor in its own storage."""
     import torch
 
-    from zoo.models.llama import LlamaConfig, zoo_to_meta
+    from zoo.models.llama import LlamaConfig
+    try:
+        from zoo.formats.meta import zoo_to_meta
+    except ImportError:  # a zoo from before zoo/formats/, to compare loading side by side with older commits
+        from zoo.models.llama import zoo_to_meta
     cfg = model.config
     multiple_of = next(m for m in (2 ** i for i in range(13))  # Meta's rule must give our hidden size back
                        if LlamaConfig(dim=cfg.dim, n_heads=cfg.n_heads, multiple_of=m).hidden_dim == cfg.hidden_dim)

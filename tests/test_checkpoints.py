@@ -7,7 +7,7 @@ import torch
 from helpers import hf_llama, save_hf, save_hf_bin, save_meta
 
 import zoo
-from zoo.checkpoint import CheckpointError
+from zoo.formats.files import CheckpointError
 
 TOKENS = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -236,7 +236,8 @@ def test_safetensors_slice_along_a_later_dim_reads_blocks_of_rows(tmp_path, monk
     """A rank's slice along dim 1 or 2 (row-parallel weights) is read a block of rows at a time."""
     from safetensors.torch import save_file
 
-    from zoo import checkpoint
+    from zoo.formats import files as checkpoint
+    from zoo.formats.files import Shard
     t = torch.randn(300, 12, 8).to(torch.bfloat16)
     save_file({"a": t}, tmp_path / "x.safetensors")
     stored = checkpoint.safetensors_tensors(tmp_path / "x.safetensors")["a"]
@@ -244,5 +245,5 @@ def test_safetensors_slice_along_a_later_dim_reads_blocks_of_rows(tmp_path, monk
     for dim, parts in ((1, 2), (1, 4), (2, 2)):
         for index in range(parts):
             for dtype in (None, torch.float32):
-                assert torch.equal(stored.read(dim, index, parts, dtype=dtype),
+                assert torch.equal(stored.read(Shard(dim, index, parts), dtype),
                                    t.chunk(parts, dim)[index].to(dtype or t.dtype))

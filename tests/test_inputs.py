@@ -155,7 +155,7 @@ def test_run_py_with_no_new_tokens(capsys):
 import json  # noqa: E402
 import random  # noqa: E402
 
-from zoo.checkpoint import CheckpointError  # noqa: E402
+from zoo.formats.files import CheckpointError  # noqa: E402
 from zoo.loader import build_empty  # noqa: E402
 
 COUNTS = [0, -1, 2.5, 6.0, "4", True, None, [4]]

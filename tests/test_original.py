@@ -12,7 +12,7 @@ import torch
 from helpers import hf_family, run_py, spawn
 
 import zoo
-from zoo.checkpoint import load_training_checkpoint, plain
+from zoo.formats.files import load_training_checkpoint, plain
 
 FP32_TOL = 1e-4
 TOKENS = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(3))
@@ -419,7 +419,7 @@ def test_training_checkpoint_unpickler_cannot_touch_torch():
     import io
     import pickle
 
-    from zoo.checkpoint import StandIn, _StandInUnpickler
+    from zoo.formats.files import StandIn, _StandInUnpickler
     defaults = torch._utils._rebuild_tensor_v2.__defaults__
     attack = (b"(cargparse\nNamespace\n)R"  # an object weights_only refuses, so the stand-in unpickler runs
               b"ctorch._utils\n_rebuild_tensor_v2\n(N}S'__defaults__'\n(S'pwned'\ntstb"  # BUILD on the function

@@ -143,7 +143,7 @@ def test_save_and_load_quantized_checkpoint(tiny_dir, tmp_path, scheme, group_si
     model = zoo.load(tiny_dir, quant=scheme, group_size=group_size)
     out = quant.save(model, tmp_path / "q")
     assert (out / "tokenizer.model").exists()
-    from zoo.checkpoint import safetensors_metadata
+    from zoo.formats.files import safetensors_metadata
     meta = safetensors_metadata(out / "model.safetensors")
     assert (meta["format"], meta["version"], meta["scheme"]) == ("zoo-quantized", "1", scheme)
     assert meta["group_size"] == (str(group_size) if scheme == "int4" else "0") and meta["model_type"] == "llama"
@@ -156,7 +156,7 @@ def test_save_and_load_quantized_checkpoint(tiny_dir, tmp_path, scheme, group_si
 
 def test_quantized_checkpoint_errors(tiny_dir, tmp_path):
     from safetensors.torch import load_file, save_file
-    from zoo.checkpoint import safetensors_metadata
+    from zoo.formats.files import safetensors_metadata
     out = quant.save(zoo.load(tiny_dir, quant="int4", group_size=64), tmp_path / "q")
     path = out / "model.safetensors"
     meta, state = safetensors_metadata(path), load_file(path)
@@ -345,7 +345,7 @@ def test_load_with_refine(hf_dir):
 def test_output_layer_quantized_unless_tied(tiny_dir, tmp_path):
     from helpers import hf_family
     from safetensors.torch import load_file, save_file
-    from zoo.checkpoint import safetensors_metadata
+    from zoo.formats.files import safetensors_metadata
     opt = zoo.load(save_hf(hf_family("opt-pre-ln"), tmp_path / "opt"), quant="int8")  # OPT ties output and embedding
     assert isinstance(opt.output, torch.nn.Linear) and opt.output.weight is opt.embed.weight
     model = zoo.load(tiny_dir, dtype=torch.float32)

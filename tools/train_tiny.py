@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from zoo.models.llama import Llama, LlamaConfig, zoo_to_meta
+from zoo.formats.meta import zoo_to_meta
+from zoo.models.llama import Llama, LlamaConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__"}  # any path component

@@ -7,7 +7,7 @@
     print(model.tokenizer.decode(new))
 """
 from zoo import hooks
-from zoo.checkpoint import CheckpointError
+from zoo.formats.files import CheckpointError
 from zoo.compile import compile
 from zoo.generate import generate, steps, stream
 from zoo.loader import find_checkpoint, load

@@ -21,7 +21,7 @@ from torch import nn
 
 import zoo
 import zoo.quant
-from zoo.checkpoint import safetensors_metadata, safetensors_tensors
+from zoo.formats.files import safetensors_metadata, safetensors_tensors
 from zoo.loader import build_empty
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -6,6 +6,9 @@
 - A byte-level BPE, from a Hugging Face `tokenizer.json` (LLaMA 3 on the Hub, GPT-NeoX/Pythia) or
   GPT-2's `vocab.json` + `merges.txt` (OPT), run on tiktoken: its mergeable ranks are built from
   the merges.
+
+Each tokenizer knows the files it was made from (`files`: name -> path), so that a checkpoint
+written from a model (zoo.quant.save) can take them along.
 """
 import base64
 import json
@@ -23,7 +26,8 @@ LLAMA3_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_spec
 
 
 class Tokenizer:
-    """What every tokenizer offers. `stop_ids` are the ids that end generation."""
+    """What every tokenizer offers. `stop_ids` are the ids that end generation; `files` the files it came from."""
+    files: dict[str, Path] = {}
     bos_id: int | None
     eos_id: int | None
     stop_ids: set[int]
@@ -42,8 +46,9 @@ class Tokenizer:
 
 
 class SentencePieceTokenizer(Tokenizer):
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, files: dict[str, Path] | None = None):
         from sentencepiece import SentencePieceProcessor
+        self.files = files or {path.name: path}
         self.sp = SentencePieceProcessor(model_file=str(path))
         self.n_words = self.sp.vocab_size()
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
@@ -60,8 +65,9 @@ class SentencePieceTokenizer(Tokenizer):
 class TiktokenTokenizer(Tokenizer):
     """LLaMA 3's tokenizer.model. Special tokens in the text are encoded as plain text, as Meta does."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, files: dict[str, Path] | None = None):
         import tiktoken
+        self.files = files or {path.name: path}
         ranks = {}
         for line in path.read_bytes().splitlines():
             if line:
@@ -110,12 +116,16 @@ class BPETokenizer(Tokenizer):
     the position of the merge that first makes it (bytes come first); `rank_to_id` maps back to the
     file's ids. Added tokens (special or not) are recognised in the text, as Hugging Face does.
     Built from a `tokenizer.json` (`from_tokenizer_json`) or GPT-2's `vocab.json` + `merges.txt`.
+    end_of_text: a token that, when the vocabulary has it, is the eos and the one stop id (gpt-neox's
+    <|endoftext|>), whatever `eos` says.
     """
 
     def __init__(self, vocab: dict[str, int], merges: list, added: dict[str, int], pattern: str,
                  prefix_space: bool = False, bos: str | int | None = None, eos: str | int | list | None = None,
-                 name: str = "bpe", unk: int | None = None):
+                 name: str = "bpe", unk: int | None = None, files: dict[str, Path] | None = None,
+                 end_of_text: str | None = None):
         import tiktoken
+        self.files = files or {}
         to_byte = _byte_decoder()
         as_bytes = lambda tok: bytes(to_byte[c] for c in tok)  # noqa: E731
         ranks = {bytes([b]): b for b in range(256)}
@@ -137,12 +147,14 @@ class BPETokenizer(Tokenizer):
         self.model = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
         self.n_words = max(self.id_to_bytes) + 1
         eos_all = eos if isinstance(eos, list) else [eos]
+        if end_of_text is not None and end_of_text in self.token_ids:
+            eos_all = [end_of_text]
         self.bos_id = self._id(bos)
         self.eos_id = self._id(eos_all[0])
         self.stop_ids = {self._id(e) for e in eos_all} - {None}
 
     @classmethod
-    def from_tokenizer_json(cls, path: Path, bos=None, eos=None) -> "BPETokenizer":
+    def from_tokenizer_json(cls, path: Path, bos=None, eos=None, **kwargs) -> "BPETokenizer":
         spec = json.loads(path.read_text())
         model = spec.get("model", {})
         if model.get("type") != "BPE" or not _is_byte_level(spec):
@@ -150,16 +162,18 @@ class BPETokenizer(Tokenizer):
                              f"(found model type {model.get('type')!r})")
         pattern, prefix_space = _pre_tokenizer(spec.get("pre_tokenizer"))
         added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-        return cls(model["vocab"], model["merges"], added, pattern, prefix_space, bos, eos, name=path.name)
+        return cls(model["vocab"], model["merges"], added, pattern, prefix_space, bos, eos, name=path.name,
+                   **{"files": {path.name: path}, **kwargs})
 
     @classmethod
-    def from_vocab_merges(cls, vocab: Path, merges: Path, added: dict[str, int], bos=None, eos=None) -> "BPETokenizer":
+    def from_vocab_merges(cls, vocab: Path, merges: Path, added: dict[str, int], bos=None, eos=None,
+                          **kwargs) -> "BPETokenizer":
         """GPT-2's files: vocab.json (token -> id) and merges.txt (a '#version' line, then 'left right' per line)."""
         return cls(json.loads(vocab.read_text(encoding="utf-8")), _merge_lines(merges), added, GPT2_PATTERN, False,
-                   bos, eos, name=vocab.name)
+                   bos, eos, name=vocab.name, **{"files": {vocab.name: vocab, merges.name: merges}, **kwargs})
 
     @classmethod
-    def from_fairseq(cls, vocab: Path, merges: Path, dictionary: Path) -> "BPETokenizer":
+    def from_fairseq(cls, vocab: Path, merges: Path, dictionary: Path, **kwargs) -> "BPETokenizer":
         """metaseq's (fairseq's) files for OPT: GPT-2's vocab.json and merges.txt, and dict.txt, which
         renumbers them: the model's id of GPT-2 id g is 4 + the line of g in dict.txt, after <s>, <pad>,
         </s>, <unk> (0..3). A token that dict.txt lacks encodes as <unk>, as fairseq does; </s> starts
@@ -170,7 +184,8 @@ class BPETokenizer(Tokenizer):
         renumbered = {token: line_of[str(i)] for token, i in gpt2.items() if str(i) in line_of}
         specials = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
         return cls(renumbered, _merge_lines(merges), specials, GPT2_PATTERN, False, "</s>", "</s>",
-                   name=dictionary.name, unk=3)
+                   name=dictionary.name, unk=3,
+                   **{"files": {vocab.name: vocab, merges.name: merges, dictionary.name: dictionary}, **kwargs})
 
     def _id(self, token: str | int | None) -> int | None:
         if token is None or isinstance(token, int):
@@ -218,20 +233,25 @@ def _merge_lines(merges: Path) -> list[str]:
     return [line for line in merges.read_text(encoding="utf-8").split("\n") if line and not line.startswith("#version")]
 
 
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "dict.txt", "gpt2-vocab.json", "gpt2-merges.txt")
+
+
 def load_tokenizer(directory: Path, config: dict | None = None) -> Tokenizer | None:
     """The tokenizer stored beside a checkpoint, or None if there is none.
 
     `tokenizer.model` comes first (SentencePiece or tiktoken, told apart by its content); else a
     byte-level BPE `tokenizer.json`, else metaseq's `dict.txt` with GPT-2's files, else GPT-2's
     `vocab.json` + `merges.txt` (OPT), with bos/eos ids from config.json, or their names from
-    tokenizer_config.json.
+    tokenizer_config.json. Its `files` are the TOKENIZER_FILES the directory holds.
     """
+    files = {name: directory / name for name in TOKENIZER_FILES if (directory / name).exists()}
     model = directory / "tokenizer.model"
     if model.exists():
         first = model.read_bytes()[:256].split(b"\n")[0]
         if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", first):
-            return TiktokenTokenizer(model)
-        return SentencePieceTokenizer(model)
+            return TiktokenTokenizer(model, files)
+        return SentencePieceTokenizer(model, files)
     config = config or {}
     bos, eos = config.get("bos_token_id"), config.get("eos_token_id")
     named = json.loads((directory / "tokenizer_config.json").read_text()) \
@@ -240,14 +260,15 @@ def load_tokenizer(directory: Path, config: dict | None = None) -> Tokenizer | N
     bos = bos if bos is not None else content(named.get("bos_token"))
     eos = eos if eos is not None else content(named.get("eos_token"))
     if (directory / "tokenizer.json").exists():
-        return BPETokenizer.from_tokenizer_json(directory / "tokenizer.json", bos=bos, eos=eos)
+        return BPETokenizer.from_tokenizer_json(directory / "tokenizer.json", bos=bos, eos=eos, files=files)
     vocab = next((directory / f for f in ("gpt2-vocab.json", "vocab.json") if (directory / f).exists()), None)
     merges = next((directory / f for f in ("gpt2-merges.txt", "merges.txt") if (directory / f).exists()), None)
     if (directory / "dict.txt").exists() and vocab and merges and (
             vocab.name == "gpt2-vocab.json" or "</s>" not in json.loads(vocab.read_text(encoding="utf-8"))):
         # metaseq's OPT files; a vocab.json with </s> is Hugging Face's, already in the model's ids
-        return BPETokenizer.from_fairseq(vocab, merges, directory / "dict.txt")
+        return BPETokenizer.from_fairseq(vocab, merges, directory / "dict.txt", files=files)
     if (directory / "vocab.json").exists() and (directory / "merges.txt").exists():
         added = {content(t): int(i) for i, t in named.get("added_tokens_decoder", {}).items()}
-        return BPETokenizer.from_vocab_merges(directory / "vocab.json", directory / "merges.txt", added, bos, eos)
+        return BPETokenizer.from_vocab_merges(directory / "vocab.json", directory / "merges.txt", added, bos, eos,
+                                              files=files)
     return None

@@ -1,6 +1,6 @@
 """GPT-NeoX and the Pythia suite (EleutherAI), read top to bottom.
 
-    tokens ─ embed ─ block 0 ... block n-1 ─ norm ─ output (untied)
+    tokens ─ embed ─ block 0 ... block n-1 ─ norm ─ output (untied in Pythia and NeoX-20B)
 
     parallel residual (Pythia, NeoX-20B):        sequential residual (use_parallel_residual=False):
         out = x + attn(attn_norm(x))                 h = x + attn(attn_norm(x))
@@ -19,10 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.attention import Attention, KVCache, check_heads_split, checked_inputs, positions_and_mask
-from zoo.checks import COUNT, FLAG, FRACTION, MAPPING, POSITIVE, TEXT, key
 from zoo.hooks import hook_points, resolve
 from zoo.mlp import MLP
-from zoo.parallel import check_split, column_parallel_linear, parallel_embedding
+from zoo.parallel import check_split, column_parallel_linear, parallel_embedding, world_size
 from zoo.rotary import inv_frequencies, rope_angles
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -57,58 +56,6 @@ class GPTNeoXConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"hidden_act {self.activation!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
 
-    @classmethod
-    def from_hf(cls, cfg: dict) -> "GPTNeoXConfig":
-        """From config.json: rotary settings as `rotary_pct`/`rotary_emb_base` or transformers 5's `rope_parameters`."""
-        rope = key(cfg, "rope_parameters", MAPPING, None, nullable=True) or \
-            key(cfg, "rope_scaling", MAPPING, None, nullable=True) or {}
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"rope type {rope['rope_type']!r} is not supported for GPT-NeoX")
-        return cls(dim=key(cfg, "hidden_size", COUNT), n_layers=key(cfg, "num_hidden_layers", COUNT),
-                   n_heads=key(cfg, "num_attention_heads", COUNT), hidden_dim=key(cfg, "intermediate_size", COUNT),
-                   vocab_size=key(cfg, "vocab_size", COUNT),
-                   max_seq_len=key(cfg, "max_position_embeddings", COUNT, default=2048),
-                   rotary_pct=key(rope, "partial_rotary_factor", FRACTION, None) or key(cfg, "rotary_pct", FRACTION, 0.25),
-                   rope_theta=key(rope, "rope_theta", POSITIVE, None) or key(cfg, "rotary_emb_base", POSITIVE, 10000.0),
-                   norm_eps=key(cfg, "layer_norm_eps", POSITIVE, default=1e-5),
-                   parallel_residual=key(cfg, "use_parallel_residual", FLAG, default=True),
-                   bias=key(cfg, "attention_bias", FLAG, default=True),
-                   activation=key(cfg, "hidden_act", TEXT, default="gelu"),
-                   tie_embeddings=key(cfg, "tie_word_embeddings", FLAG, default=False))
-
-    @classmethod
-    def from_neox(cls, args: dict, vocab_size: int, hidden_dim: int) -> "GPTNeoXConfig":
-        """From gpt-neox's YAML config (keys with '-' or '_'), as its own defaults read it. The
-        vocabulary (padded for model parallelism) and the MLP width come from the tensors' shapes."""
-        args = {k.replace("-", "_"): v for k, v in args.items()}
-        missing = [k for k in ("hidden_size", "num_layers", "num_attention_heads") if k not in args]
-        if missing:
-            raise ValueError(f"missing required key(s) {', '.join(k.replace('_', '-') for k in missing)}")
-        unsupported = {"pos_emb": ("learned", "rotary"), "norm": ("layernorm", "layernorm"),
-                       "mlp_type": ("regular", "regular"),
-                       "use_bias_in_norms": (True, True), "use_bias_in_mlp": (True, True),
-                       "activation": ("gelu", ("gelu", "relu"))}  # key: (gpt-neox's default, what zoo supports)
-        for option, (default, supported) in unsupported.items():
-            value = args.get(option, default)
-            if value not in (supported if isinstance(supported, tuple) else (supported,)):
-                raise ValueError(f"{option.replace('_', '-')}: {value!r} is not supported by zoo's GPT-NeoX "
-                                 f"(supported: {supported!r})")
-        if args.get("num_kv_heads") not in (None, args["num_attention_heads"]):
-            raise ValueError("num-kv-heads: grouped-query attention is not supported by zoo's GPT-NeoX")
-        activation = "gelu_new" if args.get("activation", "gelu") == "gelu" and args.get("openai_gelu") else \
-            args.get("activation", "gelu")
-        yaml = dict(numeric_text=True)  # PyYAML reads a number without a dot, like 1e-5, as a string
-        return cls(dim=key(args, "hidden_size", COUNT, **yaml), n_layers=key(args, "num_layers", COUNT, **yaml),
-                   n_heads=key(args, "num_attention_heads", COUNT, **yaml), hidden_dim=hidden_dim, vocab_size=vocab_size,
-                   max_seq_len=key(args, "max_position_embeddings", COUNT, None, nullable=True, **yaml)
-                   or key(args, "seq_length", COUNT, 2048, nullable=True, **yaml),
-                   rotary_pct=key(args, "rotary_pct", FRACTION, 1.0, **yaml),
-                   rope_theta=key(args, "rotary_emb_base", POSITIVE, 10000, **yaml),
-                   norm_eps=key(args, "layernorm_epsilon", POSITIVE, 1e-5, **yaml),
-                   parallel_residual=key(args, "gpt_j_residual", FLAG, False),
-                   bias=key(args, "use_bias_in_attn_linear", FLAG, True), activation=activation,
-                   tie_embeddings=not key(args, "no_weight_tying", FLAG, False))
-
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTNeoXConfig):
@@ -119,35 +66,36 @@ class Block(nn.Module):
         self.mlp_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg.dim, cfg.hidden_dim, ACTIVATIONS[cfg.activation], bias=True)
 
-    def forward(self, x, rope, mask, cache, layer, hooks=None):
-        if hooks:  # every `if hooks:` line is a hook point (zoo/hooks.py); without hooks they cost nothing
-            x = hooks(layer, "resid_pre", x)
-        a = self.attn_norm(x)
+    def forward(self, resid_pre, rope, mask, cache, layer, hooks=None):
+        """(batch, seq, dim) -> (batch, seq, dim); hook points as in Llama's Block."""
         if hooks:
-            a = hooks(layer, "attn_in", a)
-        a = self.attn(a, rope, mask, cache, layer, hooks)
+            resid_pre = hooks(layer, "resid_pre", resid_pre)
+        attn_in = self.attn_norm(resid_pre)
         if hooks:
-            a = hooks(layer, "attn_out", a)
-        if self.parallel_residual:  # both branches read x: there is no resid_mid
-            m = self.mlp_norm(x)
+            attn_in = hooks(layer, "attn_in", attn_in)
+        attn_out = self.attn(attn_in, rope, mask, cache, layer, hooks)
+        if hooks:
+            attn_out = hooks(layer, "attn_out", attn_out)
+        if self.parallel_residual:  # both branches read resid_pre: there is no resid_mid
+            mlp_in = self.mlp_norm(resid_pre)
         else:
-            h = x + a
+            resid_mid = resid_pre + attn_out
             if hooks:
-                h = hooks(layer, "resid_mid", h)
-            m = self.mlp_norm(h)
+                resid_mid = hooks(layer, "resid_mid", resid_mid)
+            mlp_in = self.mlp_norm(resid_mid)
         if hooks:
-            m = hooks(layer, "mlp_in", m)
-        m = self.mlp(m, hooks, layer)
+            mlp_in = hooks(layer, "mlp_in", mlp_in)
+        mlp_out = self.mlp(mlp_in, hooks, layer)
         if hooks:
-            m = hooks(layer, "mlp_out", m)
-        out = x + a + m if self.parallel_residual else h + m
+            mlp_out = hooks(layer, "mlp_out", mlp_out)
+        resid_post = resid_pre + attn_out + mlp_out if self.parallel_residual else resid_mid + mlp_out
         if hooks:
-            out = hooks(layer, "resid_post", out)
-        return out
+            resid_post = hooks(layer, "resid_post", resid_post)
+        return resid_post
 
 
 class GPTNeoX(nn.Module):
-    def __init__(self, cfg: GPTNeoXConfig):
+    def __init__(self, cfg: GPTNeoXConfig, tokenizer=None):
         super().__init__()
         self.config = cfg
         check_heads_split(cfg.n_heads, cfg.n_heads)  # the splits, before any layer is built
@@ -157,8 +105,10 @@ class GPTNeoX(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = column_parallel_linear(cfg.dim, cfg.vocab_size, bias=False, gather_output=True)
+        if cfg.tie_embeddings and world_size() == 1:  # split differently under TP: loaded twice instead
+            self.output.weight = self.embed.weight
         self.register_buffer("inv_freq", inv_frequencies(cfg.rotary_dim, cfg.rope_theta), persistent=False)
-        self.tokenizer = None  # set by zoo.load
+        self.tokenizer = tokenizer  # zoo.load passes the checkpoint's (zoo/tokenizer.py); None: ids only
 
     def new_cache(self, batch: int, max_len: int, left_pad: torch.Tensor | None = None, static: bool = False) -> KVCache:
         return KVCache.for_model(self, batch, max_len, left_pad, static)
@@ -248,49 +198,3 @@ def hf_tensor_to_zoo(name: str, t: torch.Tensor, cfg: GPTNeoXConfig) -> torch.Te
     heads = t.shape[0] // (3 * cfg.head_dim)
     part = ("wq", "wk", "wv").index(which.group(1))
     return t.reshape(heads, 3, cfg.head_dim, *t.shape[1:])[:, part].reshape(heads * cfg.head_dim, *t.shape[1:])
-
-
-
-# ---- EleutherAI gpt-neox's own checkpoints (DeepSpeed), as its training saved them ---------------
-# One model-parallel rank per file: `layer_{idx:02d}-model_{rank:02d}-model_states.pt` (pipeline
-# layout, one file per layer) or `mp_rank_{rank:02d}_model_states.pt` (sequential layout, tensors
-# under ["module"] as "sequential.{idx}.{key}"). idx 0 holds word_embeddings, idx i + 2 block i, idx
-# n_layers + 3 the final norm, idx n_layers + 4 final_linear (absent when the output is tied).
-# Within a block the keys are Hugging Face's (which were taken from these), newer versions name
-# the MLP linear1 / linear2.
-NEOX_COLUMN_PARALLEL = re.compile(r"word_embeddings\.weight|final_linear\.weight|"
-                                  r"attention\.query_key_value\..*|mlp\.(dense_h_to_4h|linear1)\..*")
-NEOX_ROW_PARALLEL = re.compile(r"(attention\.dense|mlp\.(dense_4h_to_h|linear2))\.(weight|bias)")
-NEOX_MLP = {"linear1": "dense_h_to_4h", "linear2": "dense_4h_to_h"}
-
-
-def neox_to_hf(idx: int, key: str, n_layers: int) -> str:
-    """The Hugging Face key of tensor `key` of gpt-neox layer `idx` ('' for one without a parameter here)."""
-    if idx == 0 and key == "word_embeddings.weight":
-        return "gpt_neox.embed_in.weight"
-    if 2 <= idx < n_layers + 2:
-        module = re.sub(r"^mlp\.(linear1|linear2)\.", lambda m: f"mlp.{NEOX_MLP[m.group(1)]}.", key)
-        return f"gpt_neox.layers.{idx - 2}.{module}"
-    if idx == n_layers + 3 and key.startswith("norm."):
-        return f"gpt_neox.final_layer_norm.{key.removeprefix('norm.')}"
-    if idx == n_layers + 4 and key == "final_linear.weight":
-        return "embed_out.weight"
-    if idx == n_layers + 4 and key == "word_embeddings.weight":  # the tied output layer's copy
-        return ""
-    return f"layer {idx}: {key}"  # not a parameter of this model: the loader reports it
-
-
-def neox_merge(key: str, parallel_residual: bool) -> str:
-    """How the model-parallel ranks' copies of a gpt-neox tensor make the whole one.
-
-    "dim0"/"dim1": concatenated (column-parallel layers and the vocab-parallel embedding on dim 0,
-    row-parallel weights on dim 1). A row-parallel bias is whole on every rank: with the parallel
-    (GPT-J) residual each rank adds its copy before the one all-reduce, so the model's bias is their
-    "sum"; with the sequential residual it is added once after the all-reduce ("one"). Everything
-    else (norms) is replicated: the "mean", as gpt-neox's converter takes it.
-    """
-    if NEOX_COLUMN_PARALLEL.fullmatch(key):
-        return "dim0"
-    if NEOX_ROW_PARALLEL.fullmatch(key):
-        return "dim1" if key.endswith(".weight") else "sum" if parallel_residual else "one"
-    return "mean"

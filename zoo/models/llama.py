@@ -8,8 +8,8 @@
 The three generations differ only in numbers: LLaMA 2 70B and LLaMA 3 use grouped-query
 attention (n_kv_heads < n_heads), LLaMA 3 uses rope_theta 500000 and a 128256-token vocabulary,
 LLaMA 3.1 rescales the rotary frequencies ("llama3" rope scaling), LLaMA 3.2 ties the output
-to the embedding. Weights are stored in Meta's layout (interleaved rotary pairs); Hugging Face
-checkpoints are converted to it on load (`hf_to_zoo`).
+to the embedding. Weights are in Meta's layout (interleaved rotary pairs); Hugging Face checkpoints
+are converted to it on load (`hf_tensor_to_zoo`). Config files are read in zoo/formats/.
 """
 import math
 import re
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.attention import Attention, KVCache, check_heads_split, checked_inputs, positions_and_mask
-from zoo.checks import COUNT, FLAG, MAPPING, POSITIVE, TEXT, is_int, key
+from zoo.checks import COUNT, POSITIVE, key
 from zoo.hooks import hook_points, resolve
 from zoo.norm import RMSNorm
 from zoo.parallel import check_split, column_parallel_linear, parallel_embedding, row_parallel_linear, world_size
@@ -71,57 +71,6 @@ class LlamaConfig:
                     key(self.rope_scaling, name, POSITIVE)
                 key(self.rope_scaling, "original_max_position_embeddings", COUNT)
 
-    @classmethod
-    def from_meta(cls, params: dict, vocab_size: int | None = None) -> "LlamaConfig":
-        """From Meta's params.json. vocab_size -1 there means 'the tokenizer's size' (passed in)."""
-        known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                 "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len"}
-        # Meta's defaults are 7B's: a file without dim, n_layers or n_heads would silently build the wrong model
-        dim, n_layers, n_heads = key(params, "dim", COUNT), key(params, "n_layers", COUNT), key(params, "n_heads", COUNT)
-        vocab = key(params, "vocab_size", ("an int >= 1, or -1 for the tokenizer's", lambda v: is_int(v) and v >= -1
-                                           and v != 0), default=-1)
-        if vocab == -1:
-            if vocab_size is None:
-                raise ValueError("vocab_size -1 means the tokenizer's, and there is no tokenizer.model beside it")
-            vocab = vocab_size
-        scaled = key(params, "use_scaled_rope", FLAG, default=False)
-        theta = key(params, "rope_theta", POSITIVE, default=10000.0)
-        return cls(
-            dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=key(params, "n_kv_heads", COUNT, None, nullable=True),
-            vocab_size=vocab, multiple_of=key(params, "multiple_of", COUNT, default=256),
-            ffn_dim_multiplier=key(params, "ffn_dim_multiplier", POSITIVE, None, nullable=True),
-            norm_eps=key(params, "norm_eps", POSITIVE, default=1e-5), rope_theta=theta,
-            # LLaMA 3.1's constants (llama-models' apply_scaling)
-            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                          "original_max_position_embeddings": 8192} if scaled else None,
-            # not in Meta's files: LLaMA 2 4096, LLaMA 3 8192, 3.1 131072
-            max_seq_len=key(params, "max_seq_len", COUNT, default=131072 if scaled else 8192 if theta >= 500000 else 4096),
-            extra={k: v for k, v in params.items() if k not in known})
-
-    @classmethod
-    def from_hf(cls, cfg: dict) -> "LlamaConfig":
-        """From a Hugging Face config.json (rope settings in the v4 or the v5 `rope_parameters` layout)."""
-        if key(cfg, "hidden_act", TEXT, default="silu") != "silu":
-            raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported by LLaMA (silu only)")
-        rope = dict(key(cfg, "rope_parameters", MAPPING, None, nullable=True) or
-                    key(cfg, "rope_scaling", MAPPING, None, nullable=True) or {})
-        theta = key(rope, "rope_theta", POSITIVE, default=None) or key(cfg, "rope_theta", POSITIVE, default=10000.0)
-        rope.pop("rope_theta", None)
-        if "type" in rope:  # legacy name of rope_type
-            rope.setdefault("rope_type", rope.pop("type"))
-        return cls(
-            dim=key(cfg, "hidden_size", COUNT), n_layers=key(cfg, "num_hidden_layers", COUNT),
-            n_heads=key(cfg, "num_attention_heads", COUNT),
-            n_kv_heads=key(cfg, "num_key_value_heads", COUNT, None, nullable=True),
-            vocab_size=key(cfg, "vocab_size", COUNT), hidden_dim=key(cfg, "intermediate_size", COUNT),
-            head_dim=key(cfg, "head_dim", COUNT, None, nullable=True), norm_eps=key(cfg, "rms_norm_eps", POSITIVE, 1e-6),
-            rope_theta=theta, rope_scaling=None if rope.get("rope_type", "default") == "default" else rope,
-            max_seq_len=key(cfg, "max_position_embeddings", COUNT, default=2048),
-            tie_embeddings=key(cfg, "tie_word_embeddings", FLAG, default=False),
-            attention_bias=key(cfg, "attention_bias", FLAG, default=False),
-            mlp_bias=key(cfg, "mlp_bias", FLAG, default=False),
-        )
-
 
 class FeedForward(nn.Module):
     """SwiGLU: w_out(silu(w_gate x) * w_in x). Meta calls these w1 (gate), w3 (in), w2 (out).
@@ -155,32 +104,34 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FeedForward(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
 
-    def forward(self, x, rope, mask, cache, layer, hooks=None):
-        if hooks:  # every `if hooks:` line is a hook point (zoo/hooks.py); without hooks they cost nothing
-            x = hooks(layer, "resid_pre", x)
-        a = self.attn_norm(x)
+    def forward(self, resid_pre, rope, mask, cache, layer, hooks=None):
+        """(batch, seq, dim) -> (batch, seq, dim). Each `if hooks:` line is a hook point (zoo/hooks.py) named
+        as the variable it sees; without hooks they cost nothing."""
         if hooks:
-            a = hooks(layer, "attn_in", a)
-        a = self.attn(a, rope, mask, cache, layer, hooks)
+            resid_pre = hooks(layer, "resid_pre", resid_pre)
+        attn_in = self.attn_norm(resid_pre)
         if hooks:
-            a = hooks(layer, "attn_out", a)
-        h = x + a
+            attn_in = hooks(layer, "attn_in", attn_in)
+        attn_out = self.attn(attn_in, rope, mask, cache, layer, hooks)
         if hooks:
-            h = hooks(layer, "resid_mid", h)
-        m = self.mlp_norm(h)
+            attn_out = hooks(layer, "attn_out", attn_out)
+        resid_mid = resid_pre + attn_out
         if hooks:
-            m = hooks(layer, "mlp_in", m)
-        m = self.mlp(m, hooks, layer)
+            resid_mid = hooks(layer, "resid_mid", resid_mid)
+        mlp_in = self.mlp_norm(resid_mid)
         if hooks:
-            m = hooks(layer, "mlp_out", m)
-        out = h + m
+            mlp_in = hooks(layer, "mlp_in", mlp_in)
+        mlp_out = self.mlp(mlp_in, hooks, layer)
         if hooks:
-            out = hooks(layer, "resid_post", out)
-        return out
+            mlp_out = hooks(layer, "mlp_out", mlp_out)
+        resid_post = resid_mid + mlp_out
+        if hooks:
+            resid_post = hooks(layer, "resid_post", resid_post)
+        return resid_post
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, tokenizer=None):
         super().__init__()
         self.config = cfg
         check_heads_split(cfg.n_heads, cfg.n_kv_heads)  # the splits, before any layer is built
@@ -195,7 +146,7 @@ class Llama(nn.Module):
         # Made on the CPU even when the model is built on the meta device; moves with .to().
         self.register_buffer("inv_freq", inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
                              persistent=False)
-        self.tokenizer = None  # set by zoo.load
+        self.tokenizer = tokenizer  # zoo.load passes the checkpoint's (zoo/tokenizer.py); None: ids only
 
     def new_cache(self, batch: int, max_len: int, left_pad: torch.Tensor | None = None, static: bool = False) -> KVCache:
         return KVCache.for_model(self, batch, max_len, left_pad, static)
@@ -236,36 +187,22 @@ class Llama(nn.Module):
         return logits
 
 
-# ---- checkpoint names -------------------------------------------------------------------------
-# Our parameter names, and how Meta's and Hugging Face's checkpoints name the same tensors:
-#   embed.weight                      tok_embeddings.weight              model.embed_tokens.weight
-#   blocks.{i}.attn_norm.weight       layers.{i}.attention_norm.weight   model.layers.{i}.input_layernorm.weight
-#   blocks.{i}.attn.w{q,k,v,o}.weight layers.{i}.attention.w{q,k,v,o}    model.layers.{i}.self_attn.{q,k,v,o}_proj
-#   blocks.{i}.mlp_norm.weight        layers.{i}.ffn_norm.weight         model.layers.{i}.post_attention_layernorm
-#   blocks.{i}.mlp.w_gate.weight      layers.{i}.feed_forward.w1         model.layers.{i}.mlp.gate_proj
-#   blocks.{i}.mlp.w_in.weight        layers.{i}.feed_forward.w3         model.layers.{i}.mlp.up_proj
-#   blocks.{i}.mlp.w_out.weight       layers.{i}.feed_forward.w2         model.layers.{i}.mlp.down_proj
-#   norm.weight                       norm.weight                        model.norm.weight
-#   output.weight                     output.weight                      lm_head.weight
-META_NAMES = {"tok_embeddings": "embed", "layers": "blocks", "attention": "attn", "feed_forward": "mlp",
-              "attention_norm": "attn_norm", "ffn_norm": "mlp_norm", "w1": "w_gate", "w3": "w_in", "w2": "w_out"}
+# ---- Hugging Face names -------------------------------------------------------------------------
+# Our parameter names, and how Hugging Face's LlamaForCausalLM names the same tensors (Meta's own
+# names are in zoo/formats/meta.py):
+#   embed.weight                      model.embed_tokens.weight
+#   blocks.{i}.attn_norm.weight       model.layers.{i}.input_layernorm.weight
+#   blocks.{i}.attn.w{q,k,v,o}.weight model.layers.{i}.self_attn.{q,k,v,o}_proj.weight
+#   blocks.{i}.mlp_norm.weight        model.layers.{i}.post_attention_layernorm.weight
+#   blocks.{i}.mlp.w_gate.weight      model.layers.{i}.mlp.gate_proj.weight
+#   blocks.{i}.mlp.w_in.weight        model.layers.{i}.mlp.up_proj.weight
+#   blocks.{i}.mlp.w_out.weight       model.layers.{i}.mlp.down_proj.weight
+#   norm.weight                       model.norm.weight
+#   output.weight                     lm_head.weight
 HF_NAMES = {"embed_tokens": "embed", "layers": "blocks", "self_attn": "attn", "input_layernorm": "attn_norm",
             "post_attention_layernorm": "mlp_norm", "q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
             "gate_proj": "w_gate", "up_proj": "w_in", "down_proj": "w_out", "lm_head": "output"}
-META_IGNORED = re.compile(r"^rope\.freqs$")  # a precomputed table in LLaMA 1/2 files
 HF_IGNORED = re.compile(r"rotary_emb\.inv_freq$")  # a buffer older conversions saved
-
-
-def meta_to_zoo(key: str) -> str | None:
-    """Our name for a key of Meta's consolidated.NN.pth, or None for a key to skip."""
-    if META_IGNORED.search(key):
-        return None
-    return ".".join(META_NAMES.get(part, part) for part in key.split("."))
-
-
-def zoo_to_meta(name: str) -> str:
-    inverse = {v: k for k, v in META_NAMES.items()}
-    return ".".join(inverse.get(part, part) for part in name.split("."))
 
 
 def hf_to_zoo(key: str) -> list[str]:

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.attention import Attention, KVCache, check_heads_split, checked_inputs, positions_and_mask
-from zoo.checks import COUNT, FLAG, TEXT, key
 from zoo.hooks import hook_points, resolve
 from zoo.mlp import MLP
 from zoo.parallel import check_split, column_parallel_linear, parallel_embedding, world_size
@@ -55,54 +54,6 @@ class OPTConfig:
             raise ValueError(f"activation_function {self.activation!r} is not supported; supported: "
                              f"{', '.join(ACTIVATIONS)}")
 
-    @classmethod
-    def from_hf(cls, cfg: dict) -> "OPTConfig":
-        pre_norm = key(cfg, "do_layer_norm_before", FLAG, default=True)
-        return cls(dim=key(cfg, "hidden_size", COUNT), n_layers=key(cfg, "num_hidden_layers", COUNT),
-                   n_heads=key(cfg, "num_attention_heads", COUNT), hidden_dim=key(cfg, "ffn_dim", COUNT),
-                   vocab_size=key(cfg, "vocab_size", COUNT),
-                   max_seq_len=key(cfg, "max_position_embeddings", COUNT, default=2048),
-                   embed_dim=key(cfg, "word_embed_proj_dim", COUNT, None, nullable=True),
-                   pre_norm=pre_norm, final_norm=pre_norm and not key(cfg, "_remove_final_layer_norm", FLAG, False),
-                   norm_affine=key(cfg, "layer_norm_elementwise_affine", FLAG, default=True),
-                   bias=key(cfg, "enable_bias", FLAG, default=True),
-                   activation=key(cfg, "activation_function", TEXT, default="relu"),
-                   tie_embeddings=key(cfg, "tie_word_embeddings", FLAG, default=True))
-
-    @classmethod
-    def from_metaseq(cls, cfg: dict, shapes: dict[str, tuple]) -> "OPTConfig":
-        """From a metaseq checkpoint: sizes from the (Hugging Face-named) tensors' shapes, the number of
-        heads and the options from its stored `cfg["model"]` (or fairseq's `args`). An option it does
-        not state is taken as OPT's; one stating what OPT never used (scaled or normalized embeddings,
-        sinusoidal positions) is refused, as is a post-LN model with a final norm (HF cannot say it)."""
-        if "decoder_attention_heads" not in cfg:
-            raise ValueError("the number of attention heads is not stated (no decoder_attention_heads in the "
-                             "checkpoint's cfg or args); put the model's Hugging Face config.json beside it")
-        unresolved = [k for k, v in cfg.items() if isinstance(v, str) and v.startswith("${")]
-        if unresolved:  # an omegaconf interpolation, resolved only by omegaconf itself
-            raise ValueError(f"{', '.join(unresolved)}: unresolved omegaconf interpolation(s); put the model's Hugging "
-                             f"Face config.json beside the checkpoint")
-        for tensor in ("decoder.embed_tokens.weight", "decoder.embed_positions.weight", "decoder.layers.0.fc1.weight"):
-            if tensor not in shapes:
-                raise ValueError(f"missing tensor {tensor!r} (metaseq names)")
-        for option, opt_value in (("no_scale_embedding", True), ("layernorm_embedding", False),
-                                  ("decoder_learned_pos", True), ("share_decoder_input_output_embed", True)):
-            if cfg.get(option, opt_value) != opt_value:
-                raise ValueError(f"{option}={cfg[option]!r} is not supported (OPT has {option}={opt_value!r})")
-        layers = {int(k.split(".")[2]) for k in shapes if k.startswith("decoder.layers.")}
-        vocab_size, embed_dim = shapes["decoder.embed_tokens.weight"]
-        positions, dim = shapes["decoder.embed_positions.weight"]
-        final_norm = "decoder.final_layer_norm.weight" in shapes
-        pre_norm = cfg.get("decoder_normalize_before", final_norm)
-        if final_norm and not pre_norm:
-            raise ValueError("a post-LN model (decoder_normalize_before False) with a final layer norm is not "
-                             "supported")
-        return cls(dim=dim, n_layers=len(layers), n_heads=key(cfg, "decoder_attention_heads", COUNT),
-                   hidden_dim=shapes["decoder.layers.0.fc1.weight"][0], vocab_size=vocab_size,
-                   max_seq_len=positions - POSITION_OFFSET, embed_dim=embed_dim, pre_norm=pre_norm,
-                   final_norm=final_norm, norm_affine="decoder.layers.0.self_attn_layer_norm.weight" in shapes,
-                   bias="decoder.layers.0.fc1.bias" in shapes, activation=key(cfg, "activation_fn", TEXT, "relu"))
-
 
 class Block(nn.Module):
     def __init__(self, cfg: OPTConfig):
@@ -113,32 +64,33 @@ class Block(nn.Module):
         self.mlp_norm = nn.LayerNorm(cfg.dim, elementwise_affine=cfg.norm_affine)
         self.mlp = MLP(cfg.dim, cfg.hidden_dim, ACTIVATIONS[cfg.activation], bias=cfg.bias)
 
-    def forward(self, x, mask, cache, layer, hooks=None):
-        if hooks:  # every `if hooks:` line is a hook point (zoo/hooks.py); without hooks they cost nothing
-            x = hooks(layer, "resid_pre", x)
-        a = self.attn_norm(x) if self.pre_norm else x
+    def forward(self, resid_pre, mask, cache, layer, hooks=None):
+        """(batch, seq, dim) -> (batch, seq, dim); hook points as in Llama's Block."""
         if hooks:
-            a = hooks(layer, "attn_in", a)
-        a = self.attn(a, None, mask, cache, layer, hooks)
+            resid_pre = hooks(layer, "resid_pre", resid_pre)
+        attn_in = self.attn_norm(resid_pre) if self.pre_norm else resid_pre
         if hooks:
-            a = hooks(layer, "attn_out", a)
-        h = x + a if self.pre_norm else self.attn_norm(x + a)
+            attn_in = hooks(layer, "attn_in", attn_in)
+        attn_out = self.attn(attn_in, None, mask, cache, layer, hooks)
         if hooks:
-            h = hooks(layer, "resid_mid", h)
-        m = self.mlp_norm(h) if self.pre_norm else h
+            attn_out = hooks(layer, "attn_out", attn_out)
+        resid_mid = resid_pre + attn_out if self.pre_norm else self.attn_norm(resid_pre + attn_out)
         if hooks:
-            m = hooks(layer, "mlp_in", m)
-        m = self.mlp(m, hooks, layer)
+            resid_mid = hooks(layer, "resid_mid", resid_mid)
+        mlp_in = self.mlp_norm(resid_mid) if self.pre_norm else resid_mid
         if hooks:
-            m = hooks(layer, "mlp_out", m)
-        out = h + m if self.pre_norm else self.mlp_norm(h + m)
+            mlp_in = hooks(layer, "mlp_in", mlp_in)
+        mlp_out = self.mlp(mlp_in, hooks, layer)
         if hooks:
-            out = hooks(layer, "resid_post", out)
-        return out
+            mlp_out = hooks(layer, "mlp_out", mlp_out)
+        resid_post = resid_mid + mlp_out if self.pre_norm else self.mlp_norm(resid_mid + mlp_out)
+        if hooks:
+            resid_post = hooks(layer, "resid_post", resid_post)
+        return resid_post
 
 
 class OPT(nn.Module):
-    def __init__(self, cfg: OPTConfig):
+    def __init__(self, cfg: OPTConfig, tokenizer=None):
         super().__init__()
         self.config = cfg
         check_heads_split(cfg.n_heads, cfg.n_heads)  # the splits, before any layer is built
@@ -153,7 +105,7 @@ class OPT(nn.Module):
         self.output = column_parallel_linear(cfg.embed_dim, cfg.vocab_size, bias=False, gather_output=True)
         if cfg.tie_embeddings and world_size() == 1:  # split differently under TP: loaded twice instead
             self.output.weight = self.embed.weight
-        self.tokenizer = None  # set by zoo.load
+        self.tokenizer = tokenizer  # zoo.load passes the checkpoint's (zoo/tokenizer.py); None: ids only
 
     def new_cache(self, batch: int, max_len: int, left_pad: torch.Tensor | None = None, static: bool = False) -> KVCache:
         return KVCache.for_model(self, batch, max_len, left_pad, static)
@@ -232,37 +184,3 @@ _LAYER_KEYS = {v: k for k, v in LAYER_NAMES.items()}
 
 def hf_tensor_to_zoo(name: str, t: torch.Tensor, cfg: OPTConfig) -> torch.Tensor:
     return t  # same layout
-
-
-# ---- metaseq's own checkpoints, as its training saved them ------------------------------------------
-# `restored.pt` (one file) or `reshard-model_part-{rank}.pt` (one per model-parallel rank), the
-# tensors under ["model"] with Hugging Face's names less the "model." prefix, except:
-#   decoder.project_in_dim / project_out_dim / layer_norm -> decoder.project_in / project_out / final_layer_norm
-#   decoder.layers.{i}.self_attn.qkv_proj (fused)         -> k_proj, v_proj, q_proj: the thirds of each rank's rows
-#   decoder.version, decoder.output_projection.weight     -> dropped (the output is tied to embed_tokens)
-METASEQ_RENAMES = {"decoder.project_in_dim.": "decoder.project_in.", "decoder.project_out_dim.": "decoder.project_out.",
-                   "decoder.layer_norm.": "decoder.final_layer_norm."}
-METASEQ_DROPPED = re.compile(r"(.*\.)?version|decoder\.output_projection\.weight|.*\._float_tensor")
-METASEQ_QKV = ("k_proj", "v_proj", "q_proj")  # the order of the fused qkv_proj's thirds
-METASEQ_COLUMN_PARALLEL = re.compile(r"decoder\.embed_tokens\.weight|.*\.self_attn\.(q|k|v|qkv)_proj\..*|.*\.fc1\..*")
-METASEQ_ROW_PARALLEL = re.compile(r".*\.(self_attn\.out_proj|fc2)\.weight")
-
-
-def metaseq_to_hf(key: str) -> list[str]:
-    """The Hugging Face key(s) of a metaseq tensor: none (dropped), one, or three (the fused qkv_proj)."""
-    if METASEQ_DROPPED.fullmatch(key):
-        return []
-    for old, new in METASEQ_RENAMES.items():
-        if key.startswith(old):
-            key = new + key.removeprefix(old)
-    if ".self_attn.qkv_proj." in key:
-        return [key.replace(".qkv_proj.", f".{proj}.") for proj in METASEQ_QKV]
-    return [key]
-
-
-def metaseq_merge(key: str) -> str:
-    """How the model-parallel parts of a metaseq tensor make the whole one (Megatron's rules):
-    "dim0" column-parallel and the vocab-parallel embedding, "dim1" row-parallel weights, "one"
-    replicated (norms, positions, and the row-parallel biases, added once after the all-reduce)."""
-    return "dim0" if METASEQ_COLUMN_PARALLEL.fullmatch(key) else "dim1" if METASEQ_ROW_PARALLEL.fullmatch(key) \
-        else "one"

@@ -1,6 +1,7 @@
 """Reading tensors out of checkpoint files one at a time, with errors that name the file.
 
-Two formats: safetensors (read here directly from its documented layout, so that a tensor is
+This is the file entry of zoo/formats/lazy.py's protocol: a `StoredTensor` is one tensor in one
+file, read by `read(shard, dtype)`. Two file types: safetensors (read here directly from its documented layout, so that a tensor is
 read with one `readinto` and a truncated file is caught before any read), and PyTorch's
 zip-based `.pth`/`.bin` (opened with `torch.load(mmap=True, weights_only=True)`). Either way a
 `StoredTensor` knows its shape and dtype up front and reads its data only when asked, so the
@@ -17,6 +18,7 @@ import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -30,6 +32,13 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+
+
+class Shard(NamedTuple):
+    """What one tensor-parallel rank holds of a tensor: part `index` of `parts` equal parts along `dim`."""
+    dim: int
+    index: int
+    parts: int
 
 
 @dataclass
@@ -46,14 +55,18 @@ class StoredTensor:
     def nbytes(self) -> int:
         return self.dtype.itemsize * math.prod(self.shape)
 
-    def read(self, dim: int | None = None, index: int = 0, parts: int = 1,
-             dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The tensor, or the index-th of `parts` equal slices of it along `dim`, as a CPU tensor owning its memory.
+    @property
+    def where(self) -> str:
+        return f"{self.path}: {self.key}"
+
+    def read(self, shard: Shard | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor, or one shard of it, as a CPU tensor owning its memory.
 
         Floating-point data is converted to `dtype` (default: as stored) a chunk of rows at a time,
         so at most CHUNK bytes of the stored dtype sit beside the result. A slice along dim 0 reads
         only its own bytes; a slice along another dim reads blocks of whole rows and keeps its share.
         """
+        dim, index, parts = shard or (None, 0, 1)
         if dim is not None and self.shape[dim] % parts:
             raise CheckpointError(f"{self.path}: {self.key!r} of shape {self.shape} does not split into "
                                   f"{parts} equal parts along dim {dim}")
