@@ -178,6 +178,13 @@ def check_heads_split(n_heads: int, n_kv_heads: int) -> None:
                          f"({n_kv_heads}): run with a world size in {fits}")
 
 
+# Attention in one paragraph: each position asks a question (its query q = x wq) and offers an answer
+# key k = x wk and a value v = x wv; in each head, a position's output is the average of the values of
+# the positions it may see (itself and those before it: the causal mask; never a padding slot), each
+# weighted by softmax(q . k / sqrt(head_dim)), and wo mixes the heads' outputs back into the residual
+# stream. Rotary embeddings turn q and k by angles that grow with position, so q . k depends on how far
+# apart two tokens are; grouped-query attention lets n_heads / n_kv_heads query heads share one k and v
+# head; the KV cache keeps every layer's k and v so that a new token attends without recomputing them.
 class Attention(nn.Module):
     """Under tensor parallelism each rank holds n_heads/w query heads and n_kv_heads/w kv heads:
     wq/wk/wv are column-parallel (split by heads), wo row-parallel (its partial sums all-reduced)."""
