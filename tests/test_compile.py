@@ -11,9 +11,13 @@ STEPS = 200
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def directory(tmp_path_factory):
     torch._dynamo.reset()
-    directory = save_hf(hf_llama("gqa"), tmp_path_factory.mktemp("compile"))
+    return save_hf(hf_llama("gqa"), tmp_path_factory.mktemp("compile"))
+
+
+@pytest.fixture(scope="module")
+def model(directory):
     return zoo.load(directory, dtype=torch.float32)
 
 
@@ -87,9 +91,9 @@ def test_bad_mode():
         zoo.compile(None, mode="fast")
 
 
-def test_what_does_not_compile_runs_eagerly_with_the_same_tokens(tiny_dir, capsys):
+def test_what_does_not_compile_runs_eagerly_with_the_same_tokens(directory, capsys):
     """int8 on the CPU: inductor cannot lower torch's int8 operator (torch 2.13); the generation must not change."""
-    model = zoo.load(tiny_dir, dtype=torch.bfloat16, quant="int8")
+    model = zoo.load(directory, dtype=torch.bfloat16, quant="int8")
     prompts = [[1, 306, 4, 87], [1, 5]]
     want = zoo.generate(model, prompts, max_new_tokens=6, stop_ids=set())
     capsys.readouterr()

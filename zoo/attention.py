@@ -48,9 +48,10 @@ class KVCache:
             for t in (*self.keys, *self.values, self.slot):
                 torch._dynamo.mark_static_address(t)
 
-    @torch.compiler.disable  # Python bookkeeping: a compiled forward runs it eagerly, so no guard sees `pos`
     def advance(self, seq: int) -> None:
         """Called by the model once all layers have written their `seq` new positions."""
+        if torch.compiler.is_compiling():  # Python bookkeeping stays out of the graph (else a guard on `pos`
+            return                          # would recompile every step): zoo/compile.py advances after the call
         self.pos += seq
         self.steps += 1
         self.slot += seq

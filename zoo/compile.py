@@ -10,8 +10,9 @@ CACHE_STEP positions so that generations of different lengths share the compiled
 prefill's sequence length is marked dynamic: one graph for every prompt length.
 
 On CUDA the decode step also runs as a CUDA graph (inductor's "triton.cudagraphs"): one launch per
-step instead of one per kernel. On the CPU inductor freezes the weights into the graph
-("freezing": constant folding and weight prepacking for its matmuls); `max_autotune=True` also
+step instead of one per kernel. On the CPU, in bf16 and fp16, inductor freezes the weights into the
+graph ("freezing": constant folding, and oneDNN's prepacked linear for the matmuls; fp32 keeps
+torch's GEMMs, so its logits stay within 1e-5 of eager's); `max_autotune=True` also
 tries inductor's own C++ GEMM templates, which pays for matrix-vector products at batch 1 but
 compiles for minutes on a small machine.
 
@@ -62,25 +63,24 @@ def compile(model: nn.Module, mode: str = "default") -> nn.Module:
         return model
     device = next(model.parameters()).device
     options = {"max_autotune": mode == "max-autotune"}
-    if device.type == "cpu":
-        options["freezing"] = True
+    if device.type == "cpu" and model.embed.weight.dtype != torch.float32:  # fp32 keeps eager's GEMMs: its logits
+        options["freezing"] = True                                            # then stay within 1e-5 of eager's
     decode_options = {**options, "triton.cudagraphs": device.type == "cuda"}
     prefill = torch.compile(model.forward, options=options)
-    context = model.config.max_seq_len
 
     def prefill_any_length(tokens, **kwargs):  # one graph for every prompt length from 2 (1 is the decode step)
-        if tokens.shape[1] > 1:
-            torch._dynamo.mark_dynamic(tokens, 1, min=2, max=context)
+        if tokens.shape[1] > 1:  # "maybe": code that needs a bound (int8's rows) may still narrow it
+            torch._dynamo.maybe_mark_dynamic(tokens, 1)
         return prefill(tokens, **kwargs)
 
-    model.compiled = Compiled(prefill=_or_eager(model, prefill_any_length, "prefill"),
+    model.compiled = Compiled(prefill=_or_eager(model, prefill_any_length, "prefill", options),
                               decode=_or_eager(model, torch.compile(model.forward, dynamic=False, options=decode_options),
-                                               "decode step"),
+                                               "decode step", decode_options),
                               options=decode_options)
     return model
 
 
-def _or_eager(model: nn.Module, compiled: Callable, what: str) -> Callable:
+def _or_eager(model: nn.Module, compiled: Callable, what: str, options: dict) -> Callable:
     """compiled, until inductor fails to compile it (e.g. an operator it cannot lower): then the eager forward,
     said once. A failed compile runs nothing, so the call is simply made again eagerly."""
     failed = []
@@ -88,7 +88,11 @@ def _or_eager(model: nn.Module, compiled: Callable, what: str) -> Callable:
     def call(*args, **kwargs):
         if not failed:
             try:
-                return compiled(*args, **kwargs)
+                # dynamo reads `freezing` while tracing, before torch.compile's options apply: patched here too
+                with torch._inductor.config.patch(freezing=options.get("freezing", False)):
+                    out = compiled(*args, **kwargs)
+                kwargs["cache"].advance(args[0].shape[1])  # what the compiled forward left out (KVCache.advance)
+                return out
             except torch._dynamo.exc.BackendCompilerFailed as e:
                 failed.append(e)
                 reason = str(e).strip().splitlines()[0][:160]
