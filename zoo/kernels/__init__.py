@@ -19,22 +19,9 @@ Which code runs, by device, activation dtype and M = rows of x (x.numel() // K):
     cpu     int4    bf16            any     dequantize, then F.linear: only if torch lacks that operator
     cpu     any     fp32 / fp16     any     x cast to bf16, the bf16 row above, y cast back
 
-The CPU rows come from `python -m zoo.kernels.bench` on a 2-core AVX512 AMD EPYC shared with other
-jobs (torch 2.13; LLaMA-7B weight shapes; 1 thread, the steadier numbers there):
-  - M = 1, bf16 x, 4096 x 4096: int4 operator 0.9 ms, int8 operator 1.9 ms, bf16 F.linear 4.7 ms.
-    The operators' cost grows with every row (~0.4 and ~0.6 ms per row), F.linear's hardly up to
-    M ~ 16, so they fall behind it from M ~ 8-16: the price of 2x / 4x less memory.
-  - int8, growing M: dequantizing first costs a fixed ~50 ms (4096 x 4096; ~140 ms for 11008 x 4096)
-    and then runs at F.linear's rate. The paths cross at M ~ 128 on both shapes (with 2 contended
-    threads between 128 and 270): INT8_CPU_OP_MAX_M = 128.
-  - int4: the paths cross later, M ~ 250-500, and at M = 512 dequantizing first is at most 1.3x
-    faster; it would need our packed weight kept beside torch's layout (twice the memory), so the
-    operator serves every M.
-  - fp32 x fed to the operators as is (2 threads): 2-15x slower than bf16 x at M = 1 and 15-60x at
-    M = 32, as they have no fast fp32 kernel (int4, 4096 x 4096, M = 32: 944 ms against 24 ms), and
-    dequantizing per call costs 40-450 ms whatever M. Casting x to bf16 costs microseconds; its
-    price is accuracy: y is within ~4e-3 of max|y| of the fp32 reference (x and y rounded to bf16;
-    measured 3-5e-3 for K = 512-4096), well below int4's quantization error, about int8's.
+The CPU rows' thresholds (INT8_CPU_OP_MAX_M, one int4 operator for every M, x cast to bf16) were
+measured with `python benchmarks/kernels.py` on LLaMA-7B layer shapes; the figures are in the
+README ("Benchmarks").
 """
 from dataclasses import dataclass
 
