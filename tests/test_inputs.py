@@ -261,3 +261,16 @@ def test_sizes_the_world_size_does_not_divide_are_named_on_every_rank(tmp_path, 
     from helpers import hf_llama, spawn
     directory = save_hf(hf_llama("gqa", vocab_size=321), tmp_path / "vocab-321")
     spawn(_tp_sizes, 2, directory, tiny_dir)
+
+
+def test_a_directory_with_two_checkpoints_is_refused(tiny_dir, tmp_path):
+    """A zoo-quantized model.safetensors beside Meta's files: an error, never the float model silently."""
+    quantized = zoo.quant.save(zoo.load(tiny_dir, quant="int8"), tmp_path / "int8")
+    both = tmp_path / "both"
+    both.mkdir()
+    for f in tiny_dir.iterdir():
+        (both / f.name).symlink_to(f)
+    (both / "model.safetensors").symlink_to(quantized / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"holds both a zoo-quantized model.safetensors and a meta checkpoint"):
+        zoo.load(both)
+    assert zoo.load(quantized).blocks[0].attn.wq.__class__.__name__ == "QuantLinear"  # each alone loads

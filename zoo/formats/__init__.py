@@ -24,9 +24,13 @@ FORMATS = (gpt_neox, metaseq, meta, hf, quantized)
 
 def format_of(directory: Path):
     """The module of the format the directory holds."""
-    for fmt in FORMATS:
-        if fmt.detect(directory):
-            return fmt
+    found = [fmt for fmt in FORMATS if fmt.detect(directory)]
+    if quantized in found and len(found) > 1:  # never load one of two models silently
+        other = found[0].__name__.rsplit(".", 1)[-1]
+        raise CheckpointError(f"{directory}: holds both a zoo-quantized model.safetensors and a {other} checkpoint; "
+                              f"zoo cannot tell which one to load: move one of them to a directory of its own")
+    if found:
+        return found[0]
     found = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
     raise CheckpointError(f"{directory}: neither params.json (Meta layout), config.json (Hugging Face layout), "
                           f"gpt-neox's layer_*-model_*-model_states.pt / mp_rank_*_model_states.pt, metaseq's "
