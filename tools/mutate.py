@@ -20,9 +20,6 @@ is not found exactly once is an error, not a skip: the list must not rot as the 
 Exit status: 0 every mutant killed; 1 some survived; 2 a stale snippet, an unknown test or a
 failing baseline. The kill rate goes in the README ("Testing") and stays at 100%.
 
-The hooks (zoo/hooks.py) and quantization (zoo/quant, zoo/kernels) mutants target behaviour any
-rewrite keeps (int8's scale per row, int4's step, mean versus zero ablation): extend the list when
-those modules settle.
 """
 import argparse
 import os
@@ -195,7 +192,32 @@ MUTANTS = [
     Mutant("hooks-mean-ablation-is-zero", "zoo/hooks.py",
            'x[tuple(index)] = 0 if self.mode == "zero" else self._running_mean(x[tuple(index)], ctx)',
            "x[tuple(index)] = 0", t("test_hooks", "test_ablate_neurons_and_mean_mode")),
+    Mutant("hooks-positions-are-slots", "zoo/hooks.py",
+           "[None] - self.left_pad[:, None]", "[None].expand(len(self.left_pad), -1)",
+           t("test_hooks", "test_builtins_in_a_padded_generation_equal_each_row_alone")),
+    Mutant("hooks-final-points-cut-in-prefill", "zoo/hooks.py",
+           'return self.wants(None, "ln_final") or self.wants(None, "logits")', "return False",
+           t("test_hooks", "test_collect_over_generation_equals_full_forward")),
+    Mutant("hooks-collect-keeps-old-runs", "zoo/hooks.py",
+           "        if ctx.run != self.run:\n            self.store, self.run = {}, ctx.run",
+           "        if self.run is None:\n            self.store, self.run = {}, ctx.run",
+           t("test_hooks", "test_collect_holds_one_run_and_reads_like_a_dict")),
+    Mutant("hooks-negative-heads-not-wrapped", "zoo/hooks.py", "        i %= full\n", "",
+           t("test_hooks", "test_bad_indices_and_positions")),
+    Mutant("hooks-result-dtype-not-cast", "zoo/hooks.py", "    return out.to(x.dtype)", "    return out",
+           t("test_hooks", "test_returned_dtype_is_cast_back")),
+    # ---- checks.py, compile.py ----------------------------------------------------------------------------
+    Mutant("checks-left-pad-may-cover-the-row", "zoo/attention.py", "((left_pad >= 0) & (left_pad < seq))",
+           "((left_pad >= 0) & (left_pad <= seq))", t("test_inputs", "test_bad_model_inputs")),
+    Mutant("compile-static-cache-written-at-slot-0", "zoo/attention.py",
+           "slots = self.slot + torch.arange(k.shape[2], device=k.device)",
+           "slots = torch.arange(k.shape[2], device=k.device)",
+           t("test_compile", "test_static_cache_equals_the_eager_cache_and_hf")),
     # ---- quant/ and kernels/ (behaviour any rewrite keeps; extend the list as the modules settle) -----------
+    Mutant("quant-int8-odd-k-not-padded", "zoo/kernels/cpu.py", "CPU_INT8_K_MULTIPLE = 16", "CPU_INT8_K_MULTIPLE = 1",
+           t("test_quant_widths")),
+    Mutant("quant-output-may-be-the-source", "zoo/formats/quantized.py", "        if out == src:", "        if False:",
+           t("test_quant", "test_quantize_command_refuses_outputs_that_lose_data")),
     Mutant("quant-int8-one-scale-per-tensor", "zoo/quant/quantizers.py",
            "scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127",
            "scales = w.abs().amax().clamp(min=1e-12).expand(w.shape[0]) / 127", t("test_quant")),
