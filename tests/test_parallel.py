@@ -83,9 +83,9 @@ def _check_bf16(rank, directory, exact, one):
 
 
 def sizes(model) -> tuple[int, int]:
-    """The model's parameter count and how much of it is norm weights. A tied output counts twice: under
-    TP the output and the embedding are split differently, so each rank holds both halves."""
-    named = list(model.named_parameters(remove_duplicate=False))
+    """The model's parameter count and how much of it is norm weights. A tied output and embedding are one
+    tensor, in one process and under TP (both split on the vocabulary): counted once."""
+    named = list(model.named_parameters())
     return sum(p.numel() for _, p in named), sum(p.numel() for n, p in named if "norm" in n)
 
 

@@ -138,9 +138,7 @@ def fill(model: nn.Module, tensors: dict, checkpoint: Checkpoint, directory: Pat
          device: torch.device, progress: bool | None = None, finished: Callable[[str], None] | None = None) -> None:
     """Put every parameter in place from its lazy tensor, checking that none is missing, extra or misshapen.
 
-    Parameters tied together (output and embedding in one process) are one group: either name may
-    provide it; under tensor parallelism the two are split differently, and the output reads the
-    embedding's tensor a second time. A parallel layer's `split_dims` say which dimension of a
+    Parameters tied together (output and embedding) are one group: either name may provide it. A parallel layer's `split_dims` say which dimension of a
     parameter is split: only this rank's slice is read. `finished(module name)` is told of each
     module whose parameters are all in.
     """

@@ -21,7 +21,7 @@ from torch import nn
 from zoo.attention import Attention, KVCache, check_heads_split, checked_inputs, positions_and_mask
 from zoo.hooks import hook_points, resolve
 from zoo.mlp import MLP
-from zoo.parallel import check_split, column_parallel_linear, parallel_embedding, world_size
+from zoo.parallel import check_split, column_parallel_linear, parallel_embedding
 from zoo.rotary import inv_frequencies, rope_angles
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -101,11 +101,11 @@ class GPTNeoX(nn.Module):
         check_heads_split(cfg.n_heads, cfg.n_heads)  # the splits, before any layer is built
         check_split({"the embedding's dim": cfg.dim, "the MLP's hidden_dim": cfg.hidden_dim,
                      "the output layer's vocab_size": cfg.vocab_size})
-        self.embed = parallel_embedding(cfg.vocab_size, cfg.dim)
+        self.embed = parallel_embedding(cfg.vocab_size, cfg.dim, tied=cfg.tie_embeddings)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = column_parallel_linear(cfg.dim, cfg.vocab_size, bias=False, gather_output=True)
-        if cfg.tie_embeddings and world_size() == 1:  # split differently under TP: loaded twice instead
+        if cfg.tie_embeddings:  # one tensor; under TP both are split on the vocabulary
             self.output.weight = self.embed.weight
         self.register_buffer("inv_freq", inv_frequencies(cfg.rotary_dim, cfg.rope_theta), persistent=False)
         self.tokenizer = tokenizer  # zoo.load passes the checkpoint's (zoo/tokenizer.py); None: ids only

@@ -23,7 +23,7 @@ from zoo.attention import Attention, KVCache, check_heads_split, checked_inputs,
 from zoo.checks import COUNT, POSITIVE, key
 from zoo.hooks import hook_points, resolve
 from zoo.norm import RMSNorm
-from zoo.parallel import check_split, column_parallel_linear, parallel_embedding, row_parallel_linear, world_size
+from zoo.parallel import check_split, column_parallel_linear, parallel_embedding, row_parallel_linear
 from zoo.rotary import ROPE_TYPES, inv_frequencies, rope_angles
 
 
@@ -137,11 +137,11 @@ class Llama(nn.Module):
         check_heads_split(cfg.n_heads, cfg.n_kv_heads)  # the splits, before any layer is built
         check_split({"the embedding's dim": cfg.dim, "the MLP's hidden_dim": cfg.hidden_dim,
                      "the output layer's vocab_size": cfg.vocab_size})
-        self.embed = parallel_embedding(cfg.vocab_size, cfg.dim)
+        self.embed = parallel_embedding(cfg.vocab_size, cfg.dim, tied=cfg.tie_embeddings)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = column_parallel_linear(cfg.dim, cfg.vocab_size, bias=False, gather_output=True)
-        if cfg.tie_embeddings and world_size() == 1:  # split differently under TP: loaded twice instead
+        if cfg.tie_embeddings:  # one tensor; under TP both are split on the vocabulary
             self.output.weight = self.embed.weight
         # Made on the CPU even when the model is built on the meta device; moves with .to().
         self.register_buffer("inv_freq", inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),

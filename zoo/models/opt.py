@@ -20,7 +20,7 @@ from torch import nn
 from zoo.attention import Attention, KVCache, check_heads_split, checked_inputs, positions_and_mask
 from zoo.hooks import hook_points, resolve
 from zoo.mlp import MLP
-from zoo.parallel import check_split, column_parallel_linear, parallel_embedding, world_size
+from zoo.parallel import check_split, column_parallel_linear, parallel_embedding
 
 POSITION_OFFSET = 2
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -96,14 +96,14 @@ class OPT(nn.Module):
         check_heads_split(cfg.n_heads, cfg.n_heads)  # the splits, before any layer is built
         check_split({"the embedding's embed_dim": cfg.embed_dim, "the MLP's hidden_dim": cfg.hidden_dim,
                      "the output layer's vocab_size": cfg.vocab_size})
-        self.embed = parallel_embedding(cfg.vocab_size, cfg.embed_dim)
+        self.embed = parallel_embedding(cfg.vocab_size, cfg.embed_dim, tied=cfg.tie_embeddings)
         self.project_in = nn.Linear(cfg.embed_dim, cfg.dim, bias=False) if cfg.embed_dim != cfg.dim else None
         self.pos_embed = nn.Embedding(cfg.positions + POSITION_OFFSET, cfg.dim)  # all it learned
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.dim, elementwise_affine=cfg.norm_affine) if cfg.final_norm else None
         self.project_out = nn.Linear(cfg.dim, cfg.embed_dim, bias=False) if cfg.embed_dim != cfg.dim else None
         self.output = column_parallel_linear(cfg.embed_dim, cfg.vocab_size, bias=False, gather_output=True)
-        if cfg.tie_embeddings and world_size() == 1:  # split differently under TP: loaded twice instead
+        if cfg.tie_embeddings:  # one tensor; under TP both are split on the vocabulary
             self.output.weight = self.embed.weight
         self.tokenizer = tokenizer  # zoo.load passes the checkpoint's (zoo/tokenizer.py); None: ids only
 

@@ -2,8 +2,8 @@
 
     ColumnParallelLinear   weight (out/w, in)   rows split: each rank computes a slice of the outputs
     RowParallelLinear      weight (out, in/w)   columns split: partial sums, all-reduced
-    ParallelEmbedding      weight (vocab, d/w)  embedding dim split (LLaMA 1/2 checkpoints)
-    VocabParallelEmbedding weight (vocab/w, d)  vocabulary split (LLaMA 3 checkpoints)
+    ParallelEmbedding      weight (vocab, d/w)  embedding dim split
+    VocabParallelEmbedding weight (vocab/w, d)  vocabulary split: for an embedding tied to the output layer
 
 `split_dims` on each layer says which dimension of which parameter is split; the loader reads only
 that slice from the checkpoint. In one process the models use plain nn.Linear / nn.Embedding:
@@ -110,8 +110,10 @@ def row_parallel_linear(in_features, out_features, bias=False, input_is_parallel
     return RowParallelLinear(in_features, out_features, bias, input_is_parallel)
 
 
-def parallel_embedding(num_embeddings, embedding_dim) -> nn.Module:
-    """ParallelEmbedding (split on the embedding dim) under tensor parallelism, a plain nn.Embedding in one process."""
+def parallel_embedding(num_embeddings, embedding_dim, tied: bool = False) -> nn.Module:
+    """Under tensor parallelism ParallelEmbedding (split on the embedding dim), or, when the output layer is
+    tied to it, VocabParallelEmbedding: split on the vocabulary like the (column-parallel) output layer, so
+    the two share one slice. A plain nn.Embedding in one process."""
     if world_size() == 1:
         return nn.Embedding(num_embeddings, embedding_dim)
-    return ParallelEmbedding(num_embeddings, embedding_dim)
+    return (VocabParallelEmbedding if tied else ParallelEmbedding)(num_embeddings, embedding_dim)
