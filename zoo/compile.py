@@ -42,7 +42,6 @@ class Compiled:
     """The compiled callables of a model: each takes the model's forward arguments."""
     prefill: Callable
     decode: Callable
-    options: dict
 
     def cache_len(self, needed: int, context: int) -> int:
         """The static cache's size for a generation that needs `needed` positions."""
@@ -75,8 +74,7 @@ def compile(model: nn.Module, mode: str = "default") -> nn.Module:
 
     model.compiled = Compiled(prefill=_or_eager(model, prefill_any_length, "prefill", options),
                               decode=_or_eager(model, torch.compile(model.forward, dynamic=False, options=decode_options),
-                                               "decode step", decode_options),
-                              options=decode_options)
+                                               "decode step", decode_options))
     return model
 
 
