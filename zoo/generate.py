@@ -105,9 +105,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int = 128, tempera
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop_ids: set[int] | None = None, hooks=None) -> list[list[int]]:
     """The new tokens of every prompt, ending before the first stop token (or after max_new_tokens)."""
-    out = [[] for _ in checked_prompts(prompts, model.config.vocab_size)]
     stop_ids = checked_stop_ids(stop_ids, model)
-    for tokens, done in steps(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, hooks):
+    chain = steps(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, hooks)  # checks the rest
+    out = [[] for _ in prompts]
+    for tokens, done in chain:
         for row, (t, d) in enumerate(zip(tokens.tolist(), done.tolist())):
             if not d and t not in stop_ids:
                 out[row].append(t)
