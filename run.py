@@ -61,11 +61,6 @@ def say(*args, **kwargs) -> None:
 def complete(model, text: str, args) -> None:
     """Stream the model's continuation of `text` to stdout; report speed on stderr."""
     ids = model.tokenizer.encode(text, bos=True)
-    if getattr(model, "compiled", None) is not None and not getattr(model, "warm", False):
-        start = time.perf_counter()  # compile now (inductor caches on disk: faster the next time), not while timing
-        zoo.generate(model, [ids[:2] if len(ids) > 1 else ids * 2], max_new_tokens=2)
-        model.warm = True
-        say(f"[compiled in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
     stats = {}
     pieces = zoo.stream(model, ids, stats=stats, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # checks all, the length too, before the echo
@@ -105,11 +100,14 @@ def main(argv=None) -> int:
         parallel.setup()
         model = zoo.load(args.ckpt, dtype=DTYPES[args.dtype], device=args.device, quant=args.quant,
                          group_size=args.group_size, refine=args.refine)
-        if args.compile:
-            zoo.compile(model, mode=args.compile)
         if model.tokenizer is None:
             raise zoo.CheckpointError(f"{zoo.find_checkpoint(args.ckpt)}: no tokenizer (tokenizer.model, "
                                       f"tokenizer.json, or vocab.json + merges.txt)")
+        if args.compile:  # compile now, not while timing the first prompt (inductor caches on disk: faster next time)
+            start = time.perf_counter()
+            zoo.generate(zoo.compile(model, mode=args.compile), [model.tokenizer.encode(DEMO_PROMPT, bos=True)],
+                         max_new_tokens=2)
+            say(f"[compiled in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
         while (text := read_prompt(args, args.interactive)) is not None:
             complete(model, text, args)
             if not args.interactive:

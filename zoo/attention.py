@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.checks import integer, require, shown
+from zoo.checks import integer, is_int, require
 from zoo.parallel import column_parallel_linear, row_parallel_linear, world_size
 from zoo.rotary import apply_rotary
 
@@ -43,7 +43,7 @@ class KVCache:
         self.left_pad = None if left_pad is None else left_pad.to(device)
         self.id = next(KVCache._ids)
         self.static = static
-        self.slot = torch.zeros((), dtype=torch.long, device=device)  # = pos, as a tensor (static caches read it)
+        self.slot = torch.zeros((), dtype=torch.long, device=device)  # = pos, as a tensor (kept by static caches)
         if static and device.type == "cuda":  # the same buffers every step: CUDA graphs may write them in place
             for t in (*self.keys, *self.values, self.slot):
                 torch._dynamo.mark_static_address(t)
@@ -54,7 +54,8 @@ class KVCache:
             return                          # would recompile every step): zoo/compile.py advances after the call
         self.pos += seq
         self.steps += 1
-        self.slot += seq
+        if self.static:
+            self.slot += seq
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new (batch, n_kv_heads, seq, head_dim) keys/values; return all of them so far
@@ -88,7 +89,7 @@ def checked_left_pad(left_pad, batch: int, seq: int, device: torch.device) -> to
     accepted = f"a tensor or list of {batch} ints (one per row), each in 0..{seq - 1}: the number of padding tokens " \
                f"a row starts with (not its length)"
     if isinstance(left_pad, (list, tuple)):
-        require(all(isinstance(p, int) and not isinstance(p, bool) for p in left_pad), "left_pad", left_pad, accepted)
+        require(all(is_int(p) for p in left_pad), "left_pad", left_pad, accepted)
         left_pad = torch.tensor(left_pad, dtype=torch.long)
     require(isinstance(left_pad, torch.Tensor) and left_pad.shape == (batch,) and not left_pad.is_floating_point()
             and left_pad.dtype != torch.bool, "left_pad", left_pad, accepted)
@@ -137,36 +138,28 @@ def positions_and_mask(tokens: torch.Tensor, cache: KVCache | None,
     leading padding when there is no cache; a cache carries its own.
     """
     seq, device = tokens.shape[1], tokens.device
-    if cache is not None and cache.static:
-        return _static_positions_and_mask(seq, cache)
+    if cache is not None and cache.static:  # the same rules over all max_len slots, from the `slot` tensor
+        slots = cache.slot + torch.arange(seq, device=device)  # slots not yet written are never attended
+        return _masked(slots, torch.arange(cache.max_len, device=device), cache.left_pad)
     start = 0
     if cache is not None:
         start, left_pad = cache.pos, cache.left_pad
         if start + seq > cache.max_len:
             raise ValueError(f"{start + seq} positions do not fit the KV cache of {cache.max_len}")
     slots = torch.arange(start, start + seq, device=device)  # (seq,)
+    if left_pad is None and (start == 0 or seq == 1):
+        return slots[None], None
+    return _masked(slots, torch.arange(start + seq, device=device), left_pad)
+
+
+def _masked(slots: torch.Tensor, keys: torch.Tensor, left_pad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (batch or 1, seq) of the queries at `slots` and their mask over the `keys` slots: causal, and
+    never a padding slot, except by itself, so that no softmax row is empty."""
+    causal = keys <= slots[:, None]  # (seq, keys)
     if left_pad is None:
-        if start == 0 or seq == 1:
-            return slots[None], None
-        return slots[None], (torch.arange(start + seq, device=device) <= slots[:, None])[None, None]
-    keys = torch.arange(start + seq, device=device)
-    causal = keys <= slots[:, None]  # (seq, start+seq)
-    # A padding slot is never attended to, except by itself, so that no softmax row is empty.
-    not_pad = (keys >= left_pad[:, None, None]) | (keys == slots[:, None])  # (batch, seq, start+seq)
-    positions = (slots[None] - left_pad[:, None]).clamp(min=0)  # (batch, seq): real tokens start at 0
-    return positions, (causal & not_pad)[:, None]
-
-
-def _static_positions_and_mask(seq: int, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions_and_mask for a static cache: the same rules, over all max_len slots, from the `slot` tensor."""
-    device = cache.slot.device
-    slots = cache.slot + torch.arange(seq, device=device)  # (seq,)
-    keys = torch.arange(cache.max_len, device=device)
-    causal = keys <= slots[:, None]  # (seq, max_len): slots not yet written are never read
-    if cache.left_pad is None:
         return slots[None], causal[None, None]
-    not_pad = (keys >= cache.left_pad[:, None, None]) | (keys == slots[:, None])  # (batch, seq, max_len)
-    positions = (slots[None] - cache.left_pad[:, None]).clamp(min=0)
+    not_pad = (keys >= left_pad[:, None, None]) | (keys == slots[:, None])  # (batch, seq, keys)
+    positions = (slots[None] - left_pad[:, None]).clamp(min=0)  # (batch, seq): real tokens start at 0
     return positions, (causal & not_pad)[:, None]
 
 
