@@ -205,18 +205,19 @@ FAMILY_VARIANTS = {
 }
 
 
+FAMILY_SMALL = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+
+
 def hf_family(variant: str, seed: int = 0, **more):
     """A Hugging Face OPTForCausalLM / GPTNeoXForCausalLM with random weights (as `hf_llama`)."""
     family, overrides = FAMILY_VARIANTS[variant]
     overrides = {**overrides, **more}
     torch.manual_seed(seed)
     if family == "opt":
-        cfg = transformers.OPTConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, ffn_dim=160,
-                                     num_attention_heads=4, max_position_embeddings=256, **overrides)
+        cfg = transformers.OPTConfig(**{**FAMILY_SMALL, "ffn_dim": 160, **overrides})
         model = transformers.OPTForCausalLM(cfg)
     else:
-        cfg = transformers.GPTNeoXConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, intermediate_size=160,
-                                         num_attention_heads=4, max_position_embeddings=256, **overrides)
+        cfg = transformers.GPTNeoXConfig(**{**FAMILY_SMALL, "intermediate_size": 160, **overrides})
         model = transformers.GPTNeoXForCausalLM(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -408,8 +408,11 @@ def _tp_hooks(rank, directory, want):
             assert str(e.value) == f"head {bad[0]} is out of range for blocks.0.z, which has 4 heads (valid: -4..3)"
 
 
-def test_hooks_under_tensor_parallelism(tmp_path):
-    directory = save_hf(hf_llama("gqa"), tmp_path)
+@pytest.mark.parametrize("widths", [{}, dict(vocab_size=321, intermediate_size=171)], ids=["even", "padded"])
+def test_hooks_under_tensor_parallelism(tmp_path, widths):
+    """As one process; also with a vocabulary and MLP hidden units that 2 does not divide (the last rank's
+    hidden units end in padding, which full-width values, neuron indices and gathers must step over)."""
+    directory = save_hf(hf_llama("gqa", **widths), tmp_path)
     model = zoo.load(directory, dtype=torch.float32)
     c = model.config
     cache = hooks.collect("blocks.1.resid_post", "blocks.0.z", "blocks.1.pattern", "blocks.0.mlp_post")

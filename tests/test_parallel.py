@@ -219,3 +219,74 @@ def hf_and_meta2(checkpoints, tmp_path):
     import shutil
     shutil.copytree(checkpoints[0]["meta2"], tmp_path / "m")
     return tmp_path / "m"
+
+
+# ---- sizes the world size does not divide: padded, never an error ---------------------------------
+
+def _check_padded_layers():
+    """The four parallel layers at sizes the world size does not divide (11 outputs, 11 inputs, an embedding
+    of 11 x 11, whose rows past the end stay zero): outputs and input gradients equal to the unsplit layer's."""
+    torch.manual_seed(0)  # the same full weights and inputs on every rank
+    w, b, x, tokens = torch.randn(11, 11), torch.randn(11), torch.randn(3, 5, 11), torch.randint(0, 11, (3, 5))
+    cases = [(parallel.ColumnParallelLinear(11, 11, bias=True), 0, x, lambda x: F.linear(x, w, b)),
+             (parallel.RowParallelLinear(11, 11, bias=True), 1, x, lambda x: F.linear(x, w, b)),
+             (parallel.ParallelEmbedding(11, 11), 1, tokens, lambda t: F.embedding(t, w)),
+             (parallel.VocabParallelEmbedding(11, 11), 0, tokens, lambda t: F.embedding(t, w))]
+    for layer, dim, inp, full in cases:
+        part = layer.weight.shape[dim]
+        start = parallel.rank() * part
+        mine = w.narrow(dim, min(start, 11), max(0, min(part, 11 - start)))
+        with torch.no_grad():
+            layer.weight.zero_().narrow(dim, 0, mine.shape[dim]).copy_(mine)
+            if getattr(layer, "bias", None) is not None:
+                layer.bias.copy_(b if dim == 1 else F.pad(b.narrow(0, min(start, 11), mine.shape[0]), (0, part - mine.shape[0])))
+        grads = []
+        for f in (layer, full):
+            x_in = inp.clone().requires_grad_(True) if inp.is_floating_point() else inp
+            y = f(x_in)
+            if inp.is_floating_point():
+                (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            grads.append((y.detach(), x_in.grad if inp.is_floating_point() else None))
+        assert (grads[0][0] - grads[1][0]).abs().max() < 1e-5, type(layer).__name__
+        if inp.is_floating_point():
+            assert (grads[0][1] - grads[1][1]).abs().max() < 1e-5, type(layer).__name__
+
+
+def _check_padded(rank, dirs, want, world):
+    """Every model at this world size: one process's logits, cached logits and greedy tokens; each rank
+    holds size / world rows rounded up of every split weight (the last rank ends in zero padding)."""
+    assert parallel.world_size() == world
+    _check_padded_layers()
+    for name, directory in dirs.items():
+        model = zoo.load(directory, dtype=torch.float32)
+        c = model.config
+        output = model.output.weight if name != "int8" else model.output.qweight.qweight
+        assert output.shape[0] == -(-c.vocab_size // world), name
+        if name == "int8":  # the CPU int8 operator computes in bf16, whose rounding TP moves
+            full, cached, greedy = run_model(model)
+            assert (full - want[name][0]).abs().max() < 0.05 and (cached - want[name][1]).abs().max() < 0.05, name
+            continue
+        check_equals_one_process(name, model, want[name])
+        if rank == world - 1:  # the padding is zeros: the last rank's rows past the vocabulary
+            assert output[c.vocab_size - rank * output.shape[0]:].abs().max() == 0, name
+
+
+def test_sizes_the_world_size_does_not_divide_are_padded(tmp_path):
+    """A vocabulary of 321 and MLP widths of 171 / 170 at world size 2, and 320 / 176 at world size 3 (a LLaMA
+    with 6 heads): LLaMA (HF, tied, Meta MP=2 with uneven shards of a 321 vocabulary, int8-quantized), OPT (post-LN, project_in/out)
+    and NeoX, all equal to one process."""
+    llama = save_hf(hf_llama("gqa", vocab_size=321, intermediate_size=171), tmp_path / "llama")
+    dirs = {"llama": llama, "tied": save_hf(hf_llama("tied-embeddings", vocab_size=321, intermediate_size=171),
+                                             tmp_path / "tied"),
+            "vocab": save_hf(hf_llama("gqa", vocab_size=321), tmp_path / "vocab"),
+            "int8": zoo.quant.save(zoo.load(llama, dtype=torch.float32, quant="int8"), tmp_path / "int8"),
+            "opt": save_hf(hf_family("opt-post-ln-proj", vocab_size=321, ffn_dim=170), tmp_path / "opt"),
+            "neox": save_hf(hf_family("neox-rotary-0.25-parallel", vocab_size=321, intermediate_size=170),
+                            tmp_path / "neox")}
+    dirs["meta2"] = save_meta(zoo.load(dirs["vocab"], dtype=torch.float32), tmp_path / "meta2", shards=2)
+    want = {name: run_model(zoo.load(d, dtype=torch.float32)) for name, d in dirs.items()}
+    assert torch.equal(want["meta2"][0], want["vocab"][0])
+    spawn(_check_padded, 2, dirs, want, 2)
+    three = {"llama-6-heads": save_hf(hf_llama("gqa", hidden_size=96, num_attention_heads=6, num_key_value_heads=3),
+                                      tmp_path / "six")}
+    spawn(_check_padded, 3, three, {n: run_model(zoo.load(d, dtype=torch.float32)) for n, d in three.items()}, 3)

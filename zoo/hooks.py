@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from zoo import parallel
 
@@ -75,7 +76,8 @@ class Context:
     writes x[:, 0] at that slot. left_pad: (batch,) leading padding slots per row, or None.
     step: forward number within a run (0: the prefill, or a forward without a cache).
     run: an id shared by the forwards of one run. shard: (dim, start, stop, full) when x is this
-    rank's slice of a tensor split across ranks.
+    rank's slice [start, stop) of a tensor split across ranks, `full` wide along `dim`; x may end in
+    zero padding past stop (hidden units the world size does not divide: zoo/parallel/layers.py).
     """
     name: str
     layer: int | None
@@ -107,7 +109,14 @@ class Context:
         """The full tensor of which x is this rank's slice (x itself when it is not split)."""
         if self.shard is None or self.world_size == 1:
             return x
-        return parallel.all_gather(x, dim=self.shard[0])
+        dim, _, _, full = self.shard
+        return parallel.all_gather(x, dim=dim).narrow(dim, 0, full)
+
+    def local(self, value: torch.Tensor, dim: int, width: int) -> torch.Tensor:
+        """This rank's slice (`width` wide, zero-padded past the end) of a full-width value along its `dim`."""
+        _, start, stop, _ = self.shard
+        part = value.narrow(dim, start, stop - start)
+        return part if stop - start == width else F.pad(part, [0, 0] * (value.dim() - dim - 1) + [0, width - part.shape[dim]])
 
     @property
     def point(self) -> str:
@@ -142,6 +151,7 @@ class Hooks:
         else:
             self.slot, self.step, self.left_pad, self.run = 0, 0, left_pad, ("forward", next(_forward_runs))
         self.rank, self.world = parallel.rank(), parallel.world_size()
+        self.neurons = model.config.hidden_dim  # the MLP's hidden units, which TP may pad (the heads it never does)
 
     def wants(self, layer: int | None, point: str) -> bool:
         return (layer, point) in self.table
@@ -173,7 +183,9 @@ class Hooks:
             return None
         dim = HEAD_POINTS.get(point, NEURON_POINTS.get(point))
         local = x.shape[dim]
-        return dim, self.rank * local, (self.rank + 1) * local, local * self.world
+        full = self.neurons if point in NEURON_POINTS else local * self.world
+        start = min(self.rank * local, full)
+        return dim, start, min(start + local, full), full
 
 
 def _checked(out, x: torch.Tensor, name: str, fn) -> torch.Tensor:
@@ -298,10 +310,10 @@ def _fit(value, x: torch.Tensor, ctx: Context, what: str) -> torch.Tensor:
     """A value broadcastable to x, in x's dtype and device; a full-width value on a split point cut to this rank's slice."""
     value = torch.as_tensor(value).to(device=x.device, dtype=x.dtype)
     if ctx.shard is not None:
-        dim, start, stop, full = ctx.shard
+        dim, _, _, full = ctx.shard
         vdim = value.dim() - (x.dim() - dim)  # the same dim counted from the right
-        if vdim >= 0 and value.shape[vdim] == full != stop - start:
-            value = value.narrow(vdim, start, stop - start)
+        if vdim >= 0 and value.shape[vdim] == full != x.shape[dim]:
+            value = ctx.local(value, vdim, x.shape[dim])
     try:
         torch.broadcast_shapes(value.shape, x.shape)
     except RuntimeError:
@@ -520,7 +532,7 @@ class patch:
             raise ValueError(f"patch: nothing was recorded at {ctx.name}; recorded: {', '.join(self.cache) or 'nothing'}")
         recorded = self.cache[ctx.name]
         if ctx.shard is not None and recorded.shape[ctx.shard[0]] == ctx.shard[3] != x.shape[ctx.shard[0]]:
-            recorded = recorded.narrow(ctx.shard[0], ctx.shard[1], ctx.shard[2] - ctx.shard[1])  # gathered: our slice
+            recorded = ctx.local(recorded, ctx.shard[0], x.shape[ctx.shard[0]])  # gathered: our slice
         seq_dim, batch = _seq_dim(ctx.name), x.shape[0]
         other = [d for d in range(x.dim()) if d not in (0, seq_dim) and not (ctx.point == "pattern" and d == 3)]
         if recorded.shape[0] not in (1, batch) or any(recorded.shape[d] != x.shape[d] for d in other):

@@ -22,8 +22,8 @@ from torch.overrides import TorchFunctionMode
 from zoo import checks, formats, parallel
 from zoo import quant as quantization
 from zoo.formats import quantized
-from zoo.formats.files import CheckpointError, Shard, release_freed_memory
-from zoo.formats.lazy import Checkpoint
+from zoo.formats.files import CheckpointError, release_freed_memory
+from zoo.formats.lazy import Checkpoint, read_split
 from zoo.models import FAMILIES
 
 
@@ -117,19 +117,22 @@ def build(family: str, cfg, config_file: Path, tokenizer=None) -> nn.Module:
         raise CheckpointError(f"{config_file}: {e}") from None
 
 
-def _split_dim(model: nn.Module, name: str) -> int | None:
-    """Which dimension of a parameter tensor parallelism splits (a parallel layer's `split_dims`), if any."""
+def _split(model: nn.Module, name: str) -> tuple[int, int] | None:
+    """Which dimension of a parameter tensor parallelism splits, and its size in the checkpoint (a parallel
+    layer's `split_dims` and `full_size`), if any."""
     module_name, _, attr = name.rpartition(".")
-    return getattr(model.get_submodule(module_name), "split_dims", {}).get(attr)
+    module = model.get_submodule(module_name)
+    dim = getattr(module, "split_dims", {}).get(attr)
+    return None if dim is None else (dim, module.full_size)
 
 
 def full_shapes(model: nn.Module) -> dict[str, tuple]:
-    """Every parameter's shape in the checkpoint: this rank's shape, times the world size on its split dim."""
+    """Every parameter's shape in the checkpoint: this rank's shape, but the full size on its split dim."""
     shapes = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        shape, dim = list(p.shape), _split_dim(model, name)
-        if dim is not None:
-            shape[dim] *= parallel.world_size()
+        shape, split = list(p.shape), _split(model, name)
+        if split is not None:
+            shape[split[0]] = split[1]
         shapes[name] = tuple(shape)
     return shapes
 
@@ -138,8 +141,9 @@ def fill(model: nn.Module, tensors: dict, checkpoint: Checkpoint, directory: Pat
          device: torch.device, progress: bool | None = None, finished: Callable[[str], None] | None = None) -> None:
     """Put every parameter in place from its lazy tensor, checking that none is missing, extra or misshapen.
 
-    Parameters tied together (output and embedding) are one group: either name may provide it. A parallel layer's `split_dims` say which dimension of a
-    parameter is split: only this rank's slice is read. `finished(module name)` is told of each
+    Parameters tied together (output and embedding) are one group: either name may provide it. A
+    parallel layer's `split_dims` say which dimension of a parameter is split: only this rank's slice
+    is read (lazy.read_split). `finished(module name)` is told of each
     module whose parameters are all in.
     """
     groups: dict[int, list[str]] = {}
@@ -166,9 +170,9 @@ def fill(model: nn.Module, tensors: dict, checkpoint: Checkpoint, directory: Pat
             raise CheckpointError((checkpoint.short and checkpoint.short(names[0], tuple(t.shape), want))
                                   or f"{t.where}: shape {tuple(t.shape)} does not match the config, which gives "
                                      f"{want} for zoo's {names[0]}")
-        dim = _split_dim(model, names[0])  # the whole tensor is in the file; this rank reads a slice
-        param = nn.Parameter(t.read(None if dim is None else Shard(dim, rank, world), dtype).to(device),
-                             requires_grad=False)
+        split = _split(model, names[0])  # the whole tensor is in the file; this rank reads a slice
+        data = t.read(None, dtype) if split is None else read_split(t, split[0], rank, world, dtype)
+        param = nn.Parameter(data.to(device), requires_grad=False)
         for name in names:
             module_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(module_name), attr, param)

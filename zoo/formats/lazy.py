@@ -17,12 +17,16 @@ and reads nothing before `read`. Formats build one from these, and the loader ne
     Mapped                   f(another lazy tensor), for an f that acts on whole heads (HF's q/k
                              permutation, a fused query_key_value's q, k or v), so f(shard) = shard of f
 
+`read_split(t, dim, index, parts)` is what the tensor-parallel rank `index` of `parts` holds: a shard,
+zero-padded when `parts` does not divide the size (zoo/parallel/layers.py).
+
 A `Checkpoint` is what a format's `open(directory)` returns: every tensor under zoo's parameter names.
 """
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from zoo.formats.files import CheckpointError, Shard
 
@@ -36,6 +40,19 @@ class Checkpoint(NamedTuple):
     where: Callable[[str], str]  # zoo parameter name -> the format's own name for it, for error messages
     short: Callable[[str, tuple, tuple], str] | None = None  # (name, shape, expected): why a shape may fall short
     quantized: dict | None = None  # a zoo-quantized checkpoint's metadata (formats/quantized.py)
+
+
+def read_split(t, dim: int, index: int, parts: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rank `index` of `parts`'s slice of lazy tensor `t` along `dim`, as the parallel layers hold it: size / parts
+    rows, rounded up. When `parts` does not divide the size, the whole tensor is read and cut, and the
+    last slice(s) end in zeros."""
+    size = t.shape[dim]
+    if size % parts == 0:
+        return t.read(Shard(dim, index, parts), dtype)
+    step = -(-size // parts)
+    start = min(index * step, size)
+    part = t.read(None, dtype).narrow(dim, start, min(step, size - start))
+    return F.pad(part, [0, 0] * (part.dim() - dim - 1) + [0, step - part.shape[dim]]).contiguous()
 
 
 def _empty(shape: tuple, dtype: torch.dtype | None, stored: torch.dtype) -> torch.Tensor:

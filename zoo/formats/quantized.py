@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from zoo.formats.files import CheckpointError, Shard, safetensors_metadata, safetensors_tensors
-from zoo.formats.lazy import Checkpoint
+from zoo.formats.lazy import Checkpoint, read_split
 from zoo.kernels import Int4Weight, Int8Weight, dequantize_int4
 from zoo.models import FAMILIES
 from zoo.parallel import rank, world_size
@@ -90,7 +90,7 @@ def place_layers(model: nn.Module, checkpoint: Checkpoint, device: torch.device)
         if key not in tensors:
             raise CheckpointError(f"{path}: missing tensor {key!r}, which the {scheme} layout needs "
                                   f"({LAYOUTS[scheme]})")
-        return tensors[key].read(None if dim is None else Shard(dim, rank(), world)).to(device)
+        return (tensors[key].read() if dim is None else read_split(tensors[key], dim, rank(), world)).to(device)
 
     used, floating = set(), {}
     for name, module in list(model.named_modules()):

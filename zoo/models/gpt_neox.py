@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.attention import Attention, KVCache, check_heads_split, checked_inputs, positions_and_mask
+from zoo.attention import Attention, KVCache, checked_inputs, positions_and_mask
 from zoo.hooks import hook_points, resolve
 from zoo.mlp import MLP
-from zoo.parallel import check_split, column_parallel_linear, parallel_embedding
+from zoo.parallel import column_parallel_linear, parallel_embedding
 from zoo.rotary import inv_frequencies, rope_angles
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -98,9 +98,6 @@ class GPTNeoX(nn.Module):
     def __init__(self, cfg: GPTNeoXConfig, tokenizer=None):
         super().__init__()
         self.config = cfg
-        check_heads_split(cfg.n_heads, cfg.n_heads)  # the splits, before any layer is built
-        check_split({"the embedding's dim": cfg.dim, "the MLP's hidden_dim": cfg.hidden_dim,
-                     "the output layer's vocab_size": cfg.vocab_size})
         self.embed = parallel_embedding(cfg.vocab_size, cfg.dim, tied=cfg.tie_embeddings)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)

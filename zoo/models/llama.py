@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.attention import Attention, KVCache, check_heads_split, checked_inputs, positions_and_mask
+from zoo.attention import Attention, KVCache, checked_inputs, positions_and_mask
 from zoo.checks import COUNT, POSITIVE, key
 from zoo.hooks import hook_points, resolve
 from zoo.norm import RMSNorm
-from zoo.parallel import check_split, column_parallel_linear, parallel_embedding, row_parallel_linear
+from zoo.parallel import column_parallel_linear, parallel_embedding, row_parallel_linear
 from zoo.rotary import ROPE_TYPES, inv_frequencies, rope_angles
 
 
@@ -134,9 +134,6 @@ class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig, tokenizer=None):
         super().__init__()
         self.config = cfg
-        check_heads_split(cfg.n_heads, cfg.n_kv_heads)  # the splits, before any layer is built
-        check_split({"the embedding's dim": cfg.dim, "the MLP's hidden_dim": cfg.hidden_dim,
-                     "the output layer's vocab_size": cfg.vocab_size})
         self.embed = parallel_embedding(cfg.vocab_size, cfg.dim, tied=cfg.tie_embeddings)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)

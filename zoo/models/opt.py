@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.attention import Attention, KVCache, check_heads_split, checked_inputs, positions_and_mask
+from zoo.attention import Attention, KVCache, checked_inputs, positions_and_mask
 from zoo.hooks import hook_points, resolve
 from zoo.mlp import MLP
-from zoo.parallel import check_split, column_parallel_linear, parallel_embedding
+from zoo.parallel import column_parallel_linear, parallel_embedding
 
 POSITION_OFFSET = 2
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -93,9 +93,6 @@ class OPT(nn.Module):
     def __init__(self, cfg: OPTConfig, tokenizer=None):
         super().__init__()
         self.config = cfg
-        check_heads_split(cfg.n_heads, cfg.n_heads)  # the splits, before any layer is built
-        check_split({"the embedding's embed_dim": cfg.embed_dim, "the MLP's hidden_dim": cfg.hidden_dim,
-                     "the output layer's vocab_size": cfg.vocab_size})
         self.embed = parallel_embedding(cfg.vocab_size, cfg.embed_dim, tied=cfg.tie_embeddings)
         self.project_in = nn.Linear(cfg.embed_dim, cfg.dim, bias=False) if cfg.embed_dim != cfg.dim else None
         self.pos_embed = nn.Embedding(cfg.positions + POSITION_OFFSET, cfg.dim)  # all it learned

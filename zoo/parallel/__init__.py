@@ -10,8 +10,10 @@ slice of every split weight, whatever model-parallel size the checkpoint was sav
 from zoo.parallel.comm import (all_gather, copy_to_parallel, gather_from_parallel, rank, reduce_from_parallel,
                                scatter_to_parallel, setup, world_size)
 from zoo.parallel.layers import (ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, VocabParallelEmbedding,
-                                 check_split, column_parallel_linear, parallel_embedding, row_parallel_linear)
+                                 column_parallel_linear, gather_padded, parallel_embedding, row_parallel_linear,
+                                 scatter_padded, split_size)
 
 __all__ = ["setup", "world_size", "rank", "all_gather", "copy_to_parallel", "reduce_from_parallel", "gather_from_parallel",
            "scatter_to_parallel", "ColumnParallelLinear", "RowParallelLinear", "ParallelEmbedding",
-           "VocabParallelEmbedding", "check_split", "column_parallel_linear", "row_parallel_linear", "parallel_embedding"]
+           "VocabParallelEmbedding", "column_parallel_linear", "row_parallel_linear", "parallel_embedding", "gather_padded",
+           "scatter_padded", "split_size"]

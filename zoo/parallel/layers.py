@@ -5,9 +5,15 @@
     ParallelEmbedding      weight (vocab, d/w)  embedding dim split
     VocabParallelEmbedding weight (vocab/w, d)  vocabulary split: for an embedding tied to the output layer
 
-`split_dims` on each layer says which dimension of which parameter is split; the loader reads only
-that slice from the checkpoint. In one process the models use plain nn.Linear / nn.Embedding:
-`column_parallel_linear` and friends return those when the world size is 1.
+`split_dims` on each layer says which dimension of which parameter is split, and `full_size` how
+long that dimension is in the checkpoint; the loader reads only this rank's slice. In one process
+the models use plain nn.Linear / nn.Embedding: `column_parallel_linear` and friends return those
+when the world size is 1.
+
+A size the world size w does not divide (a vocabulary of 32001 at w = 2) is padded: each rank holds
+ceil(size / w), the last rank(s) zeros past the end (`split_size`). Zero rows of a column-parallel
+weight give zero outputs, cut after the gather or met by the zero columns of the row-parallel layer
+they feed, so the results are one process's.
 """
 import torch
 import torch.nn.functional as F
@@ -17,20 +23,21 @@ from zoo.parallel.comm import (copy_to_parallel, gather_from_parallel, rank, red
                                scatter_to_parallel, world_size)
 
 
-def check_split(sizes: dict[str, int]) -> None:
-    """Before a model builds its layers: each size split across ranks (named by what it is) must divide evenly."""
-    world = world_size()
-    bad = [f"{what} ({size})" for what, size in sizes.items() if size % world]
-    if bad:
-        fits = [w for w in range(1, min(sizes.values()) + 1) if all(size % w == 0 for size in sizes.values())]
-        raise ValueError(f"world size {world} does not divide {', '.join(bad)}, which tensor parallelism splits "
-                         f"across ranks: run with a world size in {fits}")
+def split_size(size: int) -> int:
+    """What each rank holds of `size` split across ranks: size / w, rounded up (the rest is padding)."""
+    return -(-size // world_size())
 
 
-def _part(size: int, what: str) -> int:
-    if size % world_size():
-        raise ValueError(f"{what} ({size}) is not divisible by the world size ({world_size()})")
-    return size // world_size()
+def gather_padded(y: torch.Tensor, size: int) -> torch.Tensor:
+    """Every rank's (..., split_size(size)) slice, gathered without the padding: (..., size)."""
+    y = gather_from_parallel(y)
+    return y if y.shape[-1] == size else y[..., :size]
+
+
+def scatter_padded(x: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of x's last dim, as a row-parallel layer holds its inputs: zero-padded to w * split_size."""
+    pad = world_size() * split_size(x.shape[-1]) - x.shape[-1]
+    return scatter_to_parallel(F.pad(x, (0, pad)) if pad else x)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -39,13 +46,13 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, gather_output: bool = True):
         super().__init__()
-        self.gather_output = gather_output
-        self.weight = nn.Parameter(torch.empty(_part(out_features, "out_features"), in_features))
+        self.gather_output, self.full_size = gather_output, out_features
+        self.weight = nn.Parameter(torch.empty(split_size(out_features), in_features))
         self.bias = nn.Parameter(torch.zeros(self.weight.shape[0])) if bias else None
 
     def forward(self, x):
         y = F.linear(copy_to_parallel(x), self.weight, self.bias)  # (..., out/w)
-        return gather_from_parallel(y) if self.gather_output else y
+        return gather_padded(y, self.full_size) if self.gather_output else y
 
 
 class RowParallelLinear(nn.Module):
@@ -58,12 +65,12 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, input_is_parallel: bool = False):
         super().__init__()
-        self.input_is_parallel = input_is_parallel
-        self.weight = nn.Parameter(torch.empty(out_features, _part(in_features, "in_features")))
+        self.input_is_parallel, self.full_size = input_is_parallel, in_features
+        self.weight = nn.Parameter(torch.empty(out_features, split_size(in_features)))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x):
-        x = x if self.input_is_parallel else scatter_to_parallel(x)
+        x = x if self.input_is_parallel else scatter_padded(x)
         y = reduce_from_parallel(F.linear(x, self.weight))  # (..., out)
         return y if self.bias is None else y + self.bias
 
@@ -74,10 +81,11 @@ class ParallelEmbedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_embeddings, _part(embedding_dim, "embedding_dim")))
+        self.full_size = embedding_dim
+        self.weight = nn.Parameter(torch.empty(num_embeddings, split_size(embedding_dim)))
 
     def forward(self, tokens):
-        return gather_from_parallel(F.embedding(tokens, self.weight))  # (..., dim/w) -> (..., dim)
+        return gather_padded(F.embedding(tokens, self.weight), self.full_size)  # (..., dim/w) -> (..., dim)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -86,7 +94,8 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(_part(num_embeddings, "num_embeddings"), embedding_dim))
+        self.full_size = num_embeddings
+        self.weight = nn.Parameter(torch.empty(split_size(num_embeddings), embedding_dim))
         self.start = rank() * self.weight.shape[0]
 
     def forward(self, tokens):
