@@ -112,6 +112,16 @@ def test_bad_load_arguments(tiny_dir):
         zoo.load(tiny_dir, max_seq_len=0)
     model = zoo.load(tiny_dir, dtype="float32", max_seq_len=64)  # names of dtypes are taken
     assert model.embed.weight.dtype == torch.float32 and model.config.max_seq_len == 64
+    with pytest.raises(TypeError, match=r"group_size='128' is not accepted: an int"):
+        zoo.load(tiny_dir, quant="int4", group_size="128")
+
+
+def test_bad_save_arguments(tiny_dir):
+    quantized = zoo.load(tiny_dir, quant="int8")
+    with pytest.raises(TypeError, match=r"directory=123 is not accepted: a path"):
+        zoo.quant.save(quantized, 123)
+    with pytest.raises(TypeError, match=r"source=5 is not accepted: a path"):
+        zoo.quant.save(quantized, "unused", source=5)
 
 
 def test_opt_runs_with_a_shorter_context(tmp_path):

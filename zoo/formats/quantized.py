@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from zoo import checks
 from zoo.formats.files import CheckpointError, Shard, safetensors_metadata, safetensors_tensors
 from zoo.formats.lazy import Checkpoint, read_split
 from zoo.kernels import Int4Weight, Int8Weight, dequantize_int4
@@ -154,6 +155,9 @@ def check_output(directory: str | Path, source: str | Path | None = None, force:
     (it is then replaced whole). Always refused: a non-empty directory holding no checkpoint (it is
     not ours to replace). Reads nothing but directory listings.
     """
+    for name, path in (("directory", directory), ("source", source)):
+        checks.require(path is None and name == "source" or isinstance(path, (str, os.PathLike)), name, path,
+                       "a path (str or os.PathLike)", TypeError)
     out = Path(directory).expanduser().resolve()
     if source is not None:
         src = Path(source).expanduser().resolve()

@@ -4,6 +4,7 @@ min/max or, with refine, least squares.
 """
 import torch
 
+from zoo import checks
 from zoo.kernels import INT4_GROUP_SIZES, Int4Weight, Int8Weight, pack_int4
 
 SCHEMES = ("int8", "int4")
@@ -40,6 +41,7 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = Fals
 
 
 def check_group_size(group_size: int) -> None:
+    checks.integer("group_size", group_size)
     if group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"int4 group size {group_size} is not supported; choose one of {INT4_GROUP_SIZES}")
 
