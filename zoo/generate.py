@@ -37,8 +37,12 @@ def steps(model, prompts: list[list[int]], max_new_tokens: int = 128, temperatur
 
 
 @torch.inference_mode()
-def _steps(model, prompts, total, temperature, top_k, top_p, seed, stop_ids, hooks):
-    """steps() after its checks: `total` is the length of the longest row at the end."""
+def _steps(model, prompts, total, temperature, top_k, top_p, seed, stop_ids, hooks, cache=None):
+    """steps() after its checks: `total` is the length of the longest row at the end.
+
+    `cache`: a cache to continue (zoo/chat.py: one unpadded row, the prompt written after its `pos`
+    positions, room for `total` more; static if the model is compiled); None: a new one.
+    """
     longest = max(len(p) for p in prompts)
     if total == longest:  # max_new_tokens=0
         return
@@ -51,8 +55,9 @@ def _steps(model, prompts, total, temperature, top_k, top_p, seed, stop_ids, hoo
         tokens[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
     compiled = compiled_for(model, hooks)  # None: eager
     prefill, decode = (compiled.prefill, compiled.decode) if compiled else (model, model)
-    cache = model.new_cache(batch, compiled.cache_len(total, model.config.max_seq_len) if compiled else total,
-                            left_pad=left_pad if left_pad.any() else None, static=compiled is not None)
+    if cache is None:
+        cache = model.new_cache(batch, compiled.cache_len(total, model.config.max_seq_len) if compiled else total,
+                                left_pad=left_pad if left_pad.any() else None, static=compiled is not None)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
