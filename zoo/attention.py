@@ -214,6 +214,8 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)  # (batch, n_kv_heads, start+seq, head_dim)
         if hooks and hooks.wants(layer, "pattern"):
             out = attention_with_pattern(q, k, v, mask, lambda p: hooks(layer, "pattern", p))
+        elif seq == 1 and torch.compiler.is_compiling():  # a compiled decode step: inductor fuses the written-out
+            out = attention_with_pattern(q, k, v, mask)    # form into a few loops, faster than SDPA's kernel for 1 query
         else:
             # softmax(q k^T / sqrt(head_dim) + mask) v; each group of n_heads/n_kv_heads query heads shares a kv head
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
@@ -224,7 +226,7 @@ class Attention(nn.Module):
         return self.wo(z.reshape(batch, seq, -1))  # (batch, seq, dim), summed over ranks
 
 
-def attention_with_pattern(q, k, v, mask, on_pattern) -> torch.Tensor:
+def attention_with_pattern(q, k, v, mask, on_pattern=None) -> torch.Tensor:
     """The same attention written out, so that the probabilities (batch, heads, seq, keys) can be hooked."""
     repeat = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # (batch, heads, keys, head_dim)
@@ -233,5 +235,6 @@ def attention_with_pattern(q, k, v, mask, on_pattern) -> torch.Tensor:
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    pattern = on_pattern(torch.softmax(scores, dim=-1).to(q.dtype))
+    pattern = torch.softmax(scores, dim=-1).to(q.dtype)
+    pattern = pattern if on_pattern is None else on_pattern(pattern)
     return pattern @ v  # (batch, heads, seq, head_dim)

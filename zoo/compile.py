@@ -11,8 +11,11 @@ prefill's sequence length is marked dynamic: one graph for every prompt length.
 
 On CUDA the decode step also runs as a CUDA graph (inductor's "triton.cudagraphs"): one launch per
 step instead of one per kernel. On the CPU, in bf16 and fp16, inductor freezes the weights into the
-graph ("freezing": constant folding, and oneDNN's prepacked linear for the matmuls; fp32 keeps
-torch's GEMMs, so its logits stay within 1e-5 of eager's); `max_autotune=True` also
+graph ("freezing": constant folding, and oneDNN's prepacked linear for the matmuls, the linears
+that read one input, such as q, k and v, concatenated into one; fp32 keeps torch's GEMMs, so its
+logits stay within 1e-5 of eager's). The decode step's attention (one query per row) is written
+out (attention.attention_with_pattern), which inductor fuses into a few loops: on the CPU faster
+than SDPA's kernel for one query. `max_autotune=True` also
 tries inductor's own C++ GEMM templates, which pays for matrix-vector products at batch 1 but
 compiles for minutes on a small machine.
 
@@ -64,6 +67,7 @@ def compile(model: nn.Module, mode: str = "default") -> nn.Module:
     options = {"max_autotune": mode == "max-autotune"}
     if device.type == "cpu" and model.embed.weight.dtype != torch.float32:  # fp32 keeps eager's GEMMs: its logits
         options["freezing"] = True                                            # then stay within 1e-5 of eager's
+        options["cpp.enable_concat_linear"] = True  # q, k, v (and gate, up) from one input: one matmul
     decode_options = {**options, "triton.cudagraphs": device.type == "cuda"}
     prefill = torch.compile(model.forward, options=options)
 
