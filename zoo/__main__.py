@@ -1,4 +1,5 @@
-"""Command line: `python -m zoo inspect <ckpt> [--prompt TEXT]`, `python -m zoo quantize <ckpt> <outdir> --quant int4`.
+"""Command line: `python -m zoo inspect <ckpt> [--prompt TEXT]`, `python -m zoo quantize <ckpt> <outdir> --quant int4`,
+`python -m zoo perplexity <ckpt> <file> [--quant none int8 int4] [--compare <ckpt2>]`.
 
 quantize loads a checkpoint quantized layer by layer and writes it as a zoo-quantized checkpoint
 (zoo/quant), which zoo.load and run.py then take like any other. Before reading anything it refuses
@@ -11,16 +12,29 @@ no weights are read), the memory the weights need per dtype and per weight-only 
 layers int4 would leave in floating point (or, for a quantized checkpoint, its scheme and the
 layers it stores in floating point), and, with --prompt, every hook point with its shape for that
 prompt.
+
+perplexity scores a text file with strided windows (zoo/perplexity.py) and prints, per model, the
+perplexity with the standard error of the mean NLL and its interval, and tokens/s; several --quant
+values and --compare checkpoints are scored on the same tokens and windows, in one table, each
+row's mean NLL difference from the first with its standard error. A progress line is redrawn on
+stderr. Under torchrun every rank computes and rank 0 prints.
+
+User errors (a bad argument, a missing file) are one line on stderr and exit status 2.
 """
 import argparse
 import dataclasses
+import os
 import sys
+import time
 
 import torch
 from torch import nn
 
 import zoo
+import zoo.perplexity
 import zoo.quant
+from zoo import formats, parallel
+from zoo.checks import DTYPES, integer, require
 from zoo.formats.files import safetensors_metadata, safetensors_tensors
 from zoo.loader import build_empty
 
@@ -131,9 +145,112 @@ def quantize(args) -> int:
     return 0
 
 
+def say(*args, **kwargs) -> None:
+    if parallel.rank() == 0:
+        print(*args, **kwargs)
+
+
+class Progress:
+    """One line on stderr, redrawn in place (\\r) at most 10 times a second, rank 0 only: done/total and a rate."""
+
+    def __init__(self, label: str, unit: str):
+        self.label, self.unit, self.start, self.drawn, self.length = label, unit, time.perf_counter(), 0.0, 0
+
+    def __call__(self, done: int, total: int, note: str = "") -> None:
+        now = time.perf_counter()
+        if now - self.drawn < 0.1 and done < total:
+            return
+        self.drawn, width = now, 24
+        bar = "#" * (width * done // max(total, 1))
+        rate = done / (now - self.start) if now > self.start else 0.0
+        line = f"{self.label} [{bar:<{width}}] {done:,}/{total:,} {self.unit} {rate:,.0f} {self.unit}/s{note}"
+        say(f"\r{line:<{self.length}}", end="\n" if done >= total else "", file=sys.stderr, flush=True)
+        self.length = len(line)  # a shorter line next time is padded over this one
+
+
+def read_text(path: str) -> str:
+    """A text file's contents, UTF-8; an error naming the file when it cannot be read or holds no text."""
+    try:
+        text = open(path, encoding="utf-8").read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise ValueError(f"{path}: {'empty' if not text else 'only whitespace'}: there is no text to score")
+    return text
+
+
+def perplexity(args) -> int:
+    for flag, value, low in (("--ctx", args.ctx, 2), ("--stride", args.stride, 1), ("--max-tokens", args.max_tokens, 2)):
+        if value is not None:
+            integer(flag, value, low=low)
+    if args.ctx is not None and args.stride is not None:
+        require(args.stride <= args.ctx, "--stride", args.stride, f"at most --ctx ({args.ctx}): a stride beyond "
+                                                                   f"the window would skip the tokens between windows")
+    text = read_text(args.file)
+    checkpoints = [args.ckpt] + (args.compare or [])
+    ids = tokens_of(checkpoints, text, args.file)[: args.max_tokens]  # checked for every checkpoint before loading any
+    ctx = args.ctx  # default: the first model's context, for every row
+    rows = []
+    for ckpt in checkpoints:
+        for quant in args.quant:
+            quant = None if quant == "none" else quant
+            label = {None: ckpt, "int8": f"{ckpt} int8", "int4": f"{ckpt} int4 g{args.group_size}"}[quant]
+            model = zoo.load(ckpt, dtype=DTYPES[args.dtype], device=args.device, quant=quant,
+                             group_size=args.group_size)
+            ctx = ctx or model.config.max_seq_len
+            result = zoo.perplexity.evaluate(model, ids, ctx, args.stride or ctx, Progress(label, "tokens"))
+            rows.append((label, result))
+            del model
+    say(f"{args.file}: {len(ids):,} tokens, windows of {ctx} every {args.stride or ctx}, "
+        f"{rows[0][1].tokens:,} scored in {rows[0][1].windows:,} windows")
+    say(perplexity_table(rows))
+    return 0
+
+
+def tokens_of(checkpoints: list[str], text: str, path: str) -> list[int]:
+    """The text's token ids (BOS first), the same for every checkpoint's tokenizer, else an error naming two that differ."""
+    first = None
+    for ckpt in checkpoints:
+        tokenizer = formats.open(zoo.find_checkpoint(ckpt)).tokenizer
+        if tokenizer is None:
+            raise ValueError(f"{ckpt}: no tokenizer (tokenizer.model, tokenizer.json, or vocab.json + merges.txt) "
+                             f"to read {path} with")
+        ids = tokenizer.encode(text, bos=True)
+        if first is not None and ids != first[1]:
+            raise ValueError(f"{ckpt}'s tokenizer splits {path} into other tokens than {first[0]}'s "
+                             f"({len(ids):,} and {len(first[1]):,} tokens): perplexities over different tokens "
+                             f"do not compare")
+        first = first or (ckpt, ids)
+    return first[1]
+
+
+def perplexity_table(rows: list[tuple[str, "zoo.perplexity.Result"]]) -> str:
+    """One row per model: perplexity, its 95% interval, mean NLL +- stderr, difference from the first row, tokens/s."""
+    base = rows[0][1]
+    header = ("model", "ppl", "95% interval", "NLL/token", "+- se", "vs first", "+- se", "tokens/s")
+    table = [header]
+    for label, r in rows:
+        low, high = r.interval()
+        diff, diff_se = base.difference(r)
+        table.append((label, f"{r.ppl:.3f}", f"{low:.3f}..{high:.3f}", f"{r.mean:.4f}", f"{r.stderr:.4f}",
+                      "" if r is base else f"{diff:+.4f}", "" if r is base else f"{diff_se:.4f}",
+                      f"{r.tokens_per_s:,.0f}"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in table]
+    return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:])
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line (argparse's own adds the usage), from rank 0 only; exit status 2
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m zoo")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="python -m zoo")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     i = sub.add_parser("inspect", help="config, module tree, parameter counts, memory, hook points")
     i.add_argument("ckpt")
     i.add_argument("--prompt", help="also list every hook point with its shape for this prompt (loads the weights)")
@@ -145,12 +262,29 @@ def main(argv=None) -> int:
     q.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128, 256 (default: %(default)s)")
     q.add_argument("--refine", action="store_true", help="int4: least-squares scales and zeros (less error, slower)")
     q.add_argument("--force", action="store_true", help="replace an output directory that already holds a checkpoint")
+    r = sub.add_parser("perplexity", help="perplexity of a text file, strided windows (--quant/--compare side by side)")
+    r.add_argument("ckpt")
+    r.add_argument("file", help="a UTF-8 text file, scored as one text (BOS first)")
+    r.add_argument("--quant", nargs="+", choices=["none", "int8", "int4"], default=["none"],
+                   help="one row per value, e.g. --quant none int8 int4 (default: none)")
+    r.add_argument("--group-size", type=int, default=128, help="int4 group size (default: %(default)s)")
+    r.add_argument("--compare", nargs="+", metavar="CKPT", help="more checkpoints scored on the same tokens")
+    r.add_argument("--ctx", type=int, help="window length in tokens (default: the first model's context)")
+    r.add_argument("--stride", type=int, help="tokens between window starts, at most --ctx (default: --ctx)")
+    r.add_argument("--max-tokens", type=int, help="score only the text's first N tokens")
+    r.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     args = p.parse_args(argv)
+    command = {"inspect": inspect, "quantize": quantize, "perplexity": perplexity}[args.command]
     try:
-        return inspect(args) if args.command == "inspect" else quantize(args)
-    except (OSError, ValueError) as e:  # CheckpointError is a ValueError; OSError: a path we cannot read or write
-        print(f"error: {e}", file=sys.stderr)
+        parallel.setup()
+        return command(args)
+    except (OSError, TypeError, ValueError) as e:  # CheckpointError is a ValueError; OSError: a path we cannot read or write
+        say(f"error: {e}", file=sys.stderr)  # every rank meets the same error and exits: no rank hangs
         return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
