@@ -1,5 +1,6 @@
 """Command line: `python -m zoo inspect <ckpt> [--prompt TEXT]`, `python -m zoo quantize <ckpt> <outdir> --quant int4`,
-`python -m zoo perplexity <ckpt> <file> [--quant none int8 int4] [--compare <ckpt2>]`.
+`python -m zoo perplexity <ckpt> <file> [--quant none int8 int4] [--compare <ckpt2>]`,
+`python -m zoo collect <ckpt> --points "blocks.*.resid_post" --prompts prompts.jsonl --out <dir>`.
 
 quantize loads a checkpoint quantized layer by layer and writes it as a zoo-quantized checkpoint
 (zoo/quant), which zoo.load and run.py then take like any other. Before reading anything it refuses
@@ -19,6 +20,10 @@ values and --compare checkpoints are scored on the same tokens and windows, in o
 row's mean NLL difference from the first with its standard error. A progress line is redrawn on
 stderr. Under torchrun every rank computes and rank 0 prints.
 
+collect writes an activation dataset (zoo/activations.py): the activations of the chosen hook points
+at the chosen positions of every prompt of a JSON-lines file, in safetensors shards with an index,
+resumable after an interruption (the same command again). Under torchrun rank 0 writes.
+
 User errors (a bad argument, a missing file) are one line on stderr and exit status 2.
 """
 import argparse
@@ -31,6 +36,7 @@ import torch
 from torch import nn
 
 import zoo
+import zoo.activations
 import zoo.perplexity
 import zoo.quant
 from zoo import formats, parallel
@@ -241,6 +247,23 @@ def perplexity_table(rows: list[tuple[str, "zoo.perplexity.Result"]]) -> str:
     return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:])
 
 
+def collect(args) -> int:
+    shard_size = zoo.activations.parse_size(args.shard_size)  # the cheap checks before loading
+    zoo.activations.position_rule(args.positions)
+    integer("--batch", args.batch, low=1)
+    model = zoo.load(args.ckpt, dtype=DTYPES[args.dtype], device=args.device)
+    out = zoo.activations.write(model, args.prompts, args.out, args.points, positions=args.positions,
+                                batch=args.batch, dtype=DTYPES[args.dtype], shard_size=shard_size, force=args.force,
+                                checkpoint=str(zoo.find_checkpoint(args.ckpt).resolve()),
+                                progress=Progress("collect", "prompts"))
+    index = zoo.activations.read_index(out) if parallel.rank() == 0 else None
+    if index is not None:
+        rows = sum(s["rows"] for s in index["shards"])
+        say(f"wrote {out}: {len(index['prompts']):,} prompts, {rows:,} rows of {len(index['points'])} points "
+            f"({index['dtype']}) in {len(index['shards'])} shards")
+    return 0
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line (argparse's own adds the usage), from rank 0 only; exit status 2
         if os.environ.get("RANK", "0") == "0":
@@ -274,8 +297,20 @@ def main(argv=None) -> int:
     r.add_argument("--max-tokens", type=int, help="score only the text's first N tokens")
     r.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    c = sub.add_parser("collect", help="write an activation dataset: hook points' activations over prompts, sharded")
+    c.add_argument("ckpt")
+    c.add_argument("--points", nargs="+", required=True, help="hook point names or globs, e.g. 'blocks.*.resid_post'")
+    c.add_argument("--prompts", required=True, help="JSON lines: {\"text\": ..., \"id\": ...} per line (id optional)")
+    c.add_argument("--out", required=True, help="the dataset's directory (resumed when unfinished)")
+    c.add_argument("--positions", default="last", help="last, all, or START:STOP[:STEP] of each prompt's tokens "
+                                                       "(default: %(default)s)")
+    c.add_argument("--batch", type=int, default=8, help="prompts per forward, left-padded (default: %(default)s)")
+    c.add_argument("--shard-size", default="512M", help="bytes per shard, e.g. 64M, 1G (default: %(default)s)")
+    c.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="the model's and the stored dtype")
+    c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    c.add_argument("--force", action="store_true", help="replace a finished dataset, or start an unfinished one over")
     args = p.parse_args(argv)
-    command = {"inspect": inspect, "quantize": quantize, "perplexity": perplexity}[args.command]
+    command = {"inspect": inspect, "quantize": quantize, "perplexity": perplexity, "collect": collect}[args.command]
     try:
         parallel.setup()
         return command(args)
