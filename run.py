@@ -4,6 +4,7 @@
     python run.py --ckpt llama-2-7b --prompt "The capital of France is"
     echo "Once upon a time" | python run.py --ckpt path/to/hf-dir --temperature 0
     python run.py --interactive                        # prompt after prompt
+    python run.py --ckpt llama-2-7b-chat --chat --system "Be brief."   # a chat, one message per line
     torchrun --nproc_per_node 2 run.py --ckpt llama-2-7b   # tensor-parallel over 2 processes
 
 Prints prefill and decode speed (tokens/s) at the end, on stderr. Under torchrun every rank holds a
@@ -37,6 +38,10 @@ def parse_args(argv=None):
                    help="checkpoint directory, or a name under checkpoints/ or $ZOO_CHECKPOINTS (default: %(default)s)")
     p.add_argument("--prompt", help="the prompt (default: text piped to stdin, else a demo prompt)")
     p.add_argument("--interactive", "-i", action="store_true", help="ask for prompts at a '> ' prompt until EOF")
+    p.add_argument("--chat", action="store_true",
+                   help="chat in the model's format (LLaMA 2 [INST], LLaMA 3 headers): a message per line at a '> ' "
+                        "prompt until EOF, each reply streamed; earlier turns stay in the KV cache")
+    p.add_argument("--system", help="with --chat: the system message")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=0.9)
@@ -50,7 +55,12 @@ def parse_args(argv=None):
     p.add_argument("--refine", action="store_true", help="int4: least-squares scales and zeros (less error, slower load)")
     p.add_argument("--compile", nargs="?", const="default", choices=["default", "max-autotune"],
                    help="torch.compile the prefill and the decode step (zoo.compile); the compile time is printed")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.chat and args.prompt is not None:
+        p.error("--prompt is not accepted with --chat: the user's messages are read from stdin, one per line")
+    if args.system is not None and not args.chat:
+        p.error("--system is a chat's system message: it needs --chat")
+    return args
 
 
 def say(*args, **kwargs) -> None:
@@ -58,18 +68,39 @@ def say(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
+def sampling(args) -> dict:
+    """The generation flags, as zoo.stream and zoo.Chat take them."""
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed)
+
+
 def complete(model, text: str, args) -> None:
     """Stream the model's continuation of `text` to stdout; report speed on stderr."""
     ids = model.tokenizer.encode(text, bos=True)
     stats = {}
-    pieces = zoo.stream(model, ids, stats=stats, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # checks all, the length too, before the echo
+    pieces = zoo.stream(model, ids, stats=stats, **sampling(args))  # checks all, the length too, before the echo
     say(text, end="", flush=True)
+    show(pieces, stats)
+
+
+def converse(model, args) -> None:
+    """--chat: the reply to each line read, streamed; the dialogue's KV cache is kept from turn to turn."""
+    chat = zoo.Chat(model, [{"role": "system", "content": args.system}] if args.system is not None else [],
+                    **sampling(args))  # a tokenizer with no chat format is refused here
+    while (text := read_prompt(args, interactive=True)) is not None:
+        if text.strip():  # an empty line is no message
+            stats = {}
+            show(chat.stream(text, stats=stats), stats)
+
+
+def show(pieces, stats: dict) -> None:
+    """Print the pieces of text as they come, then the speed on stderr (and the positions a chat had cached)."""
     for piece in pieces:
         say(piece, end="", flush=True)
     say(flush=True)
     rate = lambda n, s: f"{n / s:.1f} tokens/s" if s > 0 else "-"  # noqa: E731
-    say(f"[prefill {stats['prefill_tokens']} tokens: {rate(stats['prefill_tokens'], stats['prefill_s'])}, "
+    cached = f" (+{stats['cached_tokens']} cached)" if "cached_tokens" in stats else ""
+    say(f"[prefill {stats['prefill_tokens']} tokens{cached}: {rate(stats['prefill_tokens'], stats['prefill_s'])}, "
         f"decode {stats['decode_tokens']} tokens: {rate(stats['decode_tokens'], stats['decode_s'])}]",
         file=sys.stderr)
 
@@ -108,10 +139,13 @@ def main(argv=None) -> int:
             zoo.generate(zoo.compile(model, mode=args.compile), [model.tokenizer.encode(DEMO_PROMPT, bos=True)],
                          max_new_tokens=2)
             say(f"[compiled in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
-        while (text := read_prompt(args, args.interactive)) is not None:
-            complete(model, text, args)
-            if not args.interactive:
-                break
+        if args.chat:
+            converse(model, args)
+        else:
+            while (text := read_prompt(args, args.interactive)) is not None:
+                complete(model, text, args)
+                if not args.interactive:
+                    break
     except (FileNotFoundError, RuntimeError, TypeError, ValueError) as e:  # CheckpointError is a ValueError
         say(f"error: {e}", file=sys.stderr)  # every rank meets the same error and exits: no rank hangs
         return 2

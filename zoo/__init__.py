@@ -8,9 +8,10 @@
 """
 from zoo import hooks
 from zoo.formats.files import CheckpointError
+from zoo.chat import Chat, chat
 from zoo.compile import compile
 from zoo.generate import generate, steps, stream
 from zoo.loader import find_checkpoint, load
 
-__all__ = ["load", "generate", "stream", "steps", "compile", "find_checkpoint", "CheckpointError", "hooks"]
+__all__ = ["load", "generate", "stream", "steps", "chat", "Chat", "compile", "find_checkpoint", "CheckpointError", "hooks"]
 __version__ = "0.1.0"
