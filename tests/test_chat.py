@@ -231,6 +231,20 @@ def test_a_reply_read_in_part_stays_in_part(tiny_dir):
     assert reply == zoo.chat(model, chat.messages[:-1], max_new_tokens=16)
 
 
+def test_a_compiled_model_chats_as_the_eager_one(tiny_dir):
+    """zoo.compile: the session decodes into a static cache (rewound and grown as the eager one is)."""
+    eager, compiled = (zoo.load(tiny_dir, dtype=torch.float32) for _ in range(2))
+    zoo.compile(compiled)
+    sessions = [zoo.Chat(model, [SYSTEM], max_new_tokens=12) for model in (eager, compiled)]
+    for text in ("What does the for statement do?", "And the while statement?", "Thanks."):
+        replies = [chat.send(text) for chat in sessions]
+        assert replies[0] == replies[1] and len(replies[0]) > 10
+        for chat in sessions:
+            chat.messages[2]["content"] = "A loop over the items of a sequence."  # the next turn rewinds the cache
+    assert sessions[1].cache.static and not sessions[0].cache.static
+    assert sessions[0].tokens == sessions[1].tokens
+
+
 def test_bad_messages_are_clear_errors(tiny_dir):
     model = zoo.load(tiny_dir, dtype=torch.float32)
     cases = [
