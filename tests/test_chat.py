@@ -271,7 +271,11 @@ def test_bad_messages_are_clear_errors(tiny_dir):
     with pytest.raises(TypeError, match="text=None is not accepted: a str"):
         chat.send(None)
     chat.messages.append(user("edited in"))
-    with pytest.raises(ValueError, match=r"chat.messages \+ \[text\]\[1\]\[\"role\"\]='user' is not accepted"):
+    with pytest.raises(ValueError, match=r"chat.messages=\[\{'role': 'user', 'content': 'edited in'\}\] is not "
+                                         r"accepted: .* each user message answered"):
+        chat.send("b")
+    chat.messages[0]["role"] = "assistant"
+    with pytest.raises(ValueError, match=r"chat.messages\[0\]\[\"role\"\]='assistant' is not accepted: 'user' here"):
         chat.send("b")
 
 

@@ -163,8 +163,8 @@ class Chat:
         require(isinstance(text, str), "text", text, "a str: the user's message", TypeError)
         if self._open is not None:  # a reply not read to the end: what was read of it stays
             self._open.close()
-        messages = checked_messages(self.messages + [{"role": "user", "content": text}], "chat.messages + [text]",
-                                    ends_with_user=True)
+        history = checked_messages(self.messages, "chat.messages", ends_with_user=False)  # it may have been edited
+        messages = history + [{"role": "user", "content": text}]
         ids = self.format.prompt(messages)
         context = self.model.config.max_seq_len
         if len(ids) >= context:
