@@ -57,6 +57,15 @@ class KVCache:
         if self.static:
             self.slot += seq
 
+    def seek(self, pos: int) -> None:
+        """The next forward writes from position `pos`, the positions before it holding this sequence's keys
+        and values (zoo/chat.py: a dialogue rewound to where it changed, or copied into a larger cache).
+        What lies beyond is never read: overwritten, or masked."""
+        if not 0 <= pos <= self.max_len:
+            raise ValueError(f"seek({pos}): a cache of {self.max_len} positions takes 0..{self.max_len}")
+        self.pos = pos
+        self.slot.fill_(pos)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new (batch, n_kv_heads, seq, head_dim) keys/values; return all of them so far
         (static: the whole cache, (batch, n_kv_heads, max_len, head_dim))."""

@@ -210,8 +210,7 @@ class Chat:
                 for old, new in zip(self.cache.keys + self.cache.values, cache.keys + cache.values):
                     new[:, :, :kept] = old[:, :, :kept]  # (1, n_kv_heads, positions, head_dim)
             self.cache = cache
-        self.cache.pos = kept  # the model writes the next tokens from here (a static cache at its slot)
-        self.cache.slot.fill_(kept)
+        self.cache.seek(kept)  # the model writes the next tokens from here
         self.tokens = self.tokens[:kept]
         return kept
 
