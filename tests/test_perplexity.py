@@ -10,7 +10,7 @@ import statistics
 
 import pytest
 import torch
-from helpers import hf_llama, save_hf
+from helpers import hf_llama, save_hf, spawn
 
 import zoo
 from zoo.__main__ import main
@@ -200,3 +200,18 @@ def test_command_bad_files_one_line(tiny_dir, tmp_path, capsys):
     ]:
         status, out, err = run_main(capsys, "perplexity", *argv)
         assert (status, out) == (2, "") and err.startswith("error: " + message) and err.count("\n") == 1, err
+
+
+def _tp_evaluate(rank, tiny_dir, ids, out):
+    model = zoo.load(tiny_dir, dtype=torch.float32, device="cpu")
+    result = evaluate(model, ids, ctx=64, stride=24)
+    if rank == 0:
+        torch.save(result.nll, out)
+
+
+def test_two_ranks_score_what_one_process_scores(tiny_dir, tmp_path):
+    model = zoo.load(tiny_dir, dtype=torch.float32, device="cpu")
+    ids = model.tokenizer.encode((tiny_dir / "README.md").read_text(), bos=True)[:200]
+    spawn(_tp_evaluate, 2, tiny_dir, ids, tmp_path / "nll.pt")
+    one = evaluate(model, ids, ctx=64, stride=24)
+    assert one.tokens == 199 and torch.allclose(torch.load(tmp_path / "nll.pt"), one.nll, atol=1e-5, rtol=0)

@@ -18,7 +18,8 @@ The directory:
                               rows and prompts; per prompt its id, line, tokens, kept positions, shard
                               and rows there; "complete" once every prompt is in
 
-At most one shard (`shard_size` bytes, reached batch by batch) and one batch are held in memory.
+At most one shard (`shard_size` bytes, reached batch by batch, plus the last batch's rows) is held in
+memory, twice while it is written (joined, then serialized by safetensors).
 A shard is written beside its name and renamed into place, then the index is rewritten the same way,
 so an interrupted run leaves whole shards and an index listing them: the same call again (same
 settings, same prompts file) goes on after the last listed shard, and yields the same files as a run
@@ -296,7 +297,9 @@ class _Writer:
         if self.entries:
             name = f"shard-{len(self.index['shards']):05d}.safetensors"
             partial = self.out / (name + ".partial")
-            save_file({n: torch.cat(parts) for n, parts in self.buffer.items()}, partial, metadata={"format": FORMAT})
+            joined = {n: torch.cat(self.buffer.pop(n)) for n in list(self.buffer)}  # each point's rows freed as joined
+            save_file(joined, partial, metadata={"format": FORMAT})
+            del joined
             os.replace(partial, self.out / name)
             self.index["shards"].append({"file": name, "rows": self.rows,
                                          "prompts": [len(self.index["prompts"]),
