@@ -23,7 +23,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from zoo.kernels import Int4Weight, Int8Weight, int4_linear, int4_path, int8_linear, int8_path
+from zoo.kernels import Int4Weight, Int8Weight, int4_linear, int4_path, int8_linear, int8_path, native
 from zoo.kernels.cpu import (int4_dequantize_mm, int4_mm_cpu, int8_dequantize_mm, int8_mm_cpu,
                              pack_int4_for_cpu)
 from zoo.kernels.reference import (dequantize_int4, dequantize_int8, int4_linear_ref, int8_linear_ref, pack_int4,
@@ -168,7 +168,21 @@ def test_dequantize_then_matmul_paths(dtype):
 
 # ---------------------------------------------------------------- the dispatcher
 
-def test_dispatch_paths_on_cpu():
+@pytest.fixture
+def torch_paths(monkeypatch):
+    """The dispatcher as on a CPU where zoo's native kernels do not run (ZOO_NATIVE=0): torch's operators."""
+    monkeypatch.setattr(native, "load", lambda: None)
+
+
+@pytest.fixture(params=["native", "torch"])
+def cpu_paths(request, monkeypatch):
+    """Each CPU dispatch in turn: zoo's native kernels (where this CPU runs them), then torch's operators."""
+    if request.param == "torch" or not native.cpu_supported():
+        monkeypatch.setattr(native, "load", lambda: None)
+    return request.param
+
+
+def test_dispatch_paths_on_cpu(torch_paths):
     int8 = Int8Weight(*random_int8(32, 64)).prepare()
     for shape, path in [((1, 64), "cpu-op"), ((128, 64), "cpu-op"), ((129, 64), "cpu-dequantize"),
                         ((2, 64, 64), "cpu-op"), ((3, 64, 64), "cpu-dequantize")]:
@@ -184,7 +198,24 @@ def test_dispatch_paths_on_cpu():
         int8_path(torch.zeros(1, 64, device="meta"), int8)
 
 
-def test_int8_weight_pads_k_once_for_the_cpu_operator():
+def test_native_dispatch_paths_on_cpu():
+    if native.load() is None:  # not this CPU: test_native.py checks that
+        assert not native.cpu_supported()
+        return
+    int8 = Int8Weight(*random_int8(32, 72)).prepare()
+    assert int8.cpu is None and int8.native_scales.dtype == torch.float32  # odd K: nothing padded
+    for shape, path in [((1, 72), "cpu-native"), ((128, 72), "cpu-native"), ((129, 72), "cpu-dequantize")]:
+        assert int8_path(torch.zeros(shape, dtype=torch.bfloat16), int8) == path, shape
+        for dtype in (torch.float32, torch.float16):  # exact fp32 math: for checking, not for speed
+            assert int8_path(torch.zeros(shape, dtype=dtype), int8) == "cpu-fp32", (shape, dtype)
+    int4 = Int4Weight(*random_int4(32, 64, 32), group_size=32).prepare()
+    assert isinstance(int4.cpu, native.NativeInt4Weight)
+    for m in (1, 16, 1000):
+        assert int4_path(torch.zeros(m, 64, dtype=torch.bfloat16), int4) == "cpu-native"
+        assert int4_path(torch.zeros(m, 64), int4) == "cpu-fp32"
+
+
+def test_int8_weight_pads_k_once_for_the_cpu_operator(torch_paths):
     """torch's int8 operator needs K % 16 == 0 (cpu.py): prepare() pads the weight with zero columns once,
     keeps qweight as a view of the same memory (held once, saved unpadded), and int8_linear pads x."""
     qweight, scales = random_int8(40, 72)
@@ -202,7 +233,7 @@ def test_int8_weight_pads_k_once_for_the_cpu_operator():
     assert Int8Weight(*random_int8(40, 96)).prepare().cpu is None  # round K: nothing padded, nothing copied
 
 
-def test_padding_costs_round_k_nothing():
+def test_padding_costs_round_k_nothing(torch_paths):
     """The operator calls of int8_linear: round K runs torch's operator on x as it is (what it ran before
     odd K was padded), odd K adds one pad of x; both call the operator once."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -227,18 +258,26 @@ def test_padding_costs_round_k_nothing():
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("m", [1, 200])
-def test_dispatch_matches_reference_on_cpu(m, dtype):
-    """Every x dtype on CPU runs in bf16 (module docstring), so bf16's tolerance is the bound for all."""
+def test_dispatch_matches_reference_on_cpu(m, dtype, cpu_paths):
+    """torch's CPU paths run every x dtype in bf16 (module docstring), so bf16's tolerance is the bound for
+    all; the native ones multiply x quantized to int8 (native.py): their reference takes that x."""
     dtype = DTYPES[dtype]
     x = random_x((m // 2 or 1, 2 if m > 1 else 1, 256), dtype)  # [..., K]: leading dims are flattened
     int8 = Int8Weight(*random_int8(48, 256)).prepare()
     y = int8_linear(x, int8)
+    x_ref = x.float().view(-1, 256)
+    if int8_path(x, int8) == "cpu-native":
+        x_ref = native.dequantize_activations(x_ref)
     assert y.dtype == dtype and y.shape == (*x.shape[:-1], 48)
-    assert rel_err(y, int8_linear_ref(x.float(), int8.qweight, int8.scales)) <= TOL[torch.bfloat16]
-    int4 = Int4Weight(*random_int4(48, 256, 64), group_size=64).prepare()
+    assert rel_err(y.view(-1, 48), int8_linear_ref(x_ref, int8.qweight, int8.scales)) <= TOL[torch.bfloat16]
+    packed, scales, zeros = random_int4(48, 256, 64)
+    int4 = Int4Weight(packed, scales, zeros, group_size=64).prepare()
     y = int4_linear(x, int4)
+    x_ref = x.float().view(-1, 256)
+    if int4_path(x, int4) == "cpu-native":
+        x_ref = native.dequantize_activations(x_ref)
     assert y.dtype == dtype and y.shape == (*x.shape[:-1], 48)
-    assert rel_err(y, int4_linear_ref(x.float(), int4.packed, int4.scales, int4.zeros, 64)) <= TOL[torch.bfloat16]
+    assert rel_err(y.view(-1, 48), int4_linear_ref(x_ref, packed, scales, zeros, 64)) <= TOL[torch.bfloat16]
 
 
 def test_weight_classes_check_shapes():

@@ -10,13 +10,21 @@ process that dies is restarted after the case it died in, which fails alone with
                  takes no other K (other widths stay in floating point: zoo.quant.plan, tested here too)
     N (outputs)  8, 40, 100, 200        M (rows of x)  1, 3, 17 (and 129 for int8's dispatch)
     paths        "dispatch": Int8Weight / Int4Weight.prepare() then int8_linear / int4_linear, as
-                 QuantLinear runs them (torch's CPU operators, K padded for int8 where it must be);
+                 QuantLinear runs them: zoo's native kernels (zoo/kernels/native.py) where they run;
+                 "torch": the same with ZOO_NATIVE=0, torch's CPU operators (K padded for int8
+                 where it must be); "native": native.int8_mm / int4_mm called directly with fp32 x
+                 at every M from 1 to 17 (their tiles take 2 rows of x at a time);
                  "dequantize": int8_dequantize_mm / int4_dequantize_mm; "triton": the fused kernels
                  under TRITON_INTERPRET=1 (a subset: the interpreter runs a program at a time), and
                  on a GPU the whole grid through the dispatcher (skipped without CUDA)
 
-x is bf16 (the CPU paths compute in bf16 whatever x is: zoo/kernels/__init__.py). Tolerances are
-test_kernels.py's: 1e-2 of max|ref| in bf16, 2e-2 under the interpreter (it truncates to bf16).
+x is bf16 (torch's CPU paths compute in bf16 whatever x is: zoo/kernels/__init__.py), but fp32 for
+"native". Tolerances are test_kernels.py's: 1e-2 of max|ref| in bf16, 2e-2 under the interpreter
+(it truncates to bf16). The native kernels quantize x to two int8 parts (native.py): their reference
+is the reference matmul of that quantized x (native.dequantize_activations), which they match in
+fp32 to 1e-4 of max|ref| (measured <= 1.7e-5: the int8 kernel's unsigned-weight offset, 128 sum(x),
+is subtracted from sums that hold it, which costs a few fp32 roundings of the larger number; an
+indexing or scale bug costs ~1e-1); the error of x's quantization itself is test_native.py's.
 """
 import importlib.util
 import json
@@ -29,13 +37,15 @@ import pytest
 import torch
 
 from zoo import quant
+from zoo.kernels import native
 
 ROOT = Path(__file__).resolve().parent.parent
 ODD_K = (8, 24, 40, 72, 100, 136, 200, 232, 264)
 INT8_K = ODD_K + (16, 256)
 INT4_K = {32: (32, 96, 160), 64: (64, 192, 320), 128: (128, 384), 256: (256, 768)}
 NS, MS = (8, 40, 100, 200), (1, 3, 17)
-TOL, INTERPRETER_TOL = 1e-2, 2e-2
+TOL, INTERPRETER_TOL, NATIVE_TOL = 1e-2, 2e-2, 1e-4
+NATIVE_MS = tuple(range(1, 18))
 
 
 def case_id(kind, path, k, n, m, group_size=None):
@@ -52,6 +62,15 @@ CPU_GROUPS = {f"int8-{path}-K{k}": cases("int8", path, k, ms=MS + ((129,) if pat
               for path in ("dispatch", "dequantize") for k in INT8_K}
 CPU_GROUPS.update({f"int4-g{g}-{path}-K{k}": cases("int4", path, k, g)
                    for path in ("dispatch", "dequantize") for g, ks in INT4_K.items() for k in ks})
+NATIVE_GROUPS = {f"int8-native-K{k}": cases("int8", "native", k, ns=(1, 5, 40, 131), ms=NATIVE_MS)
+                 for k in INT8_K + (2056,)}
+NATIVE_GROUPS.update({f"int4-g{g}-native-K{k}": cases("int4", "native", k, g, ns=(1, 5, 40, 131), ms=NATIVE_MS)
+                      for g, ks in INT4_K.items() for k in ks})
+if native.cpu_supported():  # elsewhere the native kernels cannot run (test_native.py checks they are not used)
+    CPU_GROUPS.update(NATIVE_GROUPS)
+# ZOO_NATIVE=0: torch's operators, in processes of their own
+TORCH_GROUPS = {f"int8-torch-K{k}": cases("int8", "torch", k, ms=MS + (129,)) for k in INT8_K}
+TORCH_GROUPS.update({f"int4-g{g}-torch-K{k}": cases("int4", "torch", k, g) for g, ks in INT4_K.items() for k in ks})
 TRITON_GROUPS = {f"int8-triton-K{k}": cases("int8", "triton", k, ns=(8, 100), ms=(1, 17)) for k in (8, 72, 100, 264)}
 TRITON_GROUPS.update({f"int4-g{g}-triton-K{ks[-1] if g < 256 else ks[0]}":
                       cases("int4", "triton", ks[-1] if g < 256 else ks[0], g, ns=(8, 100), ms=(1, 17))
@@ -69,30 +88,40 @@ def run_case(case: dict) -> dict:
     from test_kernels import random_int4, random_int8, random_x, rel_err
 
     from zoo.kernels import (Int4Weight, Int8Weight, int4_linear, int4_linear_ref, int4_path, int8_linear,
-                             int8_linear_ref, int8_path)
+                             int8_linear_ref, int8_path, native)
     from zoo.kernels.cpu import int4_dequantize_mm, int8_dequantize_mm
     k, n, m, g, device = case["k"], case["n"], case["m"], case["group_size"], case["device"]
-    x = random_x((m, k), torch.bfloat16, seed=m, device=device)
+    x = random_x((m, k), torch.float32 if case["path"] == "native" else torch.bfloat16, seed=m, device=device)
     taken = case["path"]
+    x_ref = x.float()
+    if case["path"] == "native" or (case["path"] == "dispatch" and native.load() is not None and device == "cpu"):
+        x_ref = native.dequantize_activations(x)  # what the native kernels multiply (their reference)
     if case["kind"] == "int8":
         qweight, scales = random_int8(n, k, seed=k + n, device=device)
-        ref = int8_linear_ref(x.float(), qweight, scales)
-        if case["path"] == "dispatch":
+        if case["path"] in ("dispatch", "torch"):
             weight = Int8Weight(qweight.clone(), scales).prepare()
             taken = int8_path(x, weight)
+            if taken == "cpu-dequantize":
+                x_ref = x.float()
             y = int8_linear(x, weight)
+        elif case["path"] == "native":
+            y = native.load().int8_mm(x, qweight, scales)
         elif case["path"] == "dequantize":
             y = int8_dequantize_mm(x, qweight, scales)
         else:
             from zoo.kernels.triton_matmul import w8a16_matmul
             y = w8a16_matmul(x, qweight, scales)
+        ref = int8_linear_ref(x_ref, qweight, scales)
     else:
         packed, scales, zeros = random_int4(n, k, g, seed=k + n, device=device)
-        ref = int4_linear_ref(x.float(), packed, scales, zeros, g)
-        if case["path"] == "dispatch":
+        ref = int4_linear_ref(x_ref, packed, scales, zeros, g)
+        if case["path"] in ("dispatch", "torch"):
             weight = Int4Weight(packed, scales, zeros, g).prepare()
             taken = int4_path(x, weight)
             y = int4_linear(x, weight)
+        elif case["path"] == "native":
+            w = native.int4_layout(packed, scales, zeros, g)
+            y = native.load().int4_mm(x, w.packed, w.scales, w.scaled_zeros, g)
         elif case["path"] == "dequantize":
             y = int4_dequantize_mm(x, packed, scales, zeros, g)
         else:
@@ -140,17 +169,28 @@ def run_in_subprocesses(all_cases: list[dict], env: dict | None = None, script: 
     return results
 
 
+def expected_path(case: dict) -> str:
+    """The path int8_linear / int4_linear must take for this case (zoo/kernels/__init__.py's table)."""
+    from zoo.kernels import native
+    if case["path"] not in ("dispatch", "torch"):
+        return case["path"]
+    if case["device"] == "cuda":
+        return "triton"
+    if case["kind"] == "int8" and case["m"] > 128:
+        return "cpu-dequantize"
+    return "cpu-native" if case["path"] == "dispatch" and native.load() is not None else "cpu-op"
+
+
 def check(group: list[dict], results: dict[str, dict], tol: float):
     failures = []
     for case in group:
         r = results[case["id"]]
-        expected_path = case["path"]
-        if case["path"] == "dispatch":
-            expected_path = "triton" if case["device"] == "cuda" else "cpu-op" if case["m"] <= 128 else "cpu-dequantize"
+        expected = expected_path(case)
+        case_tol = NATIVE_TOL if case["path"] == "native" else tol
         if "died" in r or "exception" in r:
             failures.append(f"{case['id']}: {r.get('died') or r.get('exception')}")
-        elif not (r["finite"] and r["shape"] == [case["m"], case["n"]] and r["error"] <= tol
-                  and r["path"] == expected_path):
+        elif not (r["finite"] and r["shape"] == [case["m"], case["n"]] and r["error"] <= case_tol
+                  and r["path"] == expected):
             failures.append(f"{case['id']}: {r}")
     assert not failures, f"{len(failures)} of {len(group)} cases failed:\n" + "\n".join(failures)
 
@@ -158,6 +198,11 @@ def check(group: list[dict], results: dict[str, dict], tol: float):
 @pytest.fixture(scope="module")
 def cpu_results():
     return run_in_subprocesses([case for group in CPU_GROUPS.values() for case in group])
+
+
+@pytest.fixture(scope="module")
+def torch_results():
+    return run_in_subprocesses([case for group in TORCH_GROUPS.values() for case in group], env={"ZOO_NATIVE": "0"})
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +216,11 @@ def triton_results():
 @pytest.mark.parametrize("group", CPU_GROUPS)
 def test_cpu_paths(group, cpu_results):
     check(CPU_GROUPS[group], cpu_results, TOL)
+
+
+@pytest.mark.parametrize("group", TORCH_GROUPS)
+def test_cpu_torch_paths(group, torch_results):
+    check(TORCH_GROUPS[group], torch_results, TOL)
 
 
 @pytest.mark.parametrize("group", TRITON_GROUPS)

@@ -7,11 +7,21 @@
     weight = Int8Weight(qweight, scales).prepare()
     y = int8_linear(x, weight)
 
-Which code runs, by device, activation dtype and M = rows of x (x.numel() // K):
+Which code runs, by device, activation dtype and M = rows of x (x.numel() // K). "native" is zoo's
+own AVX-512 VNNI kernels (native.cpp: x quantized to int8 in blocks of 32 on each call, as
+llama.cpp's Q8_0), chosen by prepare() where they build and run (native.load(): a CPU with AVX-512
+VNNI, g++ and ninja; ZOO_NATIVE=0 turns them off); elsewhere the rows under "torch" run:
 
     device  format  x dtype         M       path
     cuda    int8    fp16/bf16/fp32  any     Triton fused dequantize-matmul (triton_matmul.py)
     cuda    int4    fp16/bf16/fp32  any     Triton fused dequantize-matmul
+    native:
+    cpu     int8    bf16            <= 128  native int8_mm: int8 weight x int8 x (native.py)
+    cpu     int8    bf16            > 128   dequantize to bf16 on each call, then F.linear (cpu.py)
+    cpu     int4    bf16            any     native int4_mm: 4-bit codes x int8 x, zoo's layout made at load
+    cpu     any     fp32 / fp16     any     "cpu-fp32": dequantize to fp32, then x @ w.T in fp32 (exact, slow:
+                                            the reference's math; fp32 on the CPU is for checking, bf16 for speed)
+    torch:
     cpu     int8    bf16            <= 128  torch's _weight_int8pack_mm (cpu.py); K not a multiple of 16:
                                             the weight padded once by prepare(), x on each call
     cpu     int8    bf16            > 128   dequantize to bf16 on each call, then F.linear (cpu.py)
@@ -20,14 +30,15 @@ Which code runs, by device, activation dtype and M = rows of x (x.numel() // K):
     cpu     any     fp32 / fp16     any     x cast to bf16, the bf16 row above, y cast back
 
 The CPU rows' thresholds (INT8_CPU_OP_MAX_M, one int4 operator for every M, x cast to bf16) were
-measured with `python benchmarks/kernels.py` on LLaMA-7B layer shapes; the figures are in the
-README ("Benchmarks").
+measured with `python benchmarks/kernels.py` on LLaMA-7B layer shapes, the native rows' on the
+TinyLlama-1.1B shapes; the figures are in the README ("Benchmarks").
 """
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from zoo.kernels import native
 from zoo.kernels.cpu import (CPU_INT8_K_MULTIPLE, CpuInt4Weight, int4_dequantize_mm, int4_mm_cpu, int8_dequantize_mm,
                              int8_mm_cpu, pack_int4_for_cpu)
 from zoo.kernels.reference import (dequantize_int4, dequantize_int8, int4_linear_ref, int8_linear_ref, pack_int4,
@@ -43,13 +54,16 @@ CPU_INT4_OP = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")  # torch >=
 class Int8Weight:
     """int8 [N, K], symmetric, one scale per output channel: w[n, k] = qweight[n, k] * scales[n].
 
-    `cpu` is qweight padded with zero columns to a multiple of 16 for torch's CPU operator (cpu.py),
-    made by prepare() on the CPU when K needs it (never saved); qweight is then a view of its first K
-    columns, so the weight is held once. Round K (every LLaMA size) leaves it None.
+    `native` is set by prepare() on a CPU where zoo's native kernel runs (native.py): it reads qweight
+    as it is, with the scales in fp32 (`native_scales`). Elsewhere `cpu` is qweight padded with zero
+    columns to a multiple of 16 for torch's CPU operator (cpu.py), made by prepare() on the CPU when K
+    needs it (never saved); qweight is then a view of its first K columns, so the weight is held
+    once. Round K (every LLaMA size) leaves it None.
     """
     qweight: torch.Tensor  # int8 [N, K]
     scales: torch.Tensor   # [N], fp32 or the activation dtype
     cpu: torch.Tensor | None = None  # int8 [N, K padded to 16]
+    native_scales: torch.Tensor | None = None  # fp32 [N], for native.int8_mm
 
     def __post_init__(self):
         n = self.qweight.shape[0]
@@ -58,10 +72,12 @@ class Int8Weight:
                              f"{self.qweight.dtype} {tuple(self.qweight.shape)}, scales {tuple(self.scales.shape)}")
 
     def prepare(self, drop_packed: bool = False) -> "Int8Weight":
-        """On the CPU with K not a multiple of 16, pad the weight for torch's operator (`cpu`); else
-        nothing to lay out: the operator and the Triton kernel both read the stored format."""
+        """On the CPU: the native kernel's fp32 scales, or else, with K not a multiple of 16, the weight
+        padded for torch's operator (`cpu`). Else nothing to lay out: the Triton kernel reads the stored format."""
         k = self.qweight.shape[1]
-        if self.qweight.device.type == "cpu" and k % CPU_INT8_K_MULTIPLE and self.cpu is None:
+        if self.qweight.device.type == "cpu" and native.load() is not None:
+            self.native_scales = self.scales.float().contiguous()
+        elif self.qweight.device.type == "cpu" and k % CPU_INT8_K_MULTIPLE and self.cpu is None:
             self.cpu = F.pad(self.qweight, (0, -k % CPU_INT8_K_MULTIPLE))  # [N, K padded]: zero columns
             self.qweight = self.cpu[:, :k]  # [N, K], the same memory
         return self
@@ -71,8 +87,9 @@ class Int8Weight:
 class Int4Weight:
     """int4, one scale and zero per group of K: w[n, k] = (q[n, k] - zeros[n, k // g]) * scales[n, k // g].
 
-    `packed` holds two q per byte, column 2j in the low nibble (reference.pack_int4). `cpu` is torch's
-    CPU layout of the same weight, made by prepare() and never saved (it depends on the CPU's
+    `packed` holds two q per byte, column 2j in the low nibble (reference.pack_int4). `cpu` is the
+    CPU layout of the same weight, made by prepare() and never saved: native.py's (NativeInt4Weight)
+    where zoo's native kernel runs, else torch's operator's (CpuInt4Weight, which depends on the CPU's
     instruction set); int4_linear reads only `cpu` there. prepare(drop_packed=True), as QuantLinear
     calls it on its first forward, then frees `packed`, `scales` and `zeros` so the weight is held once.
     """
@@ -80,7 +97,7 @@ class Int4Weight:
     scales: torch.Tensor  # [N, K/group_size]
     zeros: torch.Tensor   # [N, K/group_size], floating point
     group_size: int
-    cpu: CpuInt4Weight | None = None
+    cpu: CpuInt4Weight | native.NativeInt4Weight | None = None
 
     def __post_init__(self):
         n, k = self.packed.shape[0], self.packed.shape[1] * 2
@@ -93,26 +110,34 @@ class Int4Weight:
                              f"{tuple(self.scales.shape)}, zeros {tuple(self.zeros.shape)}")
 
     def prepare(self, drop_packed: bool = False) -> "Int4Weight":
-        """Lay the weight out for the device it is on: torch's CPU layout on CPU, nothing on CUDA.
+        """Lay the weight out for the device it is on: the native or torch's CPU layout on CPU, nothing on CUDA.
 
         drop_packed: on CPU, then free `packed`, `scales` and `zeros` (only `cpu`, which holds its own
         scales and zeros, is read there), so the weight is held once; it can then no longer be saved
         or moved to another device.
         """
-        if self.packed is not None and self.packed.device.type == "cpu" and CPU_INT4_OP:
+        on_cpu = self.packed is not None and self.packed.device.type == "cpu"
+        if on_cpu and native.load() is not None:
+            self.cpu = native.int4_layout(self.packed, self.scales, self.zeros, self.group_size)
+        elif on_cpu and CPU_INT4_OP:
             self.cpu = pack_int4_for_cpu(self.packed, self.scales, self.zeros, self.group_size, CPU_DTYPE)
-            if drop_packed:
-                self.packed = self.scales = self.zeros = None
+        if self.cpu is not None and drop_packed:
+            self.packed = self.scales = self.zeros = None
         return self
 
 
 def int8_path(x: torch.Tensor, weight: Int8Weight) -> str:
-    """The code int8_linear runs for this x: "triton", "cpu-op" or "cpu-dequantize" (module docstring)."""
+    """The code int8_linear runs for this x: "triton", "cpu-native", "cpu-fp32", "cpu-op" or "cpu-dequantize"
+    (module docstring)."""
     _check_device(x, weight.qweight)
     if x.device.type == "cuda":
         return "triton"
+    if weight.native_scales is not None and x.dtype != CPU_DTYPE:
+        return "cpu-fp32"
     if x.numel() // x.shape[-1] > INT8_CPU_OP_MAX_M:
         return "cpu-dequantize"
+    if weight.native_scales is not None:
+        return "cpu-native"
     if weight.cpu is None and weight.qweight.shape[1] % CPU_INT8_K_MULTIPLE:
         raise RuntimeError(f"this Int8Weight's K = {weight.qweight.shape[1]} is not a multiple of "
                            f"{CPU_INT8_K_MULTIPLE}, which torch's CPU operator needs: call weight.prepare() once, at "
@@ -121,10 +146,13 @@ def int8_path(x: torch.Tensor, weight: Int8Weight) -> str:
 
 
 def int4_path(x: torch.Tensor, weight: Int4Weight) -> str:
-    """The code int4_linear runs for this x: "triton", "cpu-op" or "cpu-dequantize" (module docstring)."""
+    """The code int4_linear runs for this x: "triton", "cpu-native", "cpu-fp32", "cpu-op" or "cpu-dequantize"
+    (module docstring)."""
     _check_device(x, weight.packed if weight.packed is not None else weight.cpu.packed)
     if x.device.type == "cuda":
         return "triton"
+    if isinstance(weight.cpu, native.NativeInt4Weight):
+        return "cpu-native" if x.dtype == CPU_DTYPE else "cpu-fp32"
     if weight.cpu is not None:
         return "cpu-op"
     if CPU_INT4_OP:
@@ -138,6 +166,11 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
     if path == "triton":
         from zoo.kernels.triton_matmul import w8a16_matmul  # imported here: CPU-only use needs no Triton
         return w8a16_matmul(x, weight.qweight, weight.scales)
+    if path == "cpu-native":
+        y = torch.ops.zoo_native.int8_mm(x.reshape(-1, x.shape[-1]).contiguous(), weight.qweight, weight.native_scales)
+        return y.view(*x.shape[:-1], y.shape[-1])  # [..., N]
+    if path == "cpu-fp32":
+        return int8_linear_ref(x, weight.qweight, weight.scales)
     x2 = x.reshape(-1, x.shape[-1]).to(CPU_DTYPE).contiguous()  # [M, K]
     if path == "cpu-op" and weight.cpu is not None:  # K padded by prepare(): x takes zero columns too
         y = int8_mm_cpu(F.pad(x2, (0, weight.cpu.shape[1] - x2.shape[1])), weight.cpu, weight.scales)
@@ -154,6 +187,13 @@ def int4_linear(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
     if path == "triton":
         from zoo.kernels.triton_matmul import w4a16_matmul
         return w4a16_matmul(x, weight.packed, weight.scales, weight.zeros, weight.group_size)
+    if path == "cpu-native":
+        w = weight.cpu
+        y = torch.ops.zoo_native.int4_mm(x.reshape(-1, x.shape[-1]).contiguous(), w.packed, w.scales,
+                                         w.scaled_zeros, w.group_size)
+        return y.view(*x.shape[:-1], y.shape[-1])  # [..., N]
+    if path == "cpu-fp32":
+        return (x.float() @ native.int4_dequantize(weight.cpu).T).to(x.dtype)
     x2 = x.reshape(-1, x.shape[-1]).to(CPU_DTYPE).contiguous()  # [M, K]
     if path == "cpu-op":
         y = int4_mm_cpu(x2, weight.cpu)

@@ -1,0 +1,282 @@
+// zoo's own CPU kernels: int8 and int4 weights times int8 activations, AVX-512 VNNI (native.py builds
+// and loads this file; the formats and the math are described there).
+//
+//   zoo_native::int8_mm(x [M, K], qweight int8 [N, K], scales f32 [N]) -> y [M, N] in x's dtype
+//   zoo_native::int4_mm(x [M, K], packed uint8 [N, Kp/2], scales f32 [N, Kp/G], scaled_zeros f32 [N, Kp/G],
+//                       group_size G) -> y [M, N]
+//
+// x (bf16 or fp32) is first quantized to int8 in blocks of 32 along K (quantize_rows): one fp32 scale
+// per block, q = round(x * 127 / max|x|), and its rounding error, in a second int8, to 1/256 of a
+// step. Then every dot product is integer within a block, VNNI's _mm512_dpbusd_epi32 (64 unsigned x
+// signed byte products summed into 16 int32 lanes of 4), and fp32 across blocks. Kp is K rounded up to 128 (and to G); x's padding is zeros. The threads split the
+// output rows (at::parallel_for).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t BLOCK = 32;   // activation quantization block (llama.cpp's Q8_0 block)
+constexpr int64_t CHUNK = 128;  // int4's chunk of K: 64 bytes, one load
+constexpr int NR = 4;           // weight rows per tile: their dot products share each load of x
+constexpr int MR = 2;           // rows of x per tile: they share each load (and unpacking) of the weight
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// 16 values of x from p (n of them, 1..16; the rest 0) as fp32
+__m512 load16(const float* p, int64_t n) {
+  return _mm512_maskz_loadu_ps(n >= 16 ? 0xFFFF : (1u << n) - 1, p);
+}
+__m512 load16(const at::BFloat16* p, int64_t n) {  // bf16 is the top half of an fp32
+  const __m256i h = _mm256_maskz_loadu_epi16(n >= 16 ? 0xFFFF : (1u << n) - 1, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Activations quantized in two int8 parts per block of 32 columns: x ~ scale * (q + r / 256), q =
+// round(x / scale) and r = round(256 * (x / scale - q)), the rounding error of q in steps of 1/256
+// (clamped to +-127). q and r are int8 [M, Kp] (zero past K; Kp = K rounded up to 128). The kernels
+// take 256 * sum(w q) + sum(w r) as one int32 sum. `lanes` [M, Kp/64, 16] holds scale / 256 for each
+// of VNNI's 16 int32 lanes of each 64 columns (lane l sums columns 4l..4l+3: lanes 0-7 the first
+// block of 32, 8-15 the second). group_sum [M, Kp/G]: the sum of the quantized x over each group of
+// G columns (G a multiple of 32), which the int4 zero point and int8's unsigned offset need.
+struct QuantizedX {
+  std::vector<int8_t> q, r;
+  std::vector<float> lanes, group_sum;
+  int64_t kp, groups;
+  const float* lane_scales(int64_t i, int64_t k0) const { return lanes.data() + (i * kp + k0) / 64 * 16; }
+};
+
+template <typename T>
+QuantizedX quantize_rows(const T* x, int64_t m, int64_t k, int64_t group) {
+  QuantizedX out;
+  out.kp = round_up(k, std::max(CHUNK, group));
+  out.groups = out.kp / group;
+  out.q.assign(m * out.kp, 0);
+  out.r.assign(m * out.kp, 0);
+  out.lanes.assign(m * out.kp / 64 * 16, 0.f);
+  out.group_sum.assign(m * out.groups, 0.f);
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t k0 = 0; k0 < out.kp; k0 += BLOCK) {
+        __m512 v[2];
+        for (int j = 0; j < 2; ++j) {
+          const int64_t left = k - k0 - 16 * j;
+          v[j] = left > 0 ? load16(x + i * k + k0 + 16 * j, left) : _mm512_setzero_ps();
+        }
+        const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+        const float scale = top / 127.f;
+        const __m512 inv = _mm512_set1_ps(top > 0.f ? 127.f / top : 0.f);
+        int32_t sum = 0;  // of 256 q + r
+        for (int j = 0; j < 2; ++j) {
+          const __m512 t = _mm512_mul_ps(v[j], inv);  // x / scale, in [-127, 127]
+          const __m512i qj = _mm512_cvtps_epi32(t);    // round half to even, as torch.round
+          const __m512 rest = _mm512_mul_ps(_mm512_sub_ps(t, _mm512_cvtepi32_ps(qj)), _mm512_set1_ps(256.f));
+          const __m512i rj = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(rest), _mm512_set1_epi32(127)),
+                                              _mm512_set1_epi32(-127));
+          const int64_t at = i * out.kp + k0 + 16 * j;
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + at), _mm512_cvtsepi32_epi8(qj));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(out.r.data() + at), _mm512_cvtsepi32_epi8(rj));
+          sum += 256 * _mm512_reduce_add_epi32(qj) + _mm512_reduce_add_epi32(rj);
+        }
+        float* lanes = out.lanes.data() + (i * out.kp + k0) / 64 * 16 + (k0 % 64) / 4;
+        for (int l = 0; l < 8; ++l) lanes[l] = scale / 256.f;
+        out.group_sum[i * out.groups + k0 / group] += sum * (scale / 256.f);
+      }
+    }
+  });
+  return out;
+}
+
+float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// acc + 256 * sum(w q) + sum(w r) per int32 lane: w unsigned bytes, q and r x's two signed parts.
+// At most 4 * 255 * 127 * 257 < 2^26 per call: no overflow, and exact in fp32 after conversion.
+__m512i two_part_dot(__m512i acc, __m512i w, __m512i q, __m512i r) {
+  return _mm512_dpbusd_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(acc, w, q), 8), w, r);
+}
+
+// ---- int8 weight: w[n, k] = qweight[n, k] * scales[n]
+// VNNI multiplies unsigned by signed bytes: the weight is made unsigned, w + 128 (an xor of its sign
+// bit), so each block's sum is sum(w q) + 128 sum(q), and y = scales[n] * (sum over blocks of
+// scale_b * block sum - 128 * sum of the quantized x): the last term is the row's group_sum total.
+
+template <int R, int C>  // R weight rows from n, C rows of x from i
+void int8_tile(const int8_t* w, int64_t ldw, int64_t k, const QuantizedX& qx, int64_t i, int64_t n,
+               const float* scales, float* y, int64_t ldy) {
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < k; k0 += 64) {
+    const __mmask64 mask = k - k0 >= 64 ? ~0ULL : (1ULL << (k - k0)) - 1;  // columns past K read as 0 (+128)
+    __m512i wv[R];
+    for (int r = 0; r < R; ++r)
+      wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + (n + r) * ldw + k0), bias);
+    for (int c = 0; c < C; ++c) {
+      const __m512i xq = _mm512_loadu_si512(qx.q.data() + (i + c) * qx.kp + k0);
+      const __m512i xr = _mm512_loadu_si512(qx.r.data() + (i + c) * qx.kp + k0);
+      const __m512 xs = _mm512_loadu_ps(qx.lane_scales(i + c, k0));
+      for (int r = 0; r < R; ++r) {
+        const __m512i dot = two_part_dot(_mm512_setzero_si512(), wv[r], xq, xr);
+        acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), xs, acc[r][c]);
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    float offset = 0.f;  // the sum of the quantized x: 128 times it is what the unsigned weight added
+    for (int64_t g = 0; g < qx.groups; ++g) offset += qx.group_sum[(i + c) * qx.groups + g];
+    for (int r = 0; r < R; ++r) y[(i + c) * ldy + n + r] = scales[n + r] * (hsum(acc[r][c]) - 128.f * offset);
+  }
+}
+
+// ---- int4 weight: w[n, k] = (q[n, k] - zeros[n, g]) * scales[n, g], g = k / G
+// Layout (int4_layout in native.py): each 128 columns of a row are 64 bytes, byte j holding column j in
+// its low nibble and column 64 + j in its high nibble, so one load gives two 64-column halves. The
+// nibbles (0..15) are VNNI's unsigned operand as they are. y = sum over groups of
+// scales[g] * (sum(q x) - zeros[g] * sum(x)) = (the blocks' sums) - sum_g scaled_zeros[g] * group_sum[g].
+
+template <int G>  // lane scales of one half (64 columns, 16 int32 lanes of 4 columns) of chunk `chunk`
+__m512 half_scales(const float* s, int64_t chunk, int half) {
+  if constexpr (G >= 128) {
+    return _mm512_set1_ps(s[chunk * CHUNK / G]);
+  } else if constexpr (G == 64) {
+    return _mm512_set1_ps(s[chunk * 2 + half]);
+  } else {  // G == 32: lanes 0-7 one group, 8-15 the next
+    const float* g = s + chunk * 4 + half * 2;
+    return _mm512_insertf32x8(_mm512_set1_ps(g[0]), _mm256_set1_ps(g[1]), 1);
+  }
+}
+
+template <int G, int R, int C>
+void int4_tile(const uint8_t* w, int64_t ldw, const QuantizedX& qx, int64_t i, int64_t n, const float* scales,
+               const float* scaled_zeros, int64_t lds, float* y, int64_t ldy) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t chunk = 0; chunk < qx.kp / CHUNK; ++chunk) {
+    __m512i lo[R], hi[R];
+    for (int r = 0; r < R; ++r) {
+      const __m512i v = _mm512_loadu_si512(w + (n + r) * ldw + chunk * 64);
+      lo[r] = _mm512_and_si512(v, low4);                         // columns 0..63 of the chunk
+      hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);  // columns 64..127
+    }
+    for (int c = 0; c < C; ++c) {
+      const int64_t at = (i + c) * qx.kp + chunk * CHUNK;
+      const __m512i qlo = _mm512_loadu_si512(qx.q.data() + at), qhi = _mm512_loadu_si512(qx.q.data() + at + 64);
+      const __m512i rlo = _mm512_loadu_si512(qx.r.data() + at), rhi = _mm512_loadu_si512(qx.r.data() + at + 64);
+      const __m512 slo = _mm512_loadu_ps(qx.lane_scales(i + c, chunk * CHUNK));
+      const __m512 shi = _mm512_loadu_ps(qx.lane_scales(i + c, chunk * CHUNK + 64));
+      for (int r = 0; r < R; ++r) {
+        const float* s = scales + (n + r) * lds;
+        const __m512 tlo = _mm512_mul_ps(_mm512_cvtepi32_ps(two_part_dot(_mm512_setzero_si512(), lo[r], qlo, rlo)), slo);
+        const __m512 thi = _mm512_mul_ps(_mm512_cvtepi32_ps(two_part_dot(_mm512_setzero_si512(), hi[r], qhi, rhi)), shi);
+        if constexpr (G >= 128) {  // one weight scale for the whole chunk
+          acc[r][c] = _mm512_fmadd_ps(_mm512_add_ps(tlo, thi), _mm512_set1_ps(s[chunk * CHUNK / G]), acc[r][c]);
+        } else {
+          acc[r][c] = _mm512_fmadd_ps(tlo, half_scales<G>(s, chunk, 0), acc[r][c]);
+          acc[r][c] = _mm512_fmadd_ps(thi, half_scales<G>(s, chunk, 1), acc[r][c]);
+        }
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    const float* gs = qx.group_sum.data() + (i + c) * qx.groups;
+    for (int r = 0; r < R; ++r) {
+      const float* sz = scaled_zeros + (n + r) * lds;
+      float zero_term = 0.f;
+      for (int64_t g = 0; g < qx.groups; ++g) zero_term += sz[g] * gs[g];
+      y[(i + c) * ldy + n + r] = hsum(acc[r][c]) - zero_term;
+    }
+  }
+}
+
+// Every (R x C) tile of y [M, N]: the threads take whole tiles of NR weight rows (each weight row is
+// read from memory once, by one thread, for all M rows of x).
+template <typename Tile>
+void for_each_tile(int64_t m, int64_t n, const Tile& tile) {
+  const int64_t tiles = (n + NR - 1) / NR;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = t * NR;
+      if (n0 + NR <= n) {
+        int64_t i = 0;
+        for (; i + MR <= m; i += MR) tile(std::integral_constant<int, NR>{}, std::integral_constant<int, MR>{}, i, n0);
+        for (; i < m; ++i) tile(std::integral_constant<int, NR>{}, std::integral_constant<int, 1>{}, i, n0);
+      } else {
+        for (int64_t r = n0; r < n; ++r)
+          for (int64_t i = 0; i < m; ++i) tile(std::integral_constant<int, 1>{}, std::integral_constant<int, 1>{}, i, r);
+      }
+    }
+  });
+}
+
+QuantizedX quantize(const at::Tensor& x, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "zoo_native: x must be a contiguous [M, K] tensor");
+  if (x.scalar_type() == at::kBFloat16)
+    return quantize_rows(x.data_ptr<at::BFloat16>(), x.size(0), x.size(1), group);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "zoo_native: x must be bf16 or fp32, got ", x.scalar_type());
+  return quantize_rows(x.data_ptr<float>(), x.size(0), x.size(1), group);
+}
+
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2 && qweight.stride(1) == 1 &&
+              qweight.size(1) == x.size(1), "zoo_native::int8_mm: qweight must be int8 [N, K] with rows of stride 1");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == qweight.size(0),
+              "zoo_native::int8_mm: scales must be fp32 [N]");
+  const int64_t m = x.size(0), n = qweight.size(0), k = qweight.size(1);
+  const QuantizedX qx = quantize(x, CHUNK);
+  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  const int8_t* w = qweight.data_ptr<int8_t>();
+  const float* s = scales.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  for_each_tile(m, n, [&](auto r, auto c, int64_t i, int64_t n0) {
+    int8_tile<decltype(r)::value, decltype(c)::value>(w, qweight.stride(0), k, qx, i, n0, s, out, n);
+  });
+  return y.to(x.scalar_type());
+}
+
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                   const at::Tensor& scaled_zeros, int64_t group) {
+  const int64_t m = x.size(0), n = packed.size(0), kp = round_up(x.size(1), std::max(CHUNK, group));
+  TORCH_CHECK(group == 32 || group == 64 || group == 128 || group == 256, "zoo_native::int4_mm: group_size ", group);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 2 &&
+              packed.size(1) * 2 == kp, "zoo_native::int4_mm: packed must be uint8 [N, K/2] with K rounded up to ",
+              std::max(CHUNK, group), ", got ", packed.sizes(), " for x ", x.sizes());
+  for (const at::Tensor* t : {&scales, &scaled_zeros})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == n &&
+                t->size(1) == kp / group, "zoo_native::int4_mm: scales and scaled_zeros must be fp32 [N, Kp/G]");
+  const QuantizedX qx = quantize(x, group);
+  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const float *s = scales.data_ptr<float>(), *sz = scaled_zeros.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  const int64_t ldw = packed.size(1), lds = scales.size(1);
+  for_each_tile(m, n, [&](auto r, auto c, int64_t i, int64_t n0) {
+    constexpr int R = decltype(r)::value, C = decltype(c)::value;
+    switch (group) {
+      case 32: int4_tile<32, R, C>(w, ldw, qx, i, n0, s, sz, lds, out, n); break;
+      case 64: int4_tile<64, R, C>(w, ldw, qx, i, n0, s, sz, lds, out, n); break;
+      case 128: int4_tile<128, R, C>(w, ldw, qx, i, n0, s, sz, lds, out, n); break;
+      default: int4_tile<256, R, C>(w, ldw, qx, i, n0, s, sz, lds, out, n); break;
+    }
+  });
+  return y.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(zoo_native, m) {
+  m.def("int8_mm(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  m.def("int4_mm(Tensor x, Tensor packed, Tensor scales, Tensor scaled_zeros, int group_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(zoo_native, CPU, m) {
+  m.impl("int8_mm", &int8_mm);
+  m.impl("int4_mm", &int4_mm);
+}
