@@ -158,15 +158,14 @@ def write(model, prompts: str | os.PathLike, out: str | os.PathLike, points: lis
                 kept = keep(len(ids[i]))
                 slots = torch.tensor(kept, dtype=torch.long, device=device) + left_pad[row]  # the slot layout
                 writer.add(items[i], len(ids[i]), kept, {n: record[n][row, slots] for n in names})
-            if writer.full():
-                writer.flush()
+            last = group[-1] + 1 == len(items)
+            if writer.full() or last:
+                writer.flush(complete=last)  # the last one also marks the dataset complete
                 written += 1
         if progress is not None:
             progress(group[-1] + 1, len(items), f", {len(index['shards'])} shards written")
         if stop_after_shards is not None and written >= stop_after_shards:
             return out
-    if writer is not None:
-        writer.flush(complete=True)
     return out
 
 
