@@ -11,13 +11,18 @@ prefill's sequence length is marked dynamic: one graph for every prompt length.
 
 On CUDA the decode step also runs as a CUDA graph (inductor's "triton.cudagraphs"): one launch per
 step instead of one per kernel. On the CPU, in bf16 and fp16, inductor freezes the weights into the
-graph ("freezing": constant folding, and oneDNN's prepacked linear for the matmuls, the linears
-that read one input, such as q, k and v, concatenated into one; fp32 keeps torch's GEMMs, so its
-logits stay within 1e-5 of eager's). The decode step's attention (one query per row) is written
-out (attention.attention_with_pattern), which inductor fuses into a few loops: on the CPU faster
-than SDPA's kernel for one query. `max_autotune=True` also
-tries inductor's own C++ GEMM templates, which pays for matrix-vector products at batch 1 but
-compiles for minutes on a small machine.
+decode step's graph ("freezing": constant folding, oneDNN's prepacked linear for the matmuls, and
+the linears that read one input, such as q, k and v, concatenated into one); fp32 keeps torch's
+GEMMs, so its logits stay within 1e-5 of eager's. The decode step's attention (one query per row)
+is written out (attention.attention_with_pattern), which inductor fuses into a few loops: on the
+CPU faster than SDPA's kernel for one query. `max_autotune=True` also tries inductor's own C++ GEMM
+templates, which pays for matrix-vector products at batch 1 but compiles for minutes on a small
+machine.
+
+Memory: a frozen graph holds its own prepacked copy of the weights, beside the model's (which the
+prefill, hooks and anything eager still use). On the CPU in bf16 a compiled model therefore needs
+twice the weights' memory, and one more copy for each further batch size it decodes (each is its
+own graph). The prefill is not frozen: that would be one more copy.
 
 What does not compile runs eagerly, and says so once on stderr: hooks (they are Python functions
 called per point; a generation with hooks uses the eager model and a plain cache), tensor
@@ -65,10 +70,10 @@ def compile(model: nn.Module, mode: str = "default") -> nn.Module:
         return model
     device = next(model.parameters()).device
     options = {"max_autotune": mode == "max-autotune"}
-    if device.type == "cpu" and model.embed.weight.dtype != torch.float32:  # fp32 keeps eager's GEMMs: its logits
-        options["freezing"] = True                                            # then stay within 1e-5 of eager's
-        options["cpp.enable_concat_linear"] = True  # q, k, v (and gate, up) from one input: one matmul
     decode_options = {**options, "triton.cudagraphs": device.type == "cuda"}
+    if device.type == "cpu" and model.embed.weight.dtype != torch.float32:  # fp32 keeps eager's GEMMs: its logits
+        decode_options["freezing"] = True                                     # then stay within 1e-5 of eager's
+        decode_options["cpp.enable_concat_linear"] = True  # q, k, v (and gate, up) from one input: one matmul
     prefill = torch.compile(model.forward, options=options)
 
     def prefill_any_length(tokens, **kwargs):  # one graph for every prompt length from 2 (1 is the decode step)
