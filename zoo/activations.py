@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from zoo import hooks, parallel
 from zoo.checks import floating_dtype, integer, require
+from zoo.generate import left_padded
 
 FORMAT, VERSION = "zoo-activations", 1
 INDEX = "index.json"
@@ -181,16 +182,6 @@ def tokenized(model, items: list[Prompt], path) -> list[list[int]]:
                              f"{context}")
         out.append(ids)
     return out
-
-
-def left_padded(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(batch, longest) tokens, each row's padding (id 0, masked) before its tokens, and left_pad (batch,)."""
-    longest = max(len(p) for p in prompts)
-    left_pad = torch.tensor([longest - len(p) for p in prompts], device=device)
-    tokens = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
-    for row, p in enumerate(prompts):
-        tokens[row, longest - len(p):] = torch.tensor(p, dtype=torch.long)
-    return tokens, left_pad
 
 
 def _agreed(decide: Callable[[], dict]) -> dict:

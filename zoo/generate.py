@@ -36,6 +36,16 @@ def steps(model, prompts: list[list[int]], max_new_tokens: int = 128, temperatur
                   hooks)
 
 
+def left_padded(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, longest) tokens, each row's padding (id 0, masked) before its tokens, and left_pad (batch,)."""
+    longest = max(len(p) for p in prompts)
+    left_pad = torch.tensor([longest - len(p) for p in prompts], device=device)
+    tokens = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+    for row, p in enumerate(prompts):
+        tokens[row, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+    return tokens, left_pad
+
+
 @torch.inference_mode()
 def _steps(model, prompts, total, temperature, top_k, top_p, seed, stop_ids, hooks, cache=None):
     """steps() after its checks: `total` is the length of the longest row at the end.
@@ -49,10 +59,7 @@ def _steps(model, prompts, total, temperature, top_k, top_p, seed, stop_ids, hoo
     device = next(model.parameters()).device
     batch = len(prompts)
 
-    left_pad = torch.tensor([longest - len(p) for p in prompts], device=device)
-    tokens = torch.zeros(batch, longest, dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        tokens[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+    tokens, left_pad = left_padded(prompts, device)
     compiled = compiled_for(model, hooks)  # None: eager
     prefill, decode = (compiled.prefill, compiled.decode) if compiled else (model, model)
     if cache is None:
