@@ -204,14 +204,15 @@ def test_native_dispatch_paths_on_cpu():
         return
     int8 = Int8Weight(*random_int8(32, 72)).prepare()
     assert int8.cpu is None and int8.native_scales.dtype == torch.float32  # odd K: nothing padded
-    for shape, path in [((1, 72), "cpu-native"), ((128, 72), "cpu-native"), ((129, 72), "cpu-dequantize")]:
+    for shape, path in [((1, 72), "cpu-native"), ((32, 72), "cpu-native"), ((33, 72), "cpu-native-dequantize")]:
         assert int8_path(torch.zeros(shape, dtype=torch.bfloat16), int8) == path, shape
         for dtype in (torch.float32, torch.float16):  # exact fp32 math: for checking, not for speed
             assert int8_path(torch.zeros(shape, dtype=dtype), int8) == "cpu-fp32", (shape, dtype)
     int4 = Int4Weight(*random_int4(32, 64, 32), group_size=32).prepare()
     assert isinstance(int4.cpu, native.NativeInt4Weight)
-    for m in (1, 16, 1000):
-        assert int4_path(torch.zeros(m, 64, dtype=torch.bfloat16), int4) == "cpu-native"
+    for m in (1, 16, 32, 33, 1000):
+        assert int4_path(torch.zeros(m, 64, dtype=torch.bfloat16), int4) == ("cpu-native" if m <= 32 else
+                                                                             "cpu-native-dequantize")
         assert int4_path(torch.zeros(m, 64), int4) == "cpu-fp32"
 
 

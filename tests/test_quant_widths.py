@@ -60,7 +60,7 @@ def cases(kind, path, k, group_size=None, ns=NS, ms=MS, device="cpu"):
 # One pytest item per (scheme, path, K): its N x M cases, each run and reported on its own.
 CPU_GROUPS = {f"int8-{path}-K{k}": cases("int8", path, k, ms=MS + ((129,) if path == "dispatch" else ()))
               for path in ("dispatch", "dequantize") for k in INT8_K}
-CPU_GROUPS.update({f"int4-g{g}-{path}-K{k}": cases("int4", path, k, g)
+CPU_GROUPS.update({f"int4-g{g}-{path}-K{k}": cases("int4", path, k, g, ms=MS + ((33,) if path == "dispatch" else ()))
                    for path in ("dispatch", "dequantize") for g, ks in INT4_K.items() for k in ks})
 NATIVE_GROUPS = {f"int8-native-K{k}": cases("int8", "native", k, ns=(1, 5, 40, 131), ms=NATIVE_MS)
                  for k in INT8_K + (2056,)}
@@ -101,7 +101,7 @@ def run_case(case: dict) -> dict:
         if case["path"] in ("dispatch", "torch"):
             weight = Int8Weight(qweight.clone(), scales).prepare()
             taken = int8_path(x, weight)
-            if taken == "cpu-dequantize":
+            if taken in ("cpu-dequantize", "cpu-native-dequantize"):
                 x_ref = x.float()
             y = int8_linear(x, weight)
         elif case["path"] == "native":
@@ -114,10 +114,11 @@ def run_case(case: dict) -> dict:
         ref = int8_linear_ref(x_ref, qweight, scales)
     else:
         packed, scales, zeros = random_int4(n, k, g, seed=k + n, device=device)
-        ref = int4_linear_ref(x_ref, packed, scales, zeros, g)
         if case["path"] in ("dispatch", "torch"):
             weight = Int4Weight(packed, scales, zeros, g).prepare()
             taken = int4_path(x, weight)
+            if taken == "cpu-native-dequantize":
+                x_ref = x.float()
             y = int4_linear(x, weight)
         elif case["path"] == "native":
             w = native.int4_layout(packed, scales, zeros, g)
@@ -127,6 +128,7 @@ def run_case(case: dict) -> dict:
         else:
             from zoo.kernels.triton_matmul import w4a16_matmul
             y = w4a16_matmul(x, packed, scales, zeros, g)
+        ref = int4_linear_ref(x_ref, packed, scales, zeros, g)
     return dict(shape=list(y.shape), finite=bool(torch.isfinite(y).all()), error=rel_err(y, ref), path=taken)
 
 
@@ -176,9 +178,9 @@ def expected_path(case: dict) -> str:
         return case["path"]
     if case["device"] == "cuda":
         return "triton"
-    if case["kind"] == "int8" and case["m"] > 128:
-        return "cpu-dequantize"
-    return "cpu-native" if case["path"] == "dispatch" and native.load() is not None else "cpu-op"
+    if case["path"] == "dispatch" and native.load() is not None:
+        return "cpu-native" if case["m"] <= 32 else "cpu-native-dequantize"
+    return "cpu-dequantize" if case["kind"] == "int8" and case["m"] > 128 else "cpu-op"
 
 
 def check(group: list[dict], results: dict[str, dict], tol: float):

@@ -16,9 +16,10 @@ VNNI, g++ and ninja; ZOO_NATIVE=0 turns them off); elsewhere the rows under "tor
     cuda    int8    fp16/bf16/fp32  any     Triton fused dequantize-matmul (triton_matmul.py)
     cuda    int4    fp16/bf16/fp32  any     Triton fused dequantize-matmul
     native:
-    cpu     int8    bf16            <= 128  native int8_mm: int8 weight x int8 x (native.py)
-    cpu     int8    bf16            > 128   dequantize to bf16 on each call, then F.linear (cpu.py)
-    cpu     int4    bf16            any     native int4_mm: 4-bit codes x int8 x, zoo's layout made at load
+    cpu     int8    bf16            <= 32   native int8_mm: int8 weight x int8 x (native.py)
+    cpu     int4    bf16            <= 32   native int4_mm: 4-bit codes x int8 x, zoo's layout made at load
+    cpu     any     bf16            > 32    "cpu-native-dequantize": the weight dequantized to bf16 by
+                                            native.cpp on each call (parallel, one pass), then F.linear
     cpu     any     fp32 / fp16     any     "cpu-fp32": dequantize to fp32, then x @ w.T in fp32 (exact, slow:
                                             the reference's math; fp32 on the CPU is for checking, bf16 for speed)
     torch:
@@ -30,8 +31,11 @@ VNNI, g++ and ninja; ZOO_NATIVE=0 turns them off); elsewhere the rows under "tor
     cpu     any     fp32 / fp16     any     x cast to bf16, the bf16 row above, y cast back
 
 The CPU rows' thresholds (INT8_CPU_OP_MAX_M, one int4 operator for every M, x cast to bf16) were
-measured with `python benchmarks/kernels.py` on LLaMA-7B layer shapes, the native rows' on the
-TinyLlama-1.1B shapes; the figures are in the README ("Benchmarks").
+measured with `python benchmarks/kernels.py` on LLaMA-7B layer shapes, the native rows'
+(NATIVE_MAX_M) on a 5632 x 2048 layer (TinyLlama-1.1B's MLP), 2 threads, bf16 x: at M = 1 int8
+27 GB/s of weights (torch's operator 23), int4 31 (torch's 31); at M = 16 native int8 1.09 ms
+against 1.42 dequantize-then-F.linear, M = 32 1.82 against 1.91, M = 128 7.1 against 4.2 (int4
+alike; F.linear on a bf16 weight 3.7).
 """
 from dataclasses import dataclass
 
@@ -47,6 +51,7 @@ from zoo.kernels.reference import (dequantize_int4, dequantize_int8, int4_linear
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 CPU_DTYPE = torch.bfloat16  # the CPU paths compute in bf16 whatever x's dtype
 INT8_CPU_OP_MAX_M = 128  # rows of x up to which torch's int8 operator beats dequantize-then-F.linear on CPU
+NATIVE_MAX_M = 32  # rows of x up to which the native kernels beat their dequantize-then-F.linear (both formats)
 CPU_INT4_OP = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")  # torch >= 2.5
 
 
@@ -134,10 +139,10 @@ def int8_path(x: torch.Tensor, weight: Int8Weight) -> str:
         return "triton"
     if weight.native_scales is not None and x.dtype != CPU_DTYPE:
         return "cpu-fp32"
+    if weight.native_scales is not None:
+        return "cpu-native" if x.numel() // x.shape[-1] <= NATIVE_MAX_M else "cpu-native-dequantize"
     if x.numel() // x.shape[-1] > INT8_CPU_OP_MAX_M:
         return "cpu-dequantize"
-    if weight.native_scales is not None:
-        return "cpu-native"
     if weight.cpu is None and weight.qweight.shape[1] % CPU_INT8_K_MULTIPLE:
         raise RuntimeError(f"this Int8Weight's K = {weight.qweight.shape[1]} is not a multiple of "
                            f"{CPU_INT8_K_MULTIPLE}, which torch's CPU operator needs: call weight.prepare() once, at "
@@ -152,7 +157,9 @@ def int4_path(x: torch.Tensor, weight: Int4Weight) -> str:
     if x.device.type == "cuda":
         return "triton"
     if isinstance(weight.cpu, native.NativeInt4Weight):
-        return "cpu-native" if x.dtype == CPU_DTYPE else "cpu-fp32"
+        if x.dtype != CPU_DTYPE:
+            return "cpu-fp32"
+        return "cpu-native" if x.numel() // x.shape[-1] <= NATIVE_MAX_M else "cpu-native-dequantize"
     if weight.cpu is not None:
         return "cpu-op"
     if CPU_INT4_OP:
@@ -169,6 +176,8 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
     if path == "cpu-native":
         y = torch.ops.zoo_native.int8_mm(x.reshape(-1, x.shape[-1]).contiguous(), weight.qweight, weight.native_scales)
         return y.view(*x.shape[:-1], y.shape[-1])  # [..., N]
+    if path == "cpu-native-dequantize":
+        return F.linear(x, torch.ops.zoo_native.int8_dequantize(weight.qweight, weight.native_scales))
     if path == "cpu-fp32":
         return int8_linear_ref(x, weight.qweight, weight.scales)
     x2 = x.reshape(-1, x.shape[-1]).to(CPU_DTYPE).contiguous()  # [M, K]
@@ -192,6 +201,10 @@ def int4_linear(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
         y = torch.ops.zoo_native.int4_mm(x.reshape(-1, x.shape[-1]).contiguous(), w.packed, w.scales,
                                          w.scaled_zeros, w.group_size)
         return y.view(*x.shape[:-1], y.shape[-1])  # [..., N]
+    if path == "cpu-native-dequantize":
+        w = weight.cpu
+        return F.linear(x, torch.ops.zoo_native.int4_dequantize(w.packed, w.scales, w.scaled_zeros, w.group_size,
+                                                                 w.in_features))
     if path == "cpu-fp32":
         return (x.float() @ native.int4_dequantize(weight.cpu).T).to(x.dtype)
     x2 = x.reshape(-1, x.shape[-1]).to(CPU_DTYPE).contiguous()  # [M, K]

@@ -115,8 +115,10 @@ void int8_tile(const int8_t* w, int64_t ldw, int64_t k, const QuantizedX& qx, in
   for (int64_t k0 = 0; k0 < k; k0 += 64) {
     const __mmask64 mask = k - k0 >= 64 ? ~0ULL : (1ULL << (k - k0)) - 1;  // columns past K read as 0 (+128)
     __m512i wv[R];
-    for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r) {
       wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + (n + r) * ldw + k0), bias);
+      _mm_prefetch(reinterpret_cast<const char*>(w + (n + R + r) * ldw + k0), _MM_HINT_T0);  // the next tile's
+    }
     for (int c = 0; c < C; ++c) {
       const __m512i xq = _mm512_loadu_si512(qx.q.data() + (i + c) * qx.kp + k0);
       const __m512i xr = _mm512_loadu_si512(qx.r.data() + (i + c) * qx.kp + k0);
@@ -163,6 +165,7 @@ void int4_tile(const uint8_t* w, int64_t ldw, const QuantizedX& qx, int64_t i, i
     __m512i lo[R], hi[R];
     for (int r = 0; r < R; ++r) {
       const __m512i v = _mm512_loadu_si512(w + (n + r) * ldw + chunk * 64);
+      _mm_prefetch(reinterpret_cast<const char*>(w + (n + R + r) * ldw + chunk * 64), _MM_HINT_T0);  // the next tile's
       lo[r] = _mm512_and_si512(v, low4);                         // columns 0..63 of the chunk
       hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);  // columns 64..127
     }
@@ -269,14 +272,80 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   return y.to(x.scalar_type());
 }
 
+// ---- the weights dequantized to bf16 [N, K], for many rows of x (a prefill): then one bf16 GEMM
+// (F.linear) beats the integer kernels above. Each weight is rounded to bf16 once, to nearest even.
+
+void store_bf16(at::BFloat16* out, __m512 v) {  // 16 fp32 (finite) -> bf16, rounded to nearest even
+  __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
+
+at::Tensor int8_dequantize(const at::Tensor& qweight, const at::Tensor& scales) {
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2 && qweight.stride(1) == 1 &&
+              scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == qweight.size(0),
+              "zoo_native::int8_dequantize: qweight int8 [N, K] (rows of stride 1) and scales fp32 [N]");
+  const int64_t n = qweight.size(0), k = qweight.size(1), ldw = qweight.stride(0);
+  at::Tensor w = at::empty({n, k}, qweight.options().dtype(at::kBFloat16));
+  const int8_t* q = qweight.data_ptr<int8_t>();
+  const float* s = scales.data_ptr<float>();
+  at::BFloat16* out = w.data_ptr<at::BFloat16>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const __m512 scale = _mm512_set1_ps(s[row]);
+      int64_t j = 0;
+      for (; j + 16 <= k; j += 16) {
+        const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + row * ldw + j)));
+        store_bf16(out + row * k + j, _mm512_mul_ps(_mm512_cvtepi32_ps(v), scale));
+      }
+      for (; j < k; ++j) out[row * k + j] = static_cast<at::BFloat16>(q[row * ldw + j] * s[row]);
+    }
+  });
+  return w;
+}
+
+at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& scaled_zeros,
+                           int64_t group, int64_t k) {
+  const int64_t n = packed.size(0), kp = packed.size(1) * 2, lds = scales.size(1);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && kp % CHUNK == 0 && k <= kp &&
+              scales.sizes() == scaled_zeros.sizes() && lds * group == kp && scales.is_contiguous() &&
+              scaled_zeros.is_contiguous(), "zoo_native::int4_dequantize: the layout of native.int4_layout");
+  at::Tensor w = at::empty({n, kp}, scales.options().dtype(at::kBFloat16));
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const float *s = scales.data_ptr<float>(), *sz = scaled_zeros.data_ptr<float>();
+  at::BFloat16* out = w.data_ptr<at::BFloat16>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t chunk = 0; chunk < kp / CHUNK; ++chunk) {
+        for (int64_t j = 0; j < 64; j += 16) {  // 16 bytes: columns j.. (low nibbles) and 64 + j.. (high)
+          const __m512i v = _mm512_cvtepu8_epi32(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + row * kp / 2 + chunk * 64 + j)));
+          for (int half = 0; half < 2; ++half) {
+            const int64_t col = chunk * CHUNK + half * 64 + j, g = row * lds + col / group;
+            const __m512i q = _mm512_and_si512(half ? _mm512_srli_epi32(v, 4) : v, _mm512_set1_epi32(0xF));
+            store_bf16(out + row * kp + col, _mm512_fmsub_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(s[g]),
+                                                             _mm512_set1_ps(sz[g])));
+          }
+        }
+      }
+    }
+  });
+  return kp == k ? w : w.narrow(1, 0, k);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(zoo_native, m) {
   m.def("int8_mm(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor packed, Tensor scales, Tensor scaled_zeros, int group_size) -> Tensor");
+  m.def("int8_dequantize(Tensor qweight, Tensor scales) -> Tensor");
+  m.def("int4_dequantize(Tensor packed, Tensor scales, Tensor scaled_zeros, int group_size, int k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(zoo_native, CPU, m) {
   m.impl("int8_mm", &int8_mm);
   m.impl("int4_mm", &int4_mm);
+  m.impl("int8_dequantize", &int8_dequantize);
+  m.impl("int4_dequantize", &int4_dequantize);
 }

@@ -77,6 +77,14 @@ def _register_shapes():
     def _(x, packed, scales, scaled_zeros, group_size):
         return x.new_empty(x.shape[0], packed.shape[0])
 
+    @torch.library.register_fake("zoo_native::int8_dequantize")
+    def _(qweight, scales):
+        return scales.new_empty(qweight.shape, dtype=torch.bfloat16)
+
+    @torch.library.register_fake("zoo_native::int4_dequantize")
+    def _(packed, scales, scaled_zeros, group_size, k):
+        return scales.new_empty(packed.shape[0], k, dtype=torch.bfloat16)
+
 
 @dataclass
 class NativeInt4Weight:
