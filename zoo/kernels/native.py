@@ -8,8 +8,8 @@
 The math, as llama.cpp's Q8_0 and Q4_0 dot products do it, with x's rounding error kept. x is
 quantized on each call in blocks of 32 along K, as Q8_0 (quantize_activations below is the same in
 PyTorch): one fp32 scale per block, q = round(x * 127 / max|x|), and then that rounding's error in a
-second int8, r = round(256 * (x * 127 / max|x| - q)), so x ~ scale * (q + r / 256) is off by at most
-max|x| / 65024 of its block (bf16 rounds each x by up to |x| / 256). The second part costs one more
+second int8, r = round(256 * (x * 127 / max|x| - q)) (at most 127), so x ~ scale * (q + r / 256) is
+off by at most max|x| / 32512 of its block (bf16 rounds each x by up to |x| / 256). The second part costs one more
 VNNI instruction per 64 products, which the memory-bound decode hides.
 Blocks of 32 divide every int4 group and every tensor-parallel shard of an int4 layer, so a shard
 quantizes its x as the whole layer does.

@@ -1,0 +1,98 @@
+"""zoo's native CPU kernels (zoo/kernels/native.py): building, falling back, x's quantization, the int4 layout,
+torch.compile. Their matmuls against the reference at many shapes are in tests/test_quant_widths.py.
+
+On a CPU without AVX-512 VNNI the kernels cannot run: there the tests check that they are not used.
+"""
+import subprocess
+import sys
+
+import torch
+from test_kernels import random_int4, random_int8, random_x
+
+from zoo.kernels import Int4Weight, Int8Weight, int4_linear, int8_linear, native
+from zoo.kernels.reference import dequantize_int4
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**__import__("os").environ, **env}, timeout=300)
+
+
+def test_built_where_the_cpu_runs_it():
+    assert (native.load() is not None) == native.cpu_supported()
+
+
+def test_zoo_native_0_uses_torchs_operators():
+    r = run("import torch; from zoo.kernels import Int8Weight, int8_path, native\n"
+            "w = Int8Weight(torch.ones(8, 32, dtype=torch.int8), torch.ones(8)).prepare()\n"
+            "print(native.load(), w.native_scales, int8_path(torch.ones(1, 32, dtype=torch.bfloat16), w))",
+            ZOO_NATIVE="0")
+    assert r.returncode == 0 and r.stdout.split() == ["None", "None", "cpu-op"], r.stderr
+
+
+def test_a_failed_build_falls_back_and_says_so_once():
+    r = run("import torch.utils.cpp_extension as c\n"
+            "def fail(**kwargs): raise RuntimeError('Ninja is required to load C++ extensions')\n"
+            "c.load = fail\n"
+            "import torch; from zoo.kernels import Int4Weight, int4_path, native\n"
+            "from zoo.kernels.reference import pack_int4\n"
+            "w = Int4Weight(pack_int4(torch.zeros(16, 64, dtype=torch.uint8)), torch.ones(16, 2), torch.ones(16, 2), 32)\n"
+            "w.prepare(); w.prepare()\n"
+            "print(int4_path(torch.ones(1, 64, dtype=torch.bfloat16), w))")
+    if not native.cpu_supported():  # never built there, so nothing to say
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        return
+    assert r.returncode == 0 and r.stdout.strip() == "cpu-op", r.stderr
+    assert r.stderr == ("zoo.kernels: the native CPU kernels did not build (Ninja is required to load C++ "
+                        "extensions); using torch's operators\n")
+
+
+def test_activation_quantization_error_bound():
+    """x ~ scale * (q + r / 256) per block of 32: off by at most max|x| / (127 * 256) of its block (half
+    of r's step, a whole one where r is clamped to 127), plus fp32's rounding; zeros stay zeros."""
+    x = random_x((5, 100), torch.float32) * torch.logspace(-3, 3, 100)  # blocks of very different sizes
+    x[1, 32:64] = 0
+    got = native.dequantize_activations(x)
+    blocks = torch.nn.functional.pad(x, (0, 28)).view(5, -1, 32)
+    bound = (blocks.abs().amax(-1, keepdim=True) / (127 * 256) * (1 + 1e-5)).expand(-1, -1, 32).reshape(5, -1)[:, :100]
+    assert ((got - x).abs() <= bound + 1e-30).all()
+    assert torch.equal(got[1, 32:64], torch.zeros(32))
+    q, r, scale = native.quantize_activations(x)
+    assert q.shape == r.shape == (5, 128) and scale.shape == (5, 4) and q.abs().max() == 127 and r.abs().max() <= 127
+    assert ((got - x).abs().max() / x.abs().max()).item() < 3e-5  # bf16 would be ~2e-3
+
+
+def test_int4_layout_holds_the_same_weight():
+    for group_size, k in ((32, 96), (64, 192), (128, 384), (256, 512)):  # 96 and 192: K padded to 128 (256)
+        packed, scales, zeros = random_int4(24, k, group_size)
+        layout = native.int4_layout(packed, scales, zeros, group_size)
+        kp = -(-k // max(128, group_size)) * max(128, group_size)
+        assert layout.packed.shape == (24, kp // 2) and layout.scales.shape == (24, kp // group_size)
+        torch.testing.assert_close(native.int4_dequantize(layout), dequantize_int4(packed, scales, zeros, group_size),
+                                   rtol=1e-6, atol=1e-6)
+        assert (layout.scales[:, k // group_size:] == 0).all()  # the padding's groups are zero
+
+
+def test_first_chunk_byte_order():
+    """Byte j of a 128-column chunk: column j in the low nibble, column 64 + j in the high one."""
+    q = torch.arange(128) % 16
+    layout = native.int4_layout(torch.tensor([(q[0::2] | q[1::2] << 4).tolist()], dtype=torch.uint8),
+                                torch.ones(1, 1), torch.zeros(1, 1), 128)
+    assert layout.packed[0].tolist() == (q[:64] | q[64:] << 4).tolist()
+
+
+def test_compiled_calls_the_kernels_with_the_same_result():
+    if native.load() is None:
+        assert not native.cpu_supported()
+        return
+    int8 = Int8Weight(*random_int8(40, 256)).prepare()
+    int4 = Int4Weight(*random_int4(40, 256, 64), group_size=64).prepare()
+
+    def f(x):
+        return int8_linear(x, int8) + int4_linear(x, int4)
+    compiled = torch.compile(f, fullgraph=True)  # no graph break: the kernels are opaque operators
+    for m in (1, 3):
+        x = random_x((m, 256), torch.bfloat16, seed=m)
+        torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)
