@@ -6,7 +6,11 @@ For each weight shape [N, K] and batch size M, every backend this machine has co
     int8-cpu / int4-cpu           torch's CPU weight-only operators with bf16 x (zoo/kernels/cpu.py)
     int8-cpu-fp32 / int4-cpu-fp32 the same operators fed fp32 x as is (slow: opt-in, see --backends)
     int8-dequant / int4-dequant   dequantize the whole weight to bf16 on every call, then F.linear
-                                  (zoo/kernels/cpu.py: the CPU path for many rows)
+                                  (zoo/kernels/cpu.py: torch's CPU path for many rows)
+    int8-native / int4-native     zoo's AVX-512 VNNI kernels, bf16 x quantized to int8 on each call
+                                  (zoo/kernels/native.py), as the dispatcher runs them up to 32 rows
+    int8-native-dequant / int4-   native.cpp's one-pass dequantize to bf16, then F.linear: the
+      native-dequant              dispatcher's native path for more rows
     int8-triton / int4-triton     the fused Triton kernels with bf16 x (CUDA)
 
 Reported per case: the median time over repeats (after warmup) and the minimum (the steadier number
@@ -106,6 +110,31 @@ def make_int4_dequant(n, k, device):
     return Weight(lambda x: int4_dequantize_mm(x, packed, scales, zeros, GROUP_SIZE), _nbytes(packed, scales, zeros))
 
 
+def make_int8_native(n, k, device):
+    qweight, scales = _random_int8(n, k, device)
+    return Weight(lambda x: torch.ops.zoo_native.int8_mm(x, qweight, scales), _nbytes(qweight, scales))
+
+
+def make_int4_native(n, k, device):
+    from zoo.kernels import native
+    w = native.int4_layout(*_random_int4(n, k, device), GROUP_SIZE)
+    return Weight(lambda x: torch.ops.zoo_native.int4_mm(x, w.packed, w.scales, w.scaled_zeros, GROUP_SIZE),
+                  _nbytes(w.packed, w.scales, w.scaled_zeros))
+
+
+def make_int8_native_dequant(n, k, device):
+    qweight, scales = _random_int8(n, k, device)
+    return Weight(lambda x: F.linear(x, torch.ops.zoo_native.int8_dequantize(qweight, scales)), _nbytes(qweight, scales))
+
+
+def make_int4_native_dequant(n, k, device):
+    from zoo.kernels import native
+    w = native.int4_layout(*_random_int4(n, k, device), GROUP_SIZE)
+    return Weight(lambda x: F.linear(x, torch.ops.zoo_native.int4_dequantize(w.packed, w.scales, w.scaled_zeros,
+                                                                          GROUP_SIZE, k)),
+                  _nbytes(w.packed, w.scales, w.scaled_zeros))
+
+
 def make_int8_triton(n, k, device):
     from zoo.kernels.triton_matmul import w8a16_matmul
     qweight, scales = _random_int8(n, k, device)
@@ -128,6 +157,10 @@ BACKENDS = [
     Backend("int4-cpu-fp32", torch.float32, make_int4_cpu(torch.float32), ("cpu",), default=False, max_batch=32),
     Backend("int8-dequant", torch.bfloat16, make_int8_dequant, ("cpu", "cuda")),
     Backend("int4-dequant", torch.bfloat16, make_int4_dequant, ("cpu", "cuda")),
+    Backend("int8-native", torch.bfloat16, make_int8_native, ("cpu",)),
+    Backend("int4-native", torch.bfloat16, make_int4_native, ("cpu",)),
+    Backend("int8-native-dequant", torch.bfloat16, make_int8_native_dequant, ("cpu",)),
+    Backend("int4-native-dequant", torch.bfloat16, make_int4_native_dequant, ("cpu",)),
     Backend("int8-triton", torch.bfloat16, make_int8_triton, ("cuda",)),
     Backend("int4-triton", torch.bfloat16, make_int4_triton, ("cuda",)),
 ]
@@ -142,6 +175,10 @@ def unavailable(backend: Backend, device: torch.device) -> str | None:
             import triton  # noqa: F401
         except ImportError:
             return "triton is not installed"
+    if "native" in backend.name:
+        from zoo.kernels import native
+        if native.load() is None:
+            return "zoo's native kernels do not run here (zoo/kernels/native.py)"
     if backend.name.startswith("int4-cpu") and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         return f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu"
     return None
