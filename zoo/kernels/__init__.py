@@ -76,6 +76,7 @@ class Int8Weight:
             raise ValueError(f"Int8Weight needs qweight int8 [N, K] and scales [N], got qweight "
                              f"{self.qweight.dtype} {tuple(self.qweight.shape)}, scales {tuple(self.scales.shape)}")
 
+    @torch.compiler.disable  # layout work, once: run as Python even when a compiled forward reaches it first
     def prepare(self, drop_packed: bool = False) -> "Int8Weight":
         """On the CPU: the native kernel's fp32 scales, or else, with K not a multiple of 16, the weight
         padded for torch's operator (`cpu`). Else nothing to lay out: the Triton kernel reads the stored format."""
@@ -114,6 +115,7 @@ class Int4Weight:
                              f"{tuple(self.packed.shape)}, group_size {self.group_size}, scales "
                              f"{tuple(self.scales.shape)}, zeros {tuple(self.zeros.shape)}")
 
+    @torch.compiler.disable  # as Int8Weight.prepare
     def prepare(self, drop_packed: bool = False) -> "Int4Weight":
         """Lay the weight out for the device it is on: the native or torch's CPU layout on CPU, nothing on CUDA.
 
