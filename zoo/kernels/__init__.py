@@ -179,7 +179,8 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
         y = torch.ops.zoo_native.int8_mm(x.reshape(-1, x.shape[-1]).contiguous(), weight.qweight, weight.native_scales)
         return y.view(*x.shape[:-1], y.shape[-1])  # [..., N]
     if path == "cpu-native-dequantize":
-        return F.linear(x, torch.ops.zoo_native.int8_dequantize(weight.qweight, weight.native_scales))
+        y = torch.ops.zoo_native.int8_dequantize_mm(x.reshape(-1, x.shape[-1]), weight.qweight, weight.native_scales)
+        return y.view(*x.shape[:-1], y.shape[-1])  # [..., N]
     if path == "cpu-fp32":
         return int8_linear_ref(x, weight.qweight, weight.scales)
     x2 = x.reshape(-1, x.shape[-1]).to(CPU_DTYPE).contiguous()  # [M, K]
@@ -205,8 +206,9 @@ def int4_linear(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
         return y.view(*x.shape[:-1], y.shape[-1])  # [..., N]
     if path == "cpu-native-dequantize":
         w = weight.cpu
-        return F.linear(x, torch.ops.zoo_native.int4_dequantize(w.packed, w.scales, w.scaled_zeros, w.group_size,
-                                                                 w.in_features))
+        y = torch.ops.zoo_native.int4_dequantize_mm(x.reshape(-1, x.shape[-1]), w.packed, w.scales, w.scaled_zeros,
+                                                    w.group_size)
+        return y.view(*x.shape[:-1], y.shape[-1])  # [..., N]
     if path == "cpu-fp32":
         return (x.float() @ native.int4_dequantize(weight.cpu).T).to(x.dtype)
     x2 = x.reshape(-1, x.shape[-1]).to(CPU_DTYPE).contiguous()  # [M, K]

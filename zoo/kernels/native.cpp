@@ -334,6 +334,17 @@ at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, c
   return kp == k ? w : w.narrow(1, 0, k);
 }
 
+// x [M, K] @ the dequantized weight.T in one operator, so that torch.compile calls it as it is (inductor
+// would otherwise lower the bf16 GEMM of a weight it cannot see to slower code of its own).
+at::Tensor int8_dequantize_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  return at::linear(x, int8_dequantize(qweight, scales));
+}
+
+at::Tensor int4_dequantize_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                              const at::Tensor& scaled_zeros, int64_t group) {
+  return at::linear(x, int4_dequantize(packed, scales, scaled_zeros, group, x.size(-1)));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(zoo_native, m) {
@@ -341,6 +352,8 @@ TORCH_LIBRARY(zoo_native, m) {
   m.def("int4_mm(Tensor x, Tensor packed, Tensor scales, Tensor scaled_zeros, int group_size) -> Tensor");
   m.def("int8_dequantize(Tensor qweight, Tensor scales) -> Tensor");
   m.def("int4_dequantize(Tensor packed, Tensor scales, Tensor scaled_zeros, int group_size, int k) -> Tensor");
+  m.def("int8_dequantize_mm(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  m.def("int4_dequantize_mm(Tensor x, Tensor packed, Tensor scales, Tensor scaled_zeros, int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(zoo_native, CPU, m) {
@@ -348,4 +361,6 @@ TORCH_LIBRARY_IMPL(zoo_native, CPU, m) {
   m.impl("int4_mm", &int4_mm);
   m.impl("int8_dequantize", &int8_dequantize);
   m.impl("int4_dequantize", &int4_dequantize);
+  m.impl("int8_dequantize_mm", &int8_dequantize_mm);
+  m.impl("int4_dequantize_mm", &int4_dequantize_mm);
 }

@@ -4,6 +4,8 @@
     y = ops.int8_mm(x, qweight, scales)                                # x [M, K] bf16/fp32 -> y [M, N]
     w = int4_layout(packed, scales, zeros, group_size)                   # once, at load
     y = ops.int4_mm(x, w.packed, w.scales, w.scaled_zeros, group_size)
+    y = ops.int8_dequantize_mm(x, qweight, scales)   # for many rows: the weight dequantized to bf16, then F.linear
+    y = ops.int4_dequantize_mm(x, w.packed, w.scales, w.scaled_zeros, group_size)
 
 The math, as llama.cpp's Q8_0 and Q4_0 dot products do it, with x's rounding error kept. x is
 quantized on each call in blocks of 32 along K, as Q8_0 (quantize_activations below is the same in
@@ -74,6 +76,14 @@ def _register_shapes():
         return x.new_empty(x.shape[0], qweight.shape[0])
 
     @torch.library.register_fake("zoo_native::int4_mm")
+    def _(x, packed, scales, scaled_zeros, group_size):
+        return x.new_empty(x.shape[0], packed.shape[0])
+
+    @torch.library.register_fake("zoo_native::int8_dequantize_mm")
+    def _(x, qweight, scales):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @torch.library.register_fake("zoo_native::int4_dequantize_mm")
     def _(x, packed, scales, scaled_zeros, group_size):
         return x.new_empty(x.shape[0], packed.shape[0])
 
