@@ -27,7 +27,8 @@ own graph). The prefill is not frozen: that would be one more copy.
 What does not compile runs eagerly, and says so once on stderr: hooks (they are Python functions
 called per point; a generation with hooks uses the eager model and a plain cache), tensor
 parallelism (gloo's collectives are not traceable), and whatever inductor fails to compile (on
-the CPU, torch 2.13's inductor cannot lower the int8 weight-only operator: int8 runs eagerly). Compiled code is cached by inductor on disk
+the CPU, torch 2.13's inductor cannot lower torch's int8 weight-only operator, which int8 uses where
+zoo's native kernels do not build; those are torch operators that compile). Compiled code is cached by inductor on disk
 (its FX graph cache, under $TORCHINDUCTOR_CACHE_DIR or /tmp/torchinductor_$USER), so a second
 process compiles faster.
 """
