@@ -92,14 +92,15 @@ def test_bad_mode():
 
 
 def test_what_does_not_compile_runs_eagerly_with_the_same_tokens(directory, capsys):
-    """int8 on the CPU: inductor cannot lower torch's int8 operator (torch 2.13); the generation must not change."""
+    """int8 on the CPU runs eagerly (zoo's kernels decode faster eager; without them inductor cannot lower
+    torch's int8 operator in torch 2.13): said once, and the generation does not change."""
     model = zoo.load(directory, dtype=torch.bfloat16, quant="int8")
     prompts = [[1, 306, 4, 87], [1, 5]]
     want = zoo.generate(model, prompts, max_new_tokens=6, stop_ids=set())
     capsys.readouterr()
     zoo.compile(model)
     assert zoo.generate(model, prompts, max_new_tokens=6, stop_ids=set()) == want
-    assert capsys.readouterr().err.count("runs eagerly") <= 2  # the prefill and the decode step, once each at most
+    assert capsys.readouterr().err.count("runs eagerly") == 1
     assert zoo.generate(model, prompts, max_new_tokens=6, stop_ids=set()) == want
     assert capsys.readouterr().err == ""
 

@@ -24,13 +24,13 @@ prefill, hooks and anything eager still use). On the CPU in bf16 a compiled mode
 twice the weights' memory, and one more copy for each further batch size it decodes (each is its
 own graph). The prefill is not frozen: that would be one more copy.
 
-What does not compile runs eagerly, and says so once on stderr: hooks (they are Python functions
-called per point; a generation with hooks uses the eager model and a plain cache), tensor
-parallelism (gloo's collectives are not traceable), and whatever inductor fails to compile (on
-the CPU, torch 2.13's inductor cannot lower torch's int8 weight-only operator, which int8 uses where
-zoo's native kernels do not build; those are torch operators that compile). Compiled code is cached by inductor on disk
-(its FX graph cache, under $TORCHINDUCTOR_CACHE_DIR or /tmp/torchinductor_$USER), so a second
-process compiles faster.
+What does not compile, or does not gain, runs eagerly, and says so once on stderr: a quantized model
+on the CPU (its kernels are zoo's own, and compiled it decoded slower: 1.1B int8 23.3 against 26.7
+tok/s eager, int4 35.5 against 40.5, batch 8 about 0.75x; benchmarks/peers.py), hooks (Python
+functions called per point; a generation with hooks uses the eager model and a plain cache), tensor
+parallelism (gloo's collectives are not traceable), and whatever inductor fails to compile.
+Compiled code is cached by inductor on disk (its FX graph cache, under $TORCHINDUCTOR_CACHE_DIR or
+/tmp/torchinductor_$USER), so a second process compiles faster.
 """
 import math
 import sys
@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from zoo import parallel
+from zoo.quant import QuantLinear
 
 CACHE_STEP = 256  # compiled caches hold a multiple of this many positions (at most the model's context)
 MODES = ("default", "max-autotune")
@@ -70,6 +71,10 @@ def compile(model: nn.Module, mode: str = "default") -> nn.Module:
         _say_once(model, "zoo.compile: tensor parallelism runs eagerly (its collectives do not compile)")
         return model
     device = next(model.parameters()).device
+    if device.type == "cpu" and any(isinstance(m, QuantLinear) for m in model.modules()):
+        _say_once(model, "zoo.compile: int8/int4 on the CPU runs eagerly (its kernels are zoo's own; compiled it "
+                         "decodes slower, measured: benchmarks/peers.py)")
+        return model
     options = {"max_autotune": mode == "max-autotune"}
     decode_options = {**options, "triton.cudagraphs": device.type == "cuda"}
     if device.type == "cpu" and model.embed.weight.dtype != torch.float32:  # fp32 keeps eager's GEMMs: its logits
