@@ -10,8 +10,6 @@
 Prints prefill and decode speed (tokens/s) at the end, on stderr. Under torchrun every rank holds a
 slice of the model and computes the same tokens; only rank 0 reads the prompt and prints.
 """
-import argparse
-import os
 import sys
 import time
 
@@ -19,21 +17,14 @@ import torch.distributed as dist
 
 import zoo
 from zoo import parallel
-from zoo.checks import DTYPES
+from zoo.checks import DTYPES, Parser
 
 DEMO_CHECKPOINT = "tiny-llama"
 DEMO_PROMPT = "The for statement"
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line (argparse's own adds the usage), from rank 0 only; exit status 2
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__.split("\n")[0], see="--help")
     p.add_argument("--ckpt", default=DEMO_CHECKPOINT,
                    help="checkpoint directory, or a name under checkpoints/ or $ZOO_CHECKPOINTS (default: %(default)s)")
     p.add_argument("--prompt", help="the prompt (default: text piped to stdin, else a demo prompt)")

@@ -26,9 +26,7 @@ resumable after an interruption (the same command again). Under torchrun rank 0 
 
 User errors (a bad argument, a missing file) are one line on stderr and exit status 2.
 """
-import argparse
 import dataclasses
-import os
 import sys
 import time
 
@@ -40,7 +38,7 @@ import zoo.activations
 import zoo.perplexity
 import zoo.quant
 from zoo import formats, parallel
-from zoo.checks import DTYPES, integer, require
+from zoo.checks import DTYPES, Parser, integer, require
 from zoo.formats.files import safetensors_metadata, safetensors_tensors
 from zoo.loader import build_empty
 
@@ -262,13 +260,6 @@ def collect(args) -> int:
         say(f"wrote {out}: {len(index['prompts']):,} prompts, {rows:,} rows of {len(index['points'])} points "
             f"({index['dtype']}) in {len(index['shards'])} shards")
     return 0
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line (argparse's own adds the usage), from rank 0 only; exit status 2
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def main(argv=None) -> int:

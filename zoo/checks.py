@@ -1,6 +1,9 @@
 """Checks of what users pass in, at the public API's entry: an error names the argument, its value and
 what is accepted, before any work is done (never a raw error from deep inside)."""
+import argparse
 import math
+import os
+import sys
 
 import torch
 
@@ -111,3 +114,18 @@ def key(cfg: dict, name: str, kind: tuple, default=REQUIRED, nullable: bool = Fa
     if not ok(value):
         raise ValueError(f"key {name!r}: {shown(value)} is not accepted: {accepted}")
     return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse for zoo's commands (run.py, python -m zoo): a user error is one line on stderr, printed by
+    rank 0 only under torchrun, and exit status 2 on every rank. `see`: the help to point to (default:
+    this parser's own, "python -m zoo perplexity --help")."""
+
+    def __init__(self, *args, see: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.see = see
+
+    def error(self, message):  # argparse's own prints the usage too
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {message} (see {self.see or self.prog + ' --help'})", file=sys.stderr)
+        sys.exit(2)
