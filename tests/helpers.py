@@ -249,10 +249,10 @@ def run_py(*argv: str, stdin: str = "") -> tuple[int, str, str]:
     return status, out.getvalue(), err.getvalue()
 
 
-def torchrun(*argv: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    """run.py under torchrun, `nproc` ranks on this machine (one thread each)."""
+def torchrun(*argv: str, nproc: int = 2, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """run.py under torchrun, `nproc` ranks on this machine (one thread each), `stdin` piped in (rank 0 reads it)."""
     root = Path(__file__).resolve().parent.parent
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(root / "run.py"), *argv]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root,
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=300, cwd=root,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

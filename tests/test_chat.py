@@ -16,7 +16,7 @@ import pytest
 import tiktoken
 import torch
 from conftest import ROOT
-from helpers import hf_family, hf_llama, run_py, run_py_module, save_hf
+from helpers import hf_family, hf_llama, run_py, run_py_module, save_hf, torchrun
 from sentencepiece import SentencePieceProcessor
 
 import zoo
@@ -320,17 +320,9 @@ def test_run_py_chat_samples_with_the_flags(tiny):
     assert reply != zoo.chat(tiny, [user("What does the for statement do?")], max_new_tokens=10)  # it did sample
 
 
-def chat_under_torchrun(*argv: str, stdin: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    """run.py under torchrun with `stdin` piped in (rank 0 reads it)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "run.py"), *argv]
-    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
 def test_run_py_chat_under_torchrun_equals_one_process():
     status, out, err = run_py(*CHAT_ARGS, stdin=CHAT_INPUT)
-    two = chat_under_torchrun(*CHAT_ARGS, stdin=CHAT_INPUT)
+    two = torchrun(*CHAT_ARGS, stdin=CHAT_INPUT)
     assert status == 0 and two.returncode == 0, two.stderr
     assert out.count("\n") == 2 and len(out) > 40
     assert two.stdout == out  # the same replies, printed by rank 0 only
