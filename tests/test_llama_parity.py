@@ -118,3 +118,34 @@ def test_rmsnorm_bf16_equals_hf_bit_for_bit():
         ours.weight.copy_(weight)
         theirs.weight.copy_(weight)
         assert torch.equal(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("kv_heads", [8, 2, 1])
+@pytest.mark.parametrize("padded", [False, True])
+def test_bf16_decode_attention_equals_sdpa_in_fp32(kv_heads, padded):
+    """A bf16 decode step on the CPU attends with attention.one_query_attention (SDPA's kernel is slow
+    for one query there): the same as SDPA on the same bf16 values upcast to fp32, then rounded to bf16.
+    Grouped heads (8 query heads on 8, 2 or 1 kv heads), with and without a left-padding mask."""
+    from zoo.attention import Attention, KVCache, positions_and_mask
+    from zoo.rotary import apply_rotary, inv_frequencies, rope_angles
+    g = torch.Generator().manual_seed(7)
+    attn = Attention(64, 8, kv_heads, 8).to(torch.bfloat16)
+    for p in attn.parameters():
+        p.data = (torch.randn(p.shape, generator=g) * 0.3).to(torch.bfloat16)
+    left_pad = torch.tensor([0, 3, 9]) if padded else None
+    cache = KVCache(1, 3, kv_heads, 8, 32, torch.bfloat16, torch.device("cpu"), left_pad)
+    x = torch.randn(3, 13, 64, generator=g).to(torch.bfloat16)
+    inv = inv_frequencies(8, 10000.0)
+    seen = []
+    for start, seq in ((0, 12), (12, 1)):  # a prefill, then one decode step
+        tokens = torch.zeros(3, seq, dtype=torch.long)
+        positions, mask = positions_and_mask(tokens, cache, None)
+        seen.append(attn(x[:, start : start + seq], rope_angles(inv, positions), mask, cache))
+        cache.advance(seq)
+    q = apply_rotary(attn.wq(x[:, 12:]).view(3, 1, 8, 8), *rope_angles(inv, positions), interleaved=True)
+    q = q.transpose(1, 2)  # (batch, heads, 1, head_dim)
+    k, v = cache.keys[0][:, :, :13].float(), cache.values[0][:, :, :13].float()
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask, enable_gqa=kv_heads != 8)
+    want = attn.wo(want.to(torch.bfloat16).transpose(1, 2).reshape(3, 1, 64))
+    assert torch.equal(seen[1], want)
+    assert seen[1].float().std() > 0.1

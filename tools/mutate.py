@@ -114,6 +114,10 @@ MUTANTS = [
     Mutant("attention-pattern-gqa-repeat-order", "zoo/attention.py",
            "k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)",
            "k, v = k.repeat(1, repeat, 1, 1), v.repeat(1, repeat, 1, 1)", t("test_hooks", "test_reading_hooks_change_nothing")),
+    Mutant("attention-one-query-gqa-group-order", "zoo/attention.py",
+           "q = q.float().view(batch, k.shape[1], group, head_dim)",
+           "q = q.float().view(batch, group, k.shape[1], head_dim).transpose(1, 2)",
+           t("test_llama_parity", "test_bf16_decode_attention_equals_sdpa_in_fp32")),
     # ---- rotary.py -------------------------------------------------------------------------------------
     Mutant("rotary-interleaved-sign", "zoo/rotary.py",
            "out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)",
