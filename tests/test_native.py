@@ -96,3 +96,68 @@ def test_compiled_calls_the_kernels_with_the_same_result():
     for m in (1, 3):
         x = random_x((m, 256), torch.bfloat16, seed=m)
         torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)
+
+
+BF16_GRID = r"""
+import torch
+from zoo.kernels import native
+ops = native.load()
+worst = 0.0
+for k in (1, 7, 31, 32, 33, 64, 100, 2056):
+    for n in (1, 3, 4, 5, 9):
+        for m in range(1, 10):
+            for bias in (False, True):
+                g = torch.Generator().manual_seed(k * 1000 + n * 10 + m)
+                x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+                wide = torch.randn(n, k + 3, generator=g).to(torch.bfloat16)
+                w = wide[:, 1 : k + 1]  # rows of stride k + 3
+                b = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
+                y = ops.bf16_linear(x, w, b)
+                exact = x.double() @ w.double().T + (0 if b is None else b.double())
+                size = x.double().abs() @ w.double().abs().T + 1
+                # one bf16 rounding of the result, plus fp32 sums' error
+                err = ((y.double() - exact).abs() - 2.0 ** -8 * exact.abs()) / (1e-5 * size)
+                assert y.dtype == torch.bfloat16 and y.shape == (m, n), (y.dtype, y.shape)
+                worst = max(worst, err.max().item())
+print(worst)
+"""
+
+
+def test_bf16_linear_is_one_rounding_of_the_exact_sums_at_odd_widths():
+    """native bf16_linear against float64 sums, K from 1 to 2056 (tails of the 32-column loads), N 1 to 9
+    (tiles of 4 rows and their rest), M 1 to 9 (pairs of rows and the odd one), with and without bias, on a
+    weight whose rows are not contiguous with each other: within one bf16 rounding of the result plus
+    fp32 summation error. In a subprocess: a crash is a failure here, not the end of the test run."""
+    if not native.cpu_supported(("avx512_bf16",)) or native.load() is None:
+        assert not native.bf16_linear_runs()
+        return
+    r = run(BF16_GRID)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert float(r.stdout) <= 1.0, r.stdout
+
+
+def test_linear_takes_the_bf16_kernel_only_for_a_few_bf16_rows():
+    """zoo.kernels.linear: bf16 x of up to 8 rows on the CPU -> bf16_linear; more rows, fp32, or an x that
+    autograd records -> F.linear (and its gradient)."""
+    from torch.profiler import profile
+
+    from zoo.kernels import BF16_NATIVE_MAX_M, linear
+
+    def used(x, w):
+        with profile() as p:
+            y = linear(x, w)
+        return any(e.name == "zoo_native::bf16_linear" for e in p.events()), y
+
+    w = random_x((24, 64), torch.bfloat16, seed=1)
+    runs = native.bf16_linear_runs()
+    for shape in ((1, 64), (2, 4, 64), (BF16_NATIVE_MAX_M, 64)):
+        took, y = used(random_x(shape, torch.bfloat16, seed=2), w)
+        assert took == runs and y.shape == (*shape[:-1], 24)
+    assert not used(random_x((BF16_NATIVE_MAX_M + 1, 64), torch.bfloat16), w)[0]
+    assert not used(random_x((1, 64), torch.float32), w.float())[0]
+    x = random_x((1, 64), torch.bfloat16).requires_grad_()
+    took, y = used(x, w)
+    y.float().sum().backward()
+    assert not took and torch.equal(x.grad, w.sum(0, keepdim=True))
+    with torch.no_grad():
+        assert used(x, w)[0] == runs

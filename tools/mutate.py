@@ -140,8 +140,8 @@ MUTANTS = [
            t("test_llama_parity", "test_rmsnorm_bf16_equals_hf_bit_for_bit")),
     # ---- parallel/ ------------------------------------------------------------------------------------------
     Mutant("parallel-row-bias-on-every-rank", "zoo/parallel/layers.py",
-           "y = reduce_from_parallel(F.linear(x, self.weight))  # (..., out)\n        return y if self.bias is None else y + self.bias",
-           "return reduce_from_parallel(F.linear(x, self.weight, self.bias))",
+           "y = reduce_from_parallel(linear(x, self.weight))  # (..., out)\n        return y if self.bias is None else y + self.bias",
+           "return reduce_from_parallel(linear(x, self.weight, self.bias))",
            t("test_parallel", "test_layers_match_fairscale_forward_and_backward")),
     Mutant("parallel-vocab-embedding-keeps-others-tokens", "zoo/parallel/layers.py",
            "outside = (local < 0) | (local >= self.weight.shape[0])", "outside = local < 0",

@@ -1,4 +1,5 @@
-"""zoo's own CPU kernels (native.cpp): int8 and int4 weights times int8 activations, AVX-512 VNNI.
+"""zoo's own CPU kernels (native.cpp): int8 and int4 weights times int8 activations, AVX-512 VNNI; and a
+bf16 matrix-vector product for dense layers (AVX512-BF16, zoo.kernels.linear).
 
     ops = native.load()     # torch.ops.zoo_native, built on first use (cached), or None (then torch's operators)
     y = ops.int8_mm(x, qweight, scales)                                # x [M, K] bf16/fp32 -> y [M, N]
@@ -6,6 +7,8 @@
     y = ops.int4_mm(x, w.packed, w.scales, w.scaled_zeros, group_size)
     y = ops.int8_dequantize_mm(x, qweight, scales)   # for many rows: the weight dequantized to bf16, then F.linear
     y = ops.int4_dequantize_mm(x, w.packed, w.scales, w.scaled_zeros, group_size)
+    y = ops.bf16_linear(x, weight, bias)     # bf16 x [M, K] and weight [N, K], nothing quantized: F.linear for
+                                             # a decode step's few rows (where bf16_linear_runs(): AVX512-BF16)
 
 The math, as llama.cpp's Q8_0 and Q4_0 dot products do it, with x's rounding error kept. x is
 quantized on each call in blocks of 32 along K, as Q8_0 (quantize_activations below is the same in
@@ -43,13 +46,20 @@ CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
 FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-fopenmp"]
 
 
-def cpu_supported() -> bool:
+def cpu_supported(flags=CPU_FLAGS) -> bool:
     """Whether this CPU has the instructions native.cpp is compiled for (Linux's /proc/cpuinfo)."""
     try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+        have = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
     except (OSError, StopIteration):
         return False
-    return all(f in flags for f in CPU_FLAGS)
+    return all(f in have for f in flags)
+
+
+@functools.cache
+def bf16_linear_runs() -> bool:
+    """Whether ops.bf16_linear can run here: the kernels built, and the CPU has AVX512-BF16 (Cooper Lake,
+    Sapphire Rapids, Zen 4 and later), the one instruction set that function adds."""
+    return load() is not None and cpu_supported(("avx512_bf16",))
 
 
 @functools.cache
@@ -86,6 +96,10 @@ def _register_shapes():
     @torch.library.register_fake("zoo_native::int4_dequantize_mm")
     def _(x, packed, scales, scaled_zeros, group_size):
         return x.new_empty(x.shape[0], packed.shape[0])
+
+    @torch.library.register_fake("zoo_native::bf16_linear")
+    def _(x, weight, bias):
+        return x.new_empty(x.shape[0], weight.shape[0])
 
     @torch.library.register_fake("zoo_native::int8_dequantize")
     def _(qweight, scales):

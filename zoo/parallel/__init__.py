@@ -4,7 +4,7 @@
 
 `setup()` joins the process group torchrun describes; the models then build their linear and
 embedding layers with `column_parallel_linear`, `row_parallel_linear` and `parallel_embedding`,
-which are plain nn.Linear / nn.Embedding in one process, and `zoo.load` reads only this rank's
+which are nn.Linear (zoo's Linear) / nn.Embedding in one process, and `zoo.load` reads only this rank's
 slice of every split weight, whatever model-parallel size the checkpoint was saved with.
 """
 from zoo.parallel.comm import (all_gather, copy_to_parallel, gather_from_parallel, rank, reduce_from_parallel,

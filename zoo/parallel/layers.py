@@ -7,8 +7,8 @@
 
 `split_dims` on each layer says which dimension of which parameter is split, and `full_size` how
 long that dimension is in the checkpoint; the loader reads only this rank's slice. In one process
-the models use plain nn.Linear / nn.Embedding: `column_parallel_linear` and friends return those
-when the world size is 1.
+the models use Linear (an nn.Linear through zoo.kernels.linear) / nn.Embedding: `column_parallel_linear`
+and friends return those when the world size is 1.
 
 A size the world size w does not divide (a vocabulary of 32001 at w = 2) is padded: each rank holds
 ceil(size / w), the last rank(s) zeros past the end (`split_size`). Zero rows of a column-parallel
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.kernels import linear
 from zoo.parallel.comm import (copy_to_parallel, gather_from_parallel, rank, reduce_from_parallel,
                                scatter_to_parallel, world_size)
 
@@ -51,8 +52,16 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.weight.shape[0])) if bias else None
 
     def forward(self, x):
-        y = F.linear(copy_to_parallel(x), self.weight, self.bias)  # (..., out/w)
+        y = linear(copy_to_parallel(x), self.weight, self.bias)  # (..., out/w)
         return gather_padded(y, self.full_size) if self.gather_output else y
+
+
+class Linear(nn.Linear):
+    """nn.Linear (the same parameters, names and checkpoints) through zoo.kernels.linear: on the CPU, a bf16
+    decode step's few rows take zoo's native kernel. The layer of one process."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -71,7 +80,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x):
         x = x if self.input_is_parallel else scatter_padded(x)
-        y = reduce_from_parallel(F.linear(x, self.weight))  # (..., out)
+        y = reduce_from_parallel(linear(x, self.weight))  # (..., out)
         return y if self.bias is None else y + self.bias
 
 
@@ -106,16 +115,16 @@ class VocabParallelEmbedding(nn.Module):
 
 
 def column_parallel_linear(in_features, out_features, bias=False, gather_output=True) -> nn.Module:
-    """ColumnParallelLinear under tensor parallelism, a plain nn.Linear in one process."""
+    """ColumnParallelLinear under tensor parallelism, a Linear (an nn.Linear) in one process."""
     if world_size() == 1:
-        return nn.Linear(in_features, out_features, bias=bias)
+        return Linear(in_features, out_features, bias=bias)
     return ColumnParallelLinear(in_features, out_features, bias, gather_output)
 
 
 def row_parallel_linear(in_features, out_features, bias=False, input_is_parallel=True) -> nn.Module:
-    """RowParallelLinear under tensor parallelism, a plain nn.Linear in one process."""
+    """RowParallelLinear under tensor parallelism, a Linear (an nn.Linear) in one process."""
     if world_size() == 1:
-        return nn.Linear(in_features, out_features, bias=bias)
+        return Linear(in_features, out_features, bias=bias)
     return RowParallelLinear(in_features, out_features, bias, input_is_parallel)
 
 
