@@ -161,3 +161,24 @@ def test_linear_takes_the_bf16_kernel_only_for_a_few_bf16_rows():
     assert not took and torch.equal(x.grad, w.sum(0, keepdim=True))
     with torch.no_grad():
         assert used(x, w)[0] == runs
+
+
+def test_dequantize_mm_in_blocks_of_rows_equals_the_whole_weights_product():
+    """int8/int4_dequantize_mm dequantize about 4 MB of bf16 rows at a time (1,024 rows at K = 2048) and
+    multiply each block: with 2,100 rows (two whole blocks and 52 rows), the product of the whole
+    dequantized weight, within bf16's rounding of the result and fp32 summation's error."""
+    if native.load() is None:
+        assert not native.cpu_supported()
+        return
+    n, k = 2100, 2048
+    x = random_x((40, k), torch.bfloat16, seed=3)
+    int8 = Int8Weight(*random_int8(n, k)).prepare()
+    int4 = Int4Weight(*random_int4(n, k, 128), group_size=128).prepare()
+    w4 = native.int4_dequantize(int4.cpu).to(torch.bfloat16)  # the bf16 weights the kernel multiplies
+    w8 = (int8.qweight.float() * int8.native_scales[:, None]).to(torch.bfloat16)
+    for y, w in ((native.load().int8_dequantize_mm(x, int8.qweight, int8.native_scales), w8),
+                 (native.load().int4_dequantize_mm(x, int4.cpu.packed, int4.cpu.scales, int4.cpu.scaled_zeros, 128), w4)):
+        exact = x.double() @ w.double().T
+        assert y.shape == (40, n)
+        size = x.double().abs() @ w.double().abs().T  # fp32 sums err by a fraction of this
+        assert ((y.double() - exact).abs() <= 2.0 ** -8 * exact.abs() + 1e-5 * size).all()

@@ -19,7 +19,8 @@ VNNI, g++ and ninja; ZOO_NATIVE=0 turns them off); elsewhere the rows under "tor
     cpu     int8    bf16            <= 32   native int8_mm: int8 weight x int8 x (native.py)
     cpu     int4    bf16            <= 32   native int4_mm: 4-bit codes x int8 x, zoo's layout made at load
     cpu     any     bf16            > 32    "cpu-native-dequantize": the weight dequantized to bf16 by
-                                            native.cpp on each call (parallel, one pass), then F.linear
+                                            native.cpp on each call, about 4 MB of rows at a time, each
+                                            block multiplied by F.linear while it is in cache
     cpu     any     fp32 / fp16     any     "cpu-fp32": dequantize to fp32, then x @ w.T in fp32 (exact, slow:
                                             the reference's math; fp32 on the CPU is for checking, bf16 for speed)
     torch:

@@ -5,7 +5,8 @@ bf16 matrix-vector product for dense layers (AVX512-BF16, zoo.kernels.linear).
     y = ops.int8_mm(x, qweight, scales)                                # x [M, K] bf16/fp32 -> y [M, N]
     w = int4_layout(packed, scales, zeros, group_size)                   # once, at load
     y = ops.int4_mm(x, w.packed, w.scales, w.scaled_zeros, group_size)
-    y = ops.int8_dequantize_mm(x, qweight, scales)   # for many rows: the weight dequantized to bf16, then F.linear
+    y = ops.int8_dequantize_mm(x, qweight, scales)   # for many rows: the weight dequantized to bf16 (in blocks
+                                                     # of rows, each multiplied by F.linear while in cache)
     y = ops.int4_dequantize_mm(x, w.packed, w.scales, w.scaled_zeros, group_size)
     y = ops.bf16_linear(x, weight, bias)     # bf16 x [M, K] and weight [N, K], nothing quantized: F.linear for
                                              # a decode step's few rows (where bf16_linear_runs(): AVX512-BF16)
