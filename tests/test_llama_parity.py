@@ -149,3 +149,23 @@ def test_bf16_decode_attention_equals_sdpa_in_fp32(kv_heads, padded):
     want = attn.wo(want.to(torch.bfloat16).transpose(1, 2).reshape(3, 1, 64))
     assert torch.equal(seen[1], want)
     assert seen[1].float().std() > 0.1
+
+
+def test_bf16_decode_steps_close_to_fp32_as_hf_bf16_is(pair, tmp_path):
+    """A bf16 decode on the CPU (one token at a time through the KV cache: native bf16_linear where the CPU
+    has AVX512-BF16, and one_query_attention) errs from the fp32 logits no more than HF's bf16 forward
+    of the same tokens does (mean within 10%, max within 25%, as test_bf16_close_to_fp32_as_hf_bf16_is)."""
+    variant, hf, _ = pair
+    model = zoo.load(save_hf(hf, tmp_path / "w"), dtype=torch.bfloat16, device="cpu")
+    hf16 = hf_llama(variant).to(torch.bfloat16)
+    tokens = torch.randint(0, hf.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        exact = hf(tokens).logits[:, 8:]
+        cache = model.new_cache(2, 24)
+        model(tokens[:, :8], cache=cache)
+        steps = torch.cat([model(tokens[:, i : i + 1], cache=cache) for i in range(8, 24)], dim=1)
+        ours = (steps.float() - exact).abs()
+        theirs = (hf16(tokens).logits[:, 8:].float() - exact).abs()
+    assert ours.mean() <= 1.1 * theirs.mean()
+    assert ours.max() <= 1.25 * theirs.max()
+    assert exact.std() > 0.5
