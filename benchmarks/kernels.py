@@ -9,8 +9,10 @@ For each weight shape [N, K] and batch size M, every backend this machine has co
                                   (zoo/kernels/cpu.py: torch's CPU path for many rows)
     int8-native / int4-native     zoo's AVX-512 VNNI kernels, bf16 x quantized to int8 on each call
                                   (zoo/kernels/native.py), as the dispatcher runs them up to 32 rows
-    int8-native-dequant / int4-   native.cpp's one-pass dequantize to bf16, then F.linear: the
-      native-dequant              dispatcher's native path for more rows
+    int8-native-dequant / int4-   native.cpp's dequantize to bf16, a block of rows at a time, each
+      native-dequant              multiplied by F.linear: the dispatcher's native path for more rows
+    linear-bf16-native            native.cpp's bf16 matrix-vector kernel (AVX512-BF16) on a dense bf16
+                                  weight, up to 8 rows: zoo.kernels.linear's path for a decode step
     int8-triton / int4-triton     the fused Triton kernels with bf16 x (CUDA)
 
 Reported per case: the median time over repeats (after warmup) and the minimum (the steadier number
@@ -60,7 +62,8 @@ class Backend:
     make: Callable[[int, int, torch.device], Weight]  # (N, K, device) -> one weight copy
     devices: tuple[str, ...]  # device types it runs on
     default: bool = True  # part of the default set (else only by --backends or --all)
-    max_batch: int | None = None  # skip larger M (too slow to be worth timing)
+    max_batch: int | None = None  # skip larger M
+    beyond: str = "slower than a second per call beyond"  # why max_batch
 
 
 def _random_int8(n, k, device):
@@ -124,15 +127,19 @@ def make_int4_native(n, k, device):
 
 def make_int8_native_dequant(n, k, device):
     qweight, scales = _random_int8(n, k, device)
-    return Weight(lambda x: F.linear(x, torch.ops.zoo_native.int8_dequantize(qweight, scales)), _nbytes(qweight, scales))
+    return Weight(lambda x: torch.ops.zoo_native.int8_dequantize_mm(x, qweight, scales), _nbytes(qweight, scales))
 
 
 def make_int4_native_dequant(n, k, device):
     from zoo.kernels import native
     w = native.int4_layout(*_random_int4(n, k, device), GROUP_SIZE)
-    return Weight(lambda x: F.linear(x, torch.ops.zoo_native.int4_dequantize(w.packed, w.scales, w.scaled_zeros,
-                                                                          GROUP_SIZE, k)),
+    return Weight(lambda x: torch.ops.zoo_native.int4_dequantize_mm(x, w.packed, w.scales, w.scaled_zeros, GROUP_SIZE),
                   _nbytes(w.packed, w.scales, w.scaled_zeros))
+
+
+def make_linear_bf16_native(n, k, device):
+    w = torch.randn(n, k, device=device).to(torch.bfloat16)
+    return Weight(lambda x: torch.ops.zoo_native.bf16_linear(x, w, None), _nbytes(w))
 
 
 def make_int8_triton(n, k, device):
@@ -151,6 +158,8 @@ BACKENDS = [
     Backend("linear-fp32", torch.float32, make_linear(torch.float32), ("cpu", "cuda")),
     Backend("linear-bf16", torch.bfloat16, make_linear(torch.bfloat16), ("cpu", "cuda")),
     Backend("linear-fp16", torch.float16, make_linear(torch.float16), ("cpu", "cuda")),
+    Backend("linear-bf16-native", torch.bfloat16, make_linear_bf16_native, ("cpu",), max_batch=8,
+            beyond="zoo.kernels.linear takes F.linear beyond"),
     Backend("int8-cpu", torch.bfloat16, make_int8_cpu, ("cpu",)),
     Backend("int4-cpu", torch.bfloat16, make_int4_cpu(torch.bfloat16), ("cpu",)),
     Backend("int8-cpu-fp32", torch.float32, make_int8_cpu, ("cpu",), default=False, max_batch=32),
@@ -179,6 +188,8 @@ def unavailable(backend: Backend, device: torch.device) -> str | None:
         from zoo.kernels import native
         if native.load() is None:
             return "zoo's native kernels do not run here (zoo/kernels/native.py)"
+        if backend.name == "linear-bf16-native" and not native.bf16_linear_runs():
+            return "this CPU has no AVX512-BF16 (zoo/kernels/native.py)"
     if backend.name.startswith("int4-cpu") and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         return f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu"
     return None
@@ -240,7 +251,7 @@ def time_calls(weights: list[Weight], x: torch.Tensor, device: torch.device, war
 
 def run(shapes, batches, backends, device, bandwidth, rotate_bytes, warmup, repeats, min_seconds) -> list[dict]:
     rows = []
-    header = (f"{'N':>6} {'K':>6} {'M':>4}  {'backend':<14} {'ms':>9} {'min ms':>9} {'TFLOP/s':>8} {'GB/s':>8} "
+    header = (f"{'N':>6} {'K':>6} {'M':>4}  {'backend':<19} {'ms':>9} {'min ms':>9} {'TFLOP/s':>8} {'GB/s':>8} "
               f"{'% BW':>6}")
     print(header)
     print("-" * len(header))
@@ -260,7 +271,7 @@ def run(shapes, batches, backends, device, bandwidth, rotate_bytes, warmup, repe
                            calls=len(times), tflops=2 * m * n * k / seconds / 1e12, gbps=moved / seconds / 1e9)
                 row["bw_percent"] = 100 * row["gbps"] / bandwidth
                 rows.append(row)
-                print(f"{n:>6} {k:>6} {m:>4}  {backend.name:<14} {row['ms']:>9.3f} {row['min_ms']:>9.3f} "
+                print(f"{n:>6} {k:>6} {m:>4}  {backend.name:<19} {row['ms']:>9.3f} {row['min_ms']:>9.3f} "
                       f"{row['tflops']:>8.3f} {row['gbps']:>8.1f} {row['bw_percent']:>5.0f}%", flush=True)
             del weights, first
         print()
@@ -356,7 +367,7 @@ def main(argv=None):
               + ", ".join(b.name for b in BACKENDS if not b.default and not unavailable(b, device)))
     for backend in backends:
         if backend.max_batch and max(batches) > backend.max_batch:
-            print(f"{backend.name}: only M <= {backend.max_batch} (slower than a second per call beyond)")
+            print(f"{backend.name}: only M <= {backend.max_batch} ({backend.beyond})")
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}, torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}")
