@@ -182,3 +182,37 @@ def test_dequantize_mm_in_blocks_of_rows_equals_the_whole_weights_product():
         assert y.shape == (40, n)
         size = x.double().abs() @ w.double().abs().T  # fp32 sums err by a fraction of this
         assert ((y.double() - exact).abs() <= 2.0 ** -8 * exact.abs() + 1e-5 * size).all()
+
+
+ONE_ROW = r"""
+import torch
+from test_kernels import random_int4, random_int8, random_x
+from zoo.kernels import Int4Weight, Int8Weight, native
+ops = native.load()
+for n, k in ((1, 64), (5, 200), (37, 256), (131, 2056)):
+    int8 = Int8Weight(*random_int8(n, k)).prepare()
+    int4 = Int4Weight(*random_int4(n, k // 64 * 64, 64), group_size=64).prepare()  # whole groups
+    w16 = torch.randn(n, k + 3).to(torch.bfloat16)[:, 1 : k + 1]  # rows of stride k + 3
+    x = random_x((3, k), torch.bfloat16, seed=n)
+    products = [lambda x: ops.int8_mm(x, int8.qweight, int8.native_scales),
+                lambda x: ops.int4_mm(x[:, : k // 64 * 64].contiguous(), int4.cpu.packed, int4.cpu.scales,
+                                      int4.cpu.scaled_zeros, 64)]
+    if native.bf16_linear_runs():
+        products.append(lambda x: ops.bf16_linear(x, w16, None))
+    for f in products:
+        many = f(x)
+        for i in range(3):
+            assert torch.equal(f(x[i : i + 1].contiguous()), many[i : i + 1]), (n, k, i)
+print("ok")
+"""
+
+
+def test_one_row_of_x_gives_the_rows_of_a_batch_bit_for_bit():
+    """One row of x (a decode step at batch 1) goes through the weight a row at a time, more rows in tiles of
+    4 weight rows (native.cpp, for_each_tile): each row of a 3-row product is the 1-row product of that row,
+    bit for bit, for int8, int4 and bf16 weights, N from 1 to 131 (tiles and their rest). In a subprocess."""
+    if native.load() is None:
+        assert not native.cpu_supported()
+        return
+    r = run(ONE_ROW, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

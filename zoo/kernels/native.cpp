@@ -202,9 +202,18 @@ void int4_tile(const uint8_t* w, int64_t ldw, const QuantizedX& qx, int64_t i, i
 }
 
 // Every (R x C) tile of y [M, N]: the threads take whole tiles of NR weight rows (each weight row is
-// read from memory once, by one thread, for all M rows of x).
+// read from memory once, by one thread, for all M rows of x). One row of x (a decode step at batch 1)
+// takes the weight a row at a time instead: one sequential stream per thread, which the memory
+// prefetchers follow best (on the 1.1B's layers, 1 row against 4: int8 1.15x, bf16 1.2x, int4 1.05x
+// the speed; from 2 rows of x on, tiles of 4 are faster). Each row's sums are the same either way.
 template <typename Tile>
 void for_each_tile(int64_t m, int64_t n, const Tile& tile) {
+  if (m == 1) {
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) tile(std::integral_constant<int, 1>{}, std::integral_constant<int, 1>{}, 0, r);
+    });
+    return;
+  }
   const int64_t tiles = (n + NR - 1) / NR;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
