@@ -26,6 +26,7 @@ The default run on a CPU is short (7B shapes, M = 1, 8, 32: about a minute on 2 
 every shape, batch and backend (the fp32-fed operators only up to M = 32: seconds per call beyond).
 """
 import argparse
+import importlib.util
 import json
 import statistics
 import time
@@ -180,9 +181,7 @@ def unavailable(backend: Backend, device: torch.device) -> str | None:
     if device.type not in backend.devices:
         return f"runs on {' / '.join(backend.devices)} only"
     if "triton" in backend.name:
-        try:
-            import triton  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
     if "native" in backend.name:
         from zoo.kernels import native
