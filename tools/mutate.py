@@ -238,6 +238,9 @@ MUTANTS = [
     Mutant("kernels-int8-dispatch-inverted", "zoo/kernels/__init__.py",
            "if x.numel() // x.shape[-1] > INT8_CPU_OP_MAX_M:", "if x.numel() // x.shape[-1] <= INT8_CPU_OP_MAX_M:",
            t("test_kernels")),
+    Mutant("kernels-native-one-row-path-skips-a-row", "zoo/kernels/native.cpp",
+           "for (int64_t r = begin; r < end; ++r) tile(", "for (int64_t r = begin; r + 1 < end; ++r) tile(",
+           t("test_native", "test_one_row_of_x_gives_the_rows_of_a_batch_bit_for_bit")),
 ]
 
 
