@@ -197,6 +197,8 @@ for n, k in ((1, 64), (5, 200), (37, 256), (131, 2056)):
     products = [lambda x: ops.int8_mm(x, int8.qweight, int8.native_scales),
                 lambda x: ops.int4_mm(x[:, : k // 64 * 64].contiguous(), int4.cpu.packed, int4.cpu.scales,
                                       int4.cpu.scaled_zeros, 64)]
+    for f in products:  # a bf16 y is the fp32 y (of the same x, in fp32) rounded once
+        assert torch.equal(f(x), f(x.float()).to(torch.bfloat16)), (n, k)
     if native.bf16_linear_runs():
         products.append(lambda x: ops.bf16_linear(x, w16, None))
     for f in products:
@@ -210,7 +212,9 @@ print("ok")
 def test_one_row_of_x_gives_the_rows_of_a_batch_bit_for_bit():
     """One row of x (a decode step at batch 1) goes through the weight a row at a time, more rows in tiles of
     4 weight rows (native.cpp, for_each_tile): each row of a 3-row product is the 1-row product of that row,
-    bit for bit, for int8, int4 and bf16 weights, N from 1 to 131 (tiles and their rest). In a subprocess."""
+    bit for bit, for int8, int4 and bf16 weights, N from 1 to 131 (tiles and their rest). And the int8/int4
+    kernels' y for a bf16 x is their fp32 y for the same x (in fp32) rounded once, bit for bit. In a
+    subprocess."""
     if native.load() is None:
         assert not native.cpu_supported()
         return
