@@ -6,6 +6,7 @@ from torch._dynamo.utils import counters
 
 import zoo
 from zoo import hooks
+from zoo.kernels import native
 
 STEPS = 200
 
@@ -91,10 +92,11 @@ def test_bad_mode():
         zoo.compile(None, mode="fast")
 
 
-def test_what_does_not_compile_runs_eagerly_with_the_same_tokens(directory, capsys):
-    """int8 on the CPU runs eagerly (zoo's kernels decode faster eager; without them inductor cannot lower
-    torch's int8 operator in torch 2.13): said once, and the generation does not change."""
+def test_what_does_not_compile_runs_eagerly_with_the_same_tokens(directory, capsys, monkeypatch):
+    """int8 on a CPU without zoo's native kernels runs eagerly (inductor cannot lower torch's int8 operator in
+    torch 2.13): said once, and the generation does not change."""
     model = zoo.load(directory, dtype=torch.bfloat16, quant="int8")
+    monkeypatch.setattr(native, "load", lambda: None)  # what zoo.compile sees on such a CPU
     prompts = [[1, 306, 4, 87], [1, 5]]
     want = zoo.generate(model, prompts, max_new_tokens=6, stop_ids=set())
     capsys.readouterr()
@@ -105,6 +107,19 @@ def test_what_does_not_compile_runs_eagerly_with_the_same_tokens(directory, caps
     assert capsys.readouterr().err == ""
 
 
+def test_past_dynamos_recompile_limit_the_eager_frames_are_right(directory, monkeypatch):
+    """Past torch._dynamo's recompile limit a compiled function runs its frame eagerly, without a word to its
+    caller. That forward advances the KV cache itself, which zoo.compile must then not do again (it did: a
+    second batch size, or a ninth model in one process, generated from wrong positions)."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    model = zoo.load(directory, dtype=torch.float32)
+    prompts = [[1, 306, 4, 87], [1, 5], [1, 7, 7]]
+    want = [zoo.generate(model, prompts[:n], max_new_tokens=6, stop_ids=set()) for n in (1, 2, 3)]
+    zoo.compile(model)
+    for n in (1, 2, 3, 1):  # each batch size is one more graph: past the limit from the second on
+        assert zoo.generate(model, prompts[:n], max_new_tokens=6, stop_ids=set()) == want[n - 1], n
+
+
 def forced_logits(forward, model, tokens, pad, prefill):
     """Logits of a prefill of tokens[:, :prefill], then of one decode step per later token (teacher-forced)."""
     cache = model.new_cache(len(tokens), 256, left_pad=pad, static=True)
@@ -113,18 +128,25 @@ def forced_logits(forward, model, tokens, pad, prefill):
     return torch.cat(out, dim=1).float()
 
 
-def test_bf16_compiled_is_eager_within_bf16_rounding(directory):
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_bf16_compiled_is_eager_within_bf16_rounding(directory, quant, capsys):
     """In bf16 the CPU graph differs from eager (frozen, concatenated linears; the decode step's attention
     written out): its logits on the same tokens, left-padded, may differ from fp32's by no more than eager
-    bf16's do, within 25% on average and 50% at the worst logit."""
+    bf16's do, within 25% on average and 50% at the worst logit. Quantized too, where zoo's native kernels
+    run (opaque operators in the graph): then it compiles, and says nothing."""
+    if quant and native.load() is None:  # such a CPU runs quantized models eagerly (the test above)
+        assert not native.cpu_supported()
+        return
     tokens = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(3))
     pad = torch.tensor([0, 4])
     with torch.no_grad():
         exact_model = zoo.load(directory, dtype=torch.float32)
         exact = forced_logits(exact_model, exact_model, tokens, pad, 10)
-        model = zoo.load(directory, dtype=torch.bfloat16)
+        model = zoo.load(directory, dtype=torch.bfloat16, quant=quant, group_size=32)  # K = 64 and 176
         eager = forced_logits(model, model, tokens, pad, 10)
+        capsys.readouterr()
         zoo.compile(model)
+        assert model.compiled is not None and capsys.readouterr().err == ""
         compiled = forced_logits(lambda t, **kw: (model.compiled.prefill if t.shape[1] > 1 else model.compiled.decode)(t, **kw),
                                  model, tokens, pad, 10)
     real = torch.arange(40)[None] >= pad[:, None]  # padding slots' logits mean nothing
