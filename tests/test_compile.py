@@ -107,17 +107,17 @@ def test_what_does_not_compile_runs_eagerly_with_the_same_tokens(directory, caps
     assert capsys.readouterr().err == ""
 
 
-def test_past_dynamos_recompile_limit_the_eager_frames_are_right(directory, monkeypatch):
+def test_past_dynamos_recompile_limit_the_eager_frames_are_right(directory):
     """Past torch._dynamo's recompile limit a compiled function runs its frame eagerly, without a word to its
     caller. That forward advances the KV cache itself, which zoo.compile must then not do again (it did: a
     second batch size, or a ninth model in one process, generated from wrong positions)."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     model = zoo.load(directory, dtype=torch.float32)
     prompts = [[1, 306, 4, 87], [1, 5], [1, 7, 7]]
     want = [zoo.generate(model, prompts[:n], max_new_tokens=6, stop_ids=set()) for n in (1, 2, 3)]
     zoo.compile(model)
-    for n in (1, 2, 3, 1):  # each batch size is one more graph: past the limit from the second on
-        assert zoo.generate(model, prompts[:n], max_new_tokens=6, stop_ids=set()) == want[n - 1], n
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for n in (1, 2, 3, 1):  # each batch size is one more graph: past the limit from the second on
+            assert zoo.generate(model, prompts[:n], max_new_tokens=6, stop_ids=set()) == want[n - 1], n
 
 
 def forced_logits(forward, model, tokens, pad, prefill):
