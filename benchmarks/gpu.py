@@ -202,7 +202,7 @@ def decode(report: Report, device: str, shape: dict, prompt: int, new: int) -> d
                 out[f"{name} {'compiled' if compiled else 'eager'} b={batch}"] = rate
                 report.row("decode", f"zoo {name} {'compiled' if compiled else 'eager'} b={batch}",
                            f"{rate:.1f} tok/s (prefill {prompt * batch / prefill:.0f} tok/s)")
-        model.__dict__.pop("compiled", None)  # none where zoo.compile left the model eager (int8/int4 on the CPU)
+        model.__dict__.pop("compiled", None)  # none where zoo.compile left it eager (int8/int4, no native kernels)
     return out
 
 
