@@ -212,15 +212,17 @@ def test_quantize_command_refuses_outputs_that_lose_data(tiny_dir, tmp_path, cap
         src / "q": f"the output lies inside the source checkpoint {src}",
         tmp_path: f"the output contains the source checkpoint {src}",
         tmp_path / "a-file": "exists and is not a directory",
-        other: "not empty and holds no checkpoint (notes.txt); choose a new or empty directory",
-        done: "already holds a checkpoint (model.safetensors, tokenizer.model); choose a new directory, or pass --force",
+        other: "holds files zoo did not write (notes.txt); choose a new or empty directory (--force, force=True, "
+               "replaces only a checkpoint zoo wrote and removes no other file)",
+        done: "already holds a checkpoint zoo wrote (model.safetensors, tokenizer.model); choose a new directory, or "
+              "pass --force (force=True) to replace those files",
     }
     for out, why in refused.items():
         assert main(["quantize", str(src), str(out), "--quant", "int8"]) == 2, out
         err = capsys.readouterr().err
         assert err.startswith(f"error: {out}: {why}") and err.count("\n") == 1, err
     assert main(["quantize", str(src), str(other), "--quant", "int8", "--force"]) == 2  # not ours to replace
-    assert "holds no checkpoint" in capsys.readouterr().err
+    assert "holds files zoo did not write (notes.txt)" in capsys.readouterr().err
     assert _files(tmp_path) == before
     # into an empty directory, or (with --force) over a checkpoint: written whole, tokenizer files beside it
     assert main(["quantize", str(tiny_dir), str(empty_dir), "--quant", "int8"]) == 0
@@ -229,6 +231,46 @@ def test_quantize_command_refuses_outputs_that_lose_data(tiny_dir, tmp_path, cap
         ["model.safetensors", "tokenizer.model"]
     assert isinstance(zoo.load(done).blocks[0].attn.wq.qweight, quant.Int4Weight)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_force_never_removes_a_file_zoo_did_not_write(tiny_dir, tmp_path, capsys):
+    """A project folder with a config.json is not a checkpoint to replace: --force refuses it, naming the files
+    it would not remove (#25); files added beside a checkpoint zoo wrote make it refused too."""
+    from zoo.__main__ import main
+    proj = tmp_path / "proj"
+    (proj / "src").mkdir(parents=True)
+    (proj / "config.json").write_text('{"editor": "vim"}')
+    (proj / "notes.txt").write_text("notes")
+    (proj / "src" / "main.py").write_text("print(1)")
+    before = _files(tmp_path)
+    for force in ([], ["--force"]):
+        assert main(["quantize", str(tiny_dir), str(proj), "--quant", "int8", *force]) == 2
+        err = capsys.readouterr().err
+        assert f"{proj.resolve()}: holds files zoo did not write (config.json, notes.txt, src/)" in err, err
+        assert err.count("\n") == 1
+    assert _files(tmp_path) == before
+    done = quant.save(zoo.load(tiny_dir, quant="int8"), tmp_path / "done")
+    (done / "mine.txt").write_text("mine")
+    assert main(["quantize", str(tiny_dir), str(done), "--quant", "int8", "--force"]) == 2
+    assert "holds files zoo did not write (mine.txt)" in capsys.readouterr().err
+    assert (done / "mine.txt").read_text() == "mine"
+    (done / "mine.txt").unlink()
+    assert main(["quantize", str(tiny_dir), str(done), "--quant", "int4", "--group-size", "64", "--force"]) == 0
+    assert sorted(p.name for p in done.iterdir()) == ["model.safetensors", "tokenizer.model"]
+
+
+def test_save_refuses_the_directory_the_model_came_from(tiny_dir, tmp_path):
+    """A model knows where it was loaded from: saving over it (or inside it) is refused without source=."""
+    q = quant.save(zoo.load(tiny_dir, quant="int8"), tmp_path / "q")
+    model = zoo.load(q)
+    assert model.source == q.resolve()
+    before = _files(tmp_path)
+    for out in (q, q / "inner"):
+        with pytest.raises(ValueError, match="source checkpoint"):
+            quant.save(model, out, force=True)
+    with pytest.raises(ValueError, match="the output is the source checkpoint"):  # source= does not lift it
+        quant.save(model, q, force=True, source=tmp_path / "elsewhere")
+    assert _files(tmp_path) == before
 
 
 def test_interrupted_save_leaves_no_checkpoint(tiny_dir, tmp_path, monkeypatch):

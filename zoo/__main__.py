@@ -4,8 +4,8 @@
 
 quantize loads a checkpoint quantized layer by layer and writes it as a zoo-quantized checkpoint
 (zoo/quant), which zoo.load and run.py then take like any other. Before reading anything it refuses
-an output that is the source, lies inside it or contains it, is a file, or already holds a checkpoint
-(unless --force); it writes into a temporary directory beside the output, renamed into place at the
+an output that is the source, lies inside it or contains it, is a file, holds a file zoo did not write,
+or holds a checkpoint zoo wrote (unless --force, which replaces only its files); it writes into a temporary directory beside the output, renamed into place at the
 end, and never opens the source for writing (zoo.quant.check_output, zoo.quant.save).
 
 inspect prints a checkpoint's config, its module tree with parameter counts (from the config alone:
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     q.add_argument("--quant", choices=["int8", "int4"], required=True)
     q.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128, 256 (default: %(default)s)")
     q.add_argument("--refine", action="store_true", help="int4: least-squares scales and zeros (less error, slower)")
-    q.add_argument("--force", action="store_true", help="replace an output directory that already holds a checkpoint")
+    q.add_argument("--force", action="store_true", help="replace a checkpoint zoo wrote in the output directory (never other files)")
     r = sub.add_parser("perplexity", help="perplexity of a text file, strided windows (--quant/--compare side by side)")
     r.add_argument("ckpt")
     r.add_argument("file", help="a UTF-8 text file, scored as one text (BOS first)")

@@ -58,7 +58,8 @@ def load(ckpt: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: s
     holding the whole model in `dtype`;
     group_size: int4's (32, 64, 128, 256); refine: int4's scales and zeros by least squares rather
     than min/max (zoo.quant.refine_int4: less error, slower to load). Parameters come back frozen
-    (requires_grad=False): zoo is for inference; call `requires_grad_()` to train.
+    (requires_grad=False): zoo is for inference; call `requires_grad_()` to train. `model.source` is
+    the directory read (zoo.quant.save refuses to write over it or inside it).
     """
     dtype, device = checks.floating_dtype("dtype", dtype), checks.device("device", device)
     directory = find_checkpoint(ckpt)
@@ -75,6 +76,7 @@ def load(ckpt: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: s
     tensors = quantized.place_layers(model, checkpoint, device) if checkpoint.quantized else checkpoint.tensors
     finished = _quantizer(model, quant, group_size, refine) if quant is not None else None
     fill(model, tensors, checkpoint, directory, dtype, device, progress, finished)
+    model.source = directory.resolve()  # where it came from: zoo.quant.save never writes over it
     return model.to(device).eval()
 
 

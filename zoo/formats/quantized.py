@@ -34,7 +34,7 @@ from zoo.formats.lazy import Checkpoint, read_split
 from zoo.kernels import Int4Weight, Int8Weight, dequantize_int4
 from zoo.models import FAMILIES
 from zoo.parallel import rank, world_size
-from zoo.tokenizer import load_tokenizer
+from zoo.tokenizer import TOKENIZER_FILES, load_tokenizer
 
 FORMAT, VERSION = "zoo-quantized", "1"
 LAYOUTS = {  # scheme -> what its layers store
@@ -151,9 +151,9 @@ def check_output(directory: str | Path, source: str | Path | None = None, force:
 
     Refused, with a ValueError naming the path, whatever `force`: the source checkpoint directory, a
     directory inside it (a second checkpoint beside the first, which loading would not pick), one
-    that contains it, a file. Refused unless `force`: a directory that already holds a checkpoint
-    (it is then replaced whole). Always refused: a non-empty directory holding no checkpoint (it is
-    not ours to replace). Reads nothing but directory listings.
+    that contains it, a file, and a directory holding anything zoo did not write (named in the
+    error). A directory holding only a checkpoint zoo wrote (`written_by_zoo`) is replaced with
+    `force` and refused without it. Reads nothing but directory listings and safetensors headers.
     """
     for name, path in (("directory", directory), ("source", source)):
         checks.require(path is None and name == "source" or isinstance(path, (str, os.PathLike)), name, path,
@@ -169,38 +169,69 @@ def check_output(directory: str | Path, source: str | Path | None = None, force:
             raise ValueError(f"{out}: the output contains the source checkpoint {src}; write it elsewhere")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory; the output is a directory")
-    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if held and not _holds_checkpoint(out):
-        raise ValueError(f"{out}: not empty and holds no checkpoint ({', '.join(held[:5])}"
-                         f"{', ...' if len(held) > 5 else ''}); choose a new or empty directory")
-    if held and not force:
-        raise ValueError(f"{out}: already holds a checkpoint ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}); "
-                         f"choose a new directory, or pass --force (force=True) to replace it")
+    held = _listing(out)
+    if not held:
+        return out
+    ours = written_by_zoo(out)
+    others = [name for name in held if name not in ours]
+    if others:
+        raise ValueError(f"{out}: holds files zoo did not write ({_names(others)}); choose a new or empty directory "
+                         f"(--force, force=True, replaces only a checkpoint zoo wrote and removes no other file)")
+    if not force:
+        raise ValueError(f"{out}: already holds a checkpoint zoo wrote ({_names(held)}); choose a new directory, or "
+                         f"pass --force (force=True) to replace those files")
     return out
 
 
-CHECKPOINT_FILES = ("*.safetensors", "*.pth", "*.pt", "*.bin", "params.json", "config.json")
+def written_by_zoo(directory: Path) -> set[str]:
+    """The names of the files a zoo-quantized checkpoint in `directory` consists of, as its metadata lists
+    them (files written before the list was kept: model.safetensors and the tokenizer files zoo copies);
+    empty when the directory holds no checkpoint zoo wrote."""
+    path = directory / "model.safetensors"
+    try:
+        meta = safetensors_metadata(path) if path.is_file() else {}
+    except CheckpointError:  # not a safetensors file: not ours
+        return set()
+    if meta.get("format") != FORMAT:
+        return set()
+    try:
+        files = json.loads(meta["files"]) if "files" in meta else ["model.safetensors", *TOKENIZER_FILES]
+    except ValueError:
+        return set()
+    return {name for name in files if isinstance(name, str) and "/" not in name} | {"model.safetensors"}
 
 
-def _holds_checkpoint(directory: Path) -> bool:
-    return any(next(directory.glob(pattern), None) is not None for pattern in CHECKPOINT_FILES)
+def _listing(directory: Path) -> list[str]:
+    """The entries of a directory (sub-directories with a trailing /), or [] if it does not exist."""
+    if not directory.is_dir():
+        return []
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir())
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f", and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def save(model: nn.Module, directory: str | Path, force: bool = False, source: str | Path | None = None) -> Path:
     """Write a quantized model (loaded by zoo.load or built in code) as a zoo-quantized checkpoint; returns the
     directory.
 
-    The directory is checked first (`check_output`: never `source`, the checkpoint the model was read
-    from, nor a place inside it; an existing checkpoint only with force=True, replaced whole), written as a
-    temporary sibling and renamed into place when complete. Layers that stayed in floating point are
-    stored as `L.weight`; the tokenizer's files (`model.tokenizer.files`) are copied beside it."""
+    The directory is checked first (`check_output`: never the checkpoint the model was loaded from
+    (`model.source`, which zoo.load sets) nor `source`, nor a place inside either; a checkpoint zoo
+    wrote only with force=True; never a directory holding other files), written as a temporary
+    sibling and renamed into place when complete. Layers that stayed in floating point are stored as
+    `L.weight`; the tokenizer's files (`model.tokenizer.files`) are copied beside it, and the
+    metadata lists every file written, so that a later `force=True` removes only those."""
     from zoo import quant  # here, not at the top: zoo.quant re-exports save, so it imports this module first
     if world_size() > 1:
         raise NotImplementedError("saving a quantized model under tensor parallelism is not supported")
     model_type = next((name for name, family in FAMILIES.items() if isinstance(model, family.model)), None)
     if model_type is None:
         raise ValueError(f"a {type(model).__name__} is not one of zoo's models ({', '.join(FAMILIES)})")
-    directory = check_output(directory, source, force)
+    loaded_from = getattr(model, "source", None)
+    if loaded_from is not None and source is not None:
+        check_output(directory, loaded_from)  # neither may be overwritten
+    directory = check_output(directory, source if source is not None else loaded_from, force)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, quant.QuantLinear)}
     if not layers:
         raise ValueError("the model has no quantized layers: zoo.quant.quantize(model, ...) or zoo.load(..., quant=...)")
@@ -226,7 +257,8 @@ def save(model: nn.Module, directory: str | Path, force: bool = False, source: s
                 "layout": LAYOUTS[scheme], "model_type": model_type, "config": json.dumps(config),
                 "tokenizer": json.dumps(special)}  # the ids a config.json would give (it is not copied)
     from safetensors.torch import save_file
-    files = tokenizer.files if tokenizer is not None else {}
+    files = {name: path for name, path in (tokenizer.files if tokenizer is not None else {}).items() if path.exists()}
+    metadata["files"] = json.dumps(["model.safetensors", *files])
     directory.parent.mkdir(parents=True, exist_ok=True)
     partial = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:8]}"  # renamed when complete
     partial.mkdir()
@@ -234,8 +266,7 @@ def save(model: nn.Module, directory: str | Path, force: bool = False, source: s
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, partial / "model.safetensors",
                   metadata=metadata)
         for name, path in files.items():
-            if path.exists():
-                shutil.copyfile(path, partial / name)
+            shutil.copyfile(path, partial / name)
         _replace_directory(partial, directory)
     except BaseException:  # interrupted or failed: no half-written checkpoint stays behind
         shutil.rmtree(partial, ignore_errors=True)
@@ -244,12 +275,19 @@ def save(model: nn.Module, directory: str | Path, force: bool = False, source: s
 
 
 def _replace_directory(new: Path, directory: Path) -> None:
-    """Rename `new` to `directory`; an existing one (empty, or a checkpoint check_output let through) is
-    moved aside first and removed only once `new` is in its place."""
-    if directory.is_dir() and any(directory.iterdir()):
-        old = directory.parent / f".{directory.name}.replaced-{uuid.uuid4().hex[:8]}"
-        directory.rename(old)
-        new.rename(directory)
-        shutil.rmtree(old)
-    else:
+    """Rename `new` to `directory`. A checkpoint zoo wrote there (check_output let it through) is moved
+    aside first, checked again, and its files removed one by one once `new` is in its place: nothing
+    zoo did not write is ever removed, even if it appeared after check_output."""
+    held = _listing(directory)
+    if not held:
         os.replace(new, directory)  # onto an empty directory, or a new name
+        return
+    ours = written_by_zoo(directory)
+    if any(name not in ours for name in held):
+        raise ValueError(f"{directory}: files zoo did not write appeared while saving; nothing was replaced")
+    old = directory.parent / f".{directory.name}.replaced-{uuid.uuid4().hex[:8]}"
+    directory.rename(old)
+    new.rename(directory)
+    for name in held:
+        (old / name).unlink()
+    old.rmdir()
