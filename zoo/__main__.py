@@ -5,7 +5,8 @@
 quantize loads a checkpoint quantized layer by layer and writes it as a zoo-quantized checkpoint
 (zoo/quant), which zoo.load and run.py then take like any other. Before reading anything it refuses
 an output that is the source, lies inside it or contains it, is a file, holds a file zoo did not write,
-or holds a checkpoint zoo wrote (unless --force, which replaces only its files); it writes into a temporary directory beside the output, renamed into place at the
+or holds a checkpoint zoo wrote (unless --force, which replaces only its files); it writes into a
+temporary directory beside the output, renamed into place at the
 end, and never opens the source for writing (zoo.quant.check_output, zoo.quant.save).
 
 inspect prints a checkpoint's config, its module tree with parameter counts (from the config alone:
