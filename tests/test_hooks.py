@@ -293,6 +293,72 @@ def test_generation_equals_one_forward_with_hooks(model):
     assert (logits[0] - full[0]).abs().max() < 1e-5
 
 
+def in_pieces(model, tokens, cuts, hooked, spec, left_pad=None):
+    """Logits of `tokens` run through one KV cache in pieces cut at `cuts`: `spec` hooks the pieces whose
+    index is in `hooked`, the others run without hooks."""
+    cache = model.new_cache(tokens.shape[0], tokens.shape[1], left_pad=left_pad)
+    bounds = [0, *cuts, tokens.shape[1]]
+    with torch.no_grad():
+        return torch.cat([model(tokens[:, a:b], cache=cache, hooks=spec if i in hooked else None)
+                          for i, (a, b) in enumerate(zip(bounds, bounds[1:]))], dim=1)
+
+
+def test_a_recording_begun_mid_run_patches_by_position(model):
+    """Prefill unhooked, then cached steps with collect: the recording knows it holds positions 8..11, and
+    patches as the same positions cut from a whole-run recording do (#25: it used to patch 0..3 with them)."""
+    points = ("blocks.0.resid_post", "blocks.1.z", "blocks.1.pattern")
+    whole, late = hooks.collect(*points), hooks.collect(*points)
+    run(model, hooks=whole)
+    in_pieces(model, TOKENS, [8, 9, 10, 11], {1, 2, 3, 4}, late)
+    for name in points:
+        assert late.positions(name).tolist() == [[8, 9, 10, 11]], name
+        cut = whole[name][:, :, 8:12] if name.endswith("pattern") else whole[name][:, 8:12]
+        assert (late[name] - cut).abs().max() < 1e-5, name
+    assert whole.positions("blocks.0.resid_post").tolist() == [list(range(12))]
+    other = torch.randint(0, 320, TOKENS.shape, generator=torch.Generator().manual_seed(9))
+    for names in points:
+        from_late = in_pieces(model, other, [8, 9, 10, 11], {1, 2, 3, 4}, hooks.patch(late, names))
+        from_whole = in_pieces(model, other, [8, 9, 10, 11], {1, 2, 3, 4}, hooks.patch(whole, names))
+        assert (from_late - from_whole).abs().max() < 1e-5, names
+        assert (from_late - run(model, other)).abs()[:, 8:].max() > 1e-3, names  # it patched something
+    with pytest.raises(ValueError, match=r"patch at blocks.0.resid_post: this run needs positions 0..7 \(row 0\), "
+                                         r"which the recording does not cover \(it covers positions 8..11\)"):
+        run(model, other, hooks=hooks.patch(late))
+    # left-padded: row 1 starts 3 slots later, so the same slots hold its positions 5..8
+    padded = hooks.collect("blocks.0.resid_post")
+    in_pieces(model, TOKENS, [8, 9, 10, 11], {1, 2, 3, 4}, padded, left_pad=[0, 3])
+    assert padded.positions("blocks.0.resid_post").tolist() == [[8, 9, 10, 11], [5, 6, 7, 8]]
+    with pytest.raises(ValueError, match=r"needs positions 0..7 \(row 0\)"):
+        run(model, other, hooks=hooks.patch(padded))
+
+
+def mean_ablations(positions=None):
+    return {"blocks.1.z": hooks.ablate(heads=[1], mode="mean", positions=positions),
+            "blocks.0.mlp_pre": hooks.ablate(neurons=[0, 3], mode="mean", positions=positions),
+            "blocks.1.pattern": hooks.ablate(heads=[0], mode="mean", positions=positions)}
+
+
+@pytest.mark.parametrize("cuts", [[5], [3, 7], [8, 9, 10, 11], list(range(1, 12))])
+def test_mean_ablation_over_any_split_equals_one_forward(model, cuts):
+    """Hooked on every piece, a run cut anywhere equals one forward; ablating from position k on
+    (positions=) leaves the earlier positions alone and still averages from 0; a piece without the hook
+    before a hooked one is an error naming the positions it missed (#25: it averaged from the first
+    hooked step); padding alone may go unhooked."""
+    pieces = set(range(len(cuts) + 1))
+    assert (in_pieces(model, TOKENS, cuts, pieces, mean_ablations()) - run(model, hooks=mean_ablations())).abs().max() < 1e-5
+    k = cuts[0]
+    from_k = run(model, hooks=mean_ablations(slice(k, None)))
+    assert (in_pieces(model, TOKENS, cuts, pieces, mean_ablations(slice(k, None))) - from_k).abs().max() < 1e-5
+    assert (from_k[:, :k] - run(model)[:, :k]).abs().max() < 1e-5 and (from_k[:, k:] - run(model)[:, k:]).abs().max() > 1e-3
+    missed = "0" if k == 1 else f"0..{k - 1}"
+    with pytest.raises(ValueError, match=rf"ablate\(mode='mean'\) at blocks.0.mlp_pre: positions {missed} \(row 0\) "
+                                         rf"ran without this hook"):
+        in_pieces(model, TOKENS, cuts, pieces - {0}, mean_ablations())
+    pad = [3]  # the first 3 slots are padding: they need no hook
+    one = in_pieces(model, TOKENS[:1], [3], {1}, mean_ablations(), left_pad=pad)
+    assert (one - run(model, TOKENS[:1], hooks=mean_ablations(), left_pad=torch.tensor(pad)))[:, 3:].abs().max() < 1e-5
+
+
 # ---- errors ------------------------------------------------------------------------------------
 
 def test_bad_hooks_give_errors_that_name_the_point(model):
@@ -359,8 +425,8 @@ def test_patch_errors(model):
         run(model, hooks=hooks.patch(cache, "blocks.1.*"))
     with pytest.raises(ValueError, match=r"patch: nothing was recorded at blocks.1.resid_post"):
         run(model, hooks={"blocks.1.resid_post": hooks.patch(cache)})
-    with pytest.raises(ValueError, match=r"patch at blocks.0.resid_post: this run needs positions up to 11, "
-                                         r"the recording covers positions 0..5"):
+    with pytest.raises(ValueError, match=r"patch at blocks.0.resid_post: this run needs positions 6..11 \(row 0\), "
+                                         r"which the recording does not cover \(it covers positions 0..5\)"):
         run(model, hooks=hooks.patch(cache))
     with pytest.raises(TypeError, match=r"patch takes a zoo.hooks.collect"):
         hooks.patch({"blocks.0.resid_post": torch.zeros(1)})

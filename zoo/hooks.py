@@ -352,15 +352,18 @@ class add:
 
 
 class ablate:
-    """Zero or mean-ablate heads (on q/k/v/z/pattern) or neurons (on mlp_pre/mlp_post), by global index.
+    """Zero or mean-ablate heads (on q/k/v/z/pattern) or neurons (on mlp_pre/mlp_post), by global index, at
+    `positions` (each row's own; all by default).
 
     mode "mean" replaces each one at position t of a row by its mean over that row's positions
     0..t (a causal running mean, kept across the steps of a generation): rows never mix, so a
     padded batch equals each row alone, and a generation equals one forward of its final sequence.
-    For a mean over a dataset, collect it and use replace().
+    The mean needs every position from 0: a forward of the run that went without this hook is an
+    error naming the positions it missed (to ablate only later positions, hook every forward and
+    pass positions=). For a mean over a dataset, collect it and use replace().
     """
 
-    def __init__(self, heads=None, neurons=None, mode: str = "zero"):
+    def __init__(self, heads=None, neurons=None, mode: str = "zero", positions=None):
         if (heads is None) == (neurons is None):
             raise ValueError("ablate needs exactly one of heads=... or neurons=...")
         if mode not in ("zero", "mean"):
@@ -371,11 +374,11 @@ class ablate:
         for i in self.indices:
             if isinstance(i, bool) or not isinstance(i, int):
                 raise TypeError(f"ablate({self.what}s={given!r}): {i!r} is not an int")
-        self.mode = mode
-        self.sums: dict[str, tuple] = {}  # point -> (run, running sum, count) for mode "mean"
+        self.mode, self.positions, self.rule = mode, positions, _position_rule(positions)
+        self.sums: dict[str, tuple] = {}  # point -> (run, next slot, running sum, count) for mode "mean"
 
     def __repr__(self):
-        return f"zoo.hooks.ablate({self.what}s={self.indices}, mode={self.mode!r})"
+        return f"zoo.hooks.ablate({self.what}s={self.indices}, mode={self.mode!r}, positions={self.positions!r})"
 
     def __call__(self, x, ctx):
         dims = HEAD_POINTS if self.what == "head" else NEURON_POINTS
@@ -387,8 +390,10 @@ class ablate:
             return None
         index = [slice(None)] * x.dim()
         index[dim] = local
+        index = tuple(index)
+        new = torch.zeros_like(x[index]) if self.mode == "zero" else self._running_mean(x[index], ctx)
         x = x.clone()
-        x[tuple(index)] = 0 if self.mode == "zero" else self._running_mean(x[tuple(index)], ctx)
+        x[index] = new if self.rule is None else torch.where(_selected(new, ctx, self.rule), new, x[index])
         return x
 
     def _running_mean(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
@@ -396,17 +401,33 @@ class ablate:
         seq_dim = _seq_dim(ctx.name)
         real = _selected(x, ctx, None)  # (batch or 1, ..., seq, ...) bool
         values = torch.where(real, x, 0).float()
-        run, total, count = self.sums.get(ctx.name, (None, None, None))
+        run, slot, total, count = self.sums.get(ctx.name, (None, 0, 0, 0))
         if run != ctx.run:  # a new run: start from nothing
-            total, count = 0, 0
-        elif ctx.point == "pattern" and total.shape[-1] < x.shape[-1]:  # more keys than the last step
+            slot, total, count = 0, 0, 0
+        if ctx.slot != slot:
+            self._missed(ctx, slot)
+        if ctx.point == "pattern" and torch.is_tensor(total) and total.shape[-1] < x.shape[-1]:  # more keys now
             total = torch.nn.functional.pad(total, (0, x.shape[-1] - total.shape[-1]))
         sums = values.cumsum(seq_dim) + (total.unsqueeze(seq_dim) if torch.is_tensor(total) else 0)
         counts = real.long().cumsum(seq_dim) + (count.unsqueeze(seq_dim) if torch.is_tensor(count) else 0)
         last = torch.tensor([x.shape[seq_dim] - 1], device=x.device)
-        self.sums[ctx.name] = (ctx.run, sums.index_select(seq_dim, last).squeeze(seq_dim),
+        self.sums[ctx.name] = (ctx.run, ctx.slot + x.shape[seq_dim], sums.index_select(seq_dim, last).squeeze(seq_dim),
                                counts.index_select(seq_dim, last).squeeze(seq_dim))
         return torch.where(real, sums / counts.clamp(min=1), x).to(x.dtype)
+
+    def _missed(self, ctx: Context, seen: int) -> None:
+        """This forward starts at another slot than where the running mean stopped: an error, unless what it
+        skipped is padding only (a row's positions before 0)."""
+        pad = ctx.left_pad.tolist() if ctx.left_pad is not None else [0]
+        if ctx.slot < seen:
+            raise ValueError(f"ablate(mode='mean') at {ctx.name}: this forward goes back to slot {ctx.slot} of a run "
+                             f"this hook has seen up to slot {seen - 1} (a rewound KV cache); start a new run")
+        skipped = [(row, seen - p, ctx.slot - 1 - p) for row, p in enumerate(pad) if ctx.slot - 1 - p >= 0]
+        if skipped:
+            row, first, last = skipped[0]
+            raise ValueError(f"ablate(mode='mean') at {ctx.name}: positions {_spans(range(max(first, 0), last + 1))} "
+                             f"(row {row}) ran without this hook, so the mean over 0..t is unknown; pass it to every "
+                             f"forward of the run, the prefill included (positions= ablates only some positions)")
 
 
 def _local(ctx: Context, indices: list[int], dim: int, local_size: int, what: str) -> list[int]:
@@ -429,8 +450,10 @@ class collect:
     A collect holds one run: a forward without a KV cache, or a whole generation (every forward on
     one KV cache), whose steps are joined along the sequence (pattern: along the queries, with the
     keys padded with zeros to the longest). The first forward of another run replaces what it held.
-    Tensors are in the run's slot layout: row b's first real token is at `left_pad[b]` (left_pad
-    None: no padding). gather=True keeps full tensors under tensor parallelism. Recorded tensors
+    `positions(name)` gives the token position of each recorded index, per row (negative on left
+    padding): from 0 for a recording of a whole run, whose tensors are in the run's slot layout (row
+    b's first real token at `left_pad[b]`); from the first position it saw for one that began
+    partway through a run. gather=True keeps full tensors under tensor parallelism. Recorded tensors
     are detached copies. Reads like a dict: `cache[name]`, `in`, keys(), values(), items(), len().
     """
 
@@ -440,6 +463,7 @@ class collect:
                 raise TypeError(f"collect takes hook point names (globs allowed), not {p!r}")
         self.patterns, self.gather = patterns, gather
         self.store: dict[str, list[torch.Tensor]] = {}
+        self.where: dict[str, list[torch.Tensor]] = {}  # name -> the positions of each recorded part
         self.run, self.left_pad = None, None
 
     def as_hooks(self) -> dict:
@@ -447,10 +471,21 @@ class collect:
 
     def _record(self, x, ctx):
         if ctx.run != self.run:
-            self.store, self.run = {}, ctx.run
+            self.store, self.where, self.run = {}, {}, ctx.run
             self.left_pad = None if ctx.left_pad is None else ctx.left_pad.clone()
         x = (ctx.gather(x) if self.gather else x).detach().clone()
         self.store.setdefault(ctx.name, []).append(x)
+        self.where.setdefault(ctx.name, []).append(ctx.positions)
+
+    def positions(self, name: str) -> torch.Tensor:
+        """(batch or 1, recorded length) int64: the token position of each recorded index along the sequence
+        (pattern: the queries), per row, as the hooks count them; negative on left padding. A recording
+        that began partway through a run starts at the first position it saw, not at 0."""
+        self[name]  # the same KeyError for a name not recorded
+        parts = self.where[name]
+        if len(parts) > 1:
+            self.where[name] = [torch.cat(parts, dim=1)]
+        return self.where[name][0]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.store:
@@ -488,7 +523,7 @@ class collect:
         return self[name] if name in self.store else default
 
     def clear(self) -> None:
-        self.store, self.run, self.left_pad = {}, None, None
+        self.store, self.where, self.run, self.left_pad = {}, {}, None, None
 
     def __repr__(self):
         return f"zoo.hooks.collect({', '.join(map(repr, self.patterns))})"
@@ -539,17 +574,19 @@ class patch:
             raise ValueError(f"patch at {ctx.name}: the recording has shape {tuple(recorded.shape)}, this run "
                              f"{tuple(x.shape)} ({POINTS[ctx.point][0]}); they must agree but for the sequence")
         recorded = recorded.to(x.device).expand(batch, *recorded.shape[1:])
-        pad = self.cache.left_pad.to(x.device)[:, None] if self.cache.left_pad is not None else 0
         pos = ctx.positions.to(x.device).expand(batch, -1)  # (batch, seq)
-        source = pos + pad  # where each position lies in the recording
-        length = recorded.shape[seq_dim]
         real = pos >= 0
-        if (real & (source >= length)).any():
-            have = length - (self.cache.left_pad.max().item() if self.cache.left_pad is not None else 0)
-            raise ValueError(f"patch at {ctx.name}: this run needs positions up to {pos.max().item()}, the recording "
-                             f"covers positions 0..{have - 1}")
-        piece = _take(recorded, seq_dim, source.clamp(0, length - 1))
-        if ctx.point == "pattern":  # the keys, by position too; padding keys are 0
+        source = _lookup(self.cache.positions(ctx.name).to(x.device), pos)  # where each position lies in the recording
+        missing = real & (source < 0)
+        if missing.any():
+            row = int(missing.any(1).nonzero()[0])
+            have = self.cache.positions(ctx.name)[row if self.cache.positions(ctx.name).shape[0] > 1 else 0]
+            raise ValueError(f"patch at {ctx.name}: this run needs positions {_spans(pos[row][missing[row]].tolist())} "
+                             f"(row {row}), which the recording does not cover (it covers positions "
+                             f"{_spans(have[have >= 0].tolist()) or 'none'})")
+        piece = _take(recorded, seq_dim, source.clamp(min=0))
+        if ctx.point == "pattern":  # the keys, by position too (the recording's keys are its cache's slots from 0)
+            pad = self.cache.left_pad.to(x.device)[:, None] if self.cache.left_pad is not None else 0
             keys = torch.arange(x.shape[-1], device=x.device)[None] - (ctx.left_pad.to(x.device)[:, None]
                                                                        if ctx.left_pad is not None else 0)
             keys = keys.expand(batch, -1)
@@ -559,6 +596,27 @@ class patch:
         shape = [1] * x.dim()
         shape[0], shape[seq_dim] = real.shape
         return torch.where(real.view(shape), piece.to(x.dtype), x)
+
+
+def _lookup(recorded: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """recorded (1 or batch, L) positions, wanted (batch, seq) positions -> (batch, seq) the index of each
+    wanted position in its row of the recording (the latest, if recorded twice), -1 where it was not."""
+    recorded = recorded.expand(wanted.shape[0], -1)
+    width = int(max(recorded.max(), wanted.max())) + 2  # positions 0..width-2, and a bin for padding
+    table = torch.full((wanted.shape[0], width), -1, dtype=torch.long, device=wanted.device)
+    index = torch.arange(recorded.shape[1], device=wanted.device).expand_as(recorded)
+    table.scatter_reduce_(1, torch.where(recorded >= 0, recorded, width - 1), index, reduce="amax")
+    table[:, -1] = -1
+    return table.gather(1, torch.where(wanted >= 0, wanted, width - 1))
+
+
+def _spans(positions: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0..2, 5, 7..8'."""
+    out, ordered = [], sorted(set(positions))
+    for _, run in itertools.groupby(enumerate(ordered), lambda p: p[1] - p[0]):
+        run = [p for _, p in run]
+        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}..{run[-1]}")
+    return ", ".join(out)
 
 
 def _take(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
