@@ -87,6 +87,29 @@ def test_hooks_run_eagerly_and_say_so(model, capsys):
     assert new == zoo.generate(model, [[3, 4, 5]], max_new_tokens=4, stop_ids=set())
 
 
+def test_the_static_path_has_the_eager_errors(directory):
+    """Every documented error of a forward on a plain cache holds on a static cache, eagerly and through
+    zoo.compile's callables (checked before tracing: nothing compiles here). #25: a static cache written
+    past its end raised torch's index_copy_ IndexError."""
+    model = zoo.load(directory, dtype=torch.float32)
+    zoo.compile(model)
+    vocab = model.config.vocab_size
+    bad = {  # (tokens, cache batch, cache size, what the error says)
+        "past the end": (torch.zeros(1, 10, dtype=torch.long), 1, 8, "10 positions do not fit the KV cache of 8"),
+        "id out of range": (torch.full((1, 3), vocab), 1, 8, f"ids in 0..{vocab - 1}"),
+        "batch differs": (torch.zeros(2, 3, dtype=torch.long), 1, 8, "1 rows, the batch size of the cache"),
+        "float tokens": (torch.zeros(1, 3), 1, 8, "int64 token ids"),
+    }
+    for what, (tokens, batch, size, message) in bad.items():
+        forwards = {"plain": (model, False), "static": (model, True), "compiled prefill": (model.compiled.prefill, True),
+                    "compiled decode": (model.compiled.decode, True)}
+        for how, (forward, static) in forwards.items():
+            cache = model.new_cache(batch, size, static=static)
+            with pytest.raises((ValueError, TypeError), match=message):
+                forward(tokens, cache=cache)
+            assert cache.pos == 0, (what, how)
+
+
 def test_bad_mode():
     with pytest.raises(ValueError, match=r"mode='fast' is not accepted: one of default, max-autotune"):
         zoo.compile(None, mode="fast")

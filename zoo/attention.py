@@ -112,7 +112,7 @@ def checked_inputs(tokens: torch.Tensor, cache: "KVCache | None", left_pad, conf
 
     tokens: (batch, seq) int64 or int32 ids below the vocabulary size (values checked on the CPU,
     where it costs microseconds; on a GPU an out-of-range id is the embedding's device assert).
-    A compiled forward (zoo.compile, called by zoo's own generation loop) skips the checks.
+    A compiled forward skips them while tracing: zoo.compile's callables make them before each call.
     """
     if torch.compiler.is_compiling():
         return left_pad
@@ -134,6 +134,9 @@ def checked_inputs(tokens: torch.Tensor, cache: "KVCache | None", left_pad, conf
     require(left_pad is None, "left_pad", left_pad, "None with a cache: the cache carries its own "
                                                     "(model.new_cache(batch, max_len, left_pad=...))")
     require(cache.batch == batch, "tokens", tokens, f"{cache.batch} rows, the batch size of the cache")
+    if cache.pos + seq > cache.max_len:
+        raise ValueError(f"{cache.pos + seq} positions do not fit the KV cache of {cache.max_len} ({cache.pos} held, "
+                         f"{seq} new)")
     return None
 
 
@@ -152,9 +155,7 @@ def positions_and_mask(tokens: torch.Tensor, cache: KVCache | None,
         return _masked(slots, torch.arange(cache.max_len, device=device), cache.left_pad)
     start = 0
     if cache is not None:
-        start, left_pad = cache.pos, cache.left_pad
-        if start + seq > cache.max_len:
-            raise ValueError(f"{start + seq} positions do not fit the KV cache of {cache.max_len}")
+        start, left_pad = cache.pos, cache.left_pad  # (checked_inputs: they fit)
     slots = torch.arange(start, start + seq, device=device)  # (seq,)
     if left_pad is None and (start == 0 or seq == 1):
         return slots[None], None

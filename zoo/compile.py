@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from zoo import parallel
+from zoo.attention import checked_inputs
 from zoo.kernels import native
 from zoo.quant import QuantLinear
 
@@ -104,8 +105,10 @@ def _or_eager(model: nn.Module, compiled: Callable, what: str, options: dict) ->
 
     def call(*args, **kwargs):
         if not failed:
+            cache = kwargs["cache"]  # the eager forward's errors, outside the graph
+            checked_inputs(args[0], cache, kwargs.get("left_pad"), model.config, model.embed.weight.device)
             try:
-                cache, steps = kwargs["cache"], kwargs["cache"].steps
+                steps = cache.steps
                 # dynamo reads `freezing` while tracing, before torch.compile's options apply: patched here too
                 with torch._inductor.config.patch(freezing=options.get("freezing", False)):
                     out = compiled(*args, **kwargs)
