@@ -137,7 +137,7 @@ def main(argv=None) -> int:
                 complete(model, text, args)
                 if not args.interactive:
                     break
-    except (FileNotFoundError, RuntimeError, TypeError, ValueError) as e:  # CheckpointError is a ValueError
+    except (OSError, RuntimeError, TypeError, ValueError) as e:  # CheckpointError is a ValueError; OSError: a file
         say(f"error: {e}", file=sys.stderr)  # every rank meets the same error and exits: no rank hangs
         return 2
     finally:

@@ -245,7 +245,7 @@ def test_config_errors_through_load_and_inspect(tiny_dir, tmp_path, capsys):
         (directory / f.name).symlink_to(f)
     (directory / "params.json").unlink()
     params = json.loads((tiny_dir / "params.json").read_text())
-    for broken, message in (({"n_layers": 6.0}, r"key 'n_layers': 6.0 is not accepted: an int >= 1"),
+    for broken, message in (({"n_layers": 6.0}, r"key 'n_layers': 6.0 is not accepted: an int in 1..1024"),
                             ({"norm_eps": "1e-5"}, r"key 'norm_eps': '1e-5' is not accepted: a number > 0"),
                             ({"n_heads": 0}, r"key 'n_heads': 0 is not accepted")):
         (directory / "params.json").write_text(json.dumps({**params, **broken}))

@@ -132,6 +132,8 @@ def inspect(args) -> int:
         print(f"  {line}")
     if args.prompt is not None:
         loaded = zoo.load(args.ckpt, dtype=torch.float32, device="cpu")
+        if loaded.tokenizer is None:
+            raise ValueError(f"{directory}: no tokenizer ({NO_TOKENIZER}) to read --prompt with")
         tokens = torch.tensor([loaded.tokenizer.encode(args.prompt, bos=True)])
         print(f"\nhook points for {tokens.shape[1]} tokens:")
         for name, shape in loaded.hook_points(tokens).items():
@@ -176,7 +178,8 @@ class Progress:
 def read_text(path: str) -> str:
     """A text file's contents, UTF-8; an error naming the file when it cannot be read or holds no text."""
     try:
-        text = open(path, encoding="utf-8").read()
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.strip():
@@ -188,13 +191,19 @@ def perplexity(args) -> int:
     for flag, value, low in (("--ctx", args.ctx, 2), ("--stride", args.stride, 1), ("--max-tokens", args.max_tokens, 2)):
         if value is not None:
             integer(flag, value, low=low)
-    if args.ctx is not None and args.stride is not None:
-        require(args.stride <= args.ctx, "--stride", args.stride, f"at most --ctx ({args.ctx}): a stride beyond "
-                                                                   f"the window would skip the tokens between windows")
     text = read_text(args.file)
     checkpoints = [args.ckpt] + (args.compare or [])
-    ids = tokens_of(checkpoints, text, args.file)[: args.max_tokens]  # checked for every checkpoint before loading any
-    ctx = args.ctx  # default: the first model's context, for every row
+    opened = {ckpt: formats.open(zoo.find_checkpoint(ckpt)) for ckpt in checkpoints}  # no weights read
+    ids = tokens_of(opened, text, args.file)[: args.max_tokens]  # checked for every checkpoint before loading any
+    ctx = args.ctx or opened[args.ckpt].config.max_seq_len  # default: the first model's context, for every row
+    require((args.stride or ctx) <= ctx, "--stride", args.stride,
+            f"at most --ctx ({ctx}{'' if args.ctx else ', the context of ' + args.ckpt}): a stride beyond the window "
+            f"would skip the tokens between windows")
+    for ckpt in args.compare or []:  # before any model is scored (the first model's own: by evaluate, first)
+        context = opened[ckpt].config.max_seq_len
+        require(ctx <= context, "--ctx" if args.ctx else "--compare", args.ctx or ckpt,
+                f"windows of at most {ckpt}'s context, {context} tokens" +
+                ("" if args.ctx else f" (the windows default to {args.ckpt}'s context, {ctx}: pass --ctx {context})"))
     rows = []
     for ckpt in checkpoints:
         for quant in args.quant:
@@ -202,7 +211,6 @@ def perplexity(args) -> int:
             label = {None: ckpt, "int8": f"{ckpt} int8", "int4": f"{ckpt} int4 g{args.group_size}"}[quant]
             model = zoo.load(ckpt, dtype=DTYPES[args.dtype], device=args.device, quant=quant,
                              group_size=args.group_size)
-            ctx = ctx or model.config.max_seq_len
             result = zoo.perplexity.evaluate(model, ids, ctx, args.stride or ctx, Progress(label, "tokens"))
             rows.append((label, result))
             del model
@@ -212,15 +220,17 @@ def perplexity(args) -> int:
     return 0
 
 
-def tokens_of(checkpoints: list[str], text: str, path: str) -> list[int]:
-    """The text's token ids (BOS first), the same for every checkpoint's tokenizer, else an error naming two that differ."""
+NO_TOKENIZER = "tokenizer.model, tokenizer.json, or vocab.json + merges.txt"
+
+
+def tokens_of(checkpoints: dict, text: str, path: str) -> list[int]:
+    """The text's token ids (BOS first), the same for every checkpoint's tokenizer, else an error naming two that
+    differ. checkpoints: name -> formats.open's Checkpoint."""
     first = None
-    for ckpt in checkpoints:
-        tokenizer = formats.open(zoo.find_checkpoint(ckpt)).tokenizer
-        if tokenizer is None:
-            raise ValueError(f"{ckpt}: no tokenizer (tokenizer.model, tokenizer.json, or vocab.json + merges.txt) "
-                             f"to read {path} with")
-        ids = tokenizer.encode(text, bos=True)
+    for ckpt, checkpoint in checkpoints.items():
+        if checkpoint.tokenizer is None:
+            raise ValueError(f"{ckpt}: no tokenizer ({NO_TOKENIZER}) to read {path} with")
+        ids = checkpoint.tokenizer.encode(text, bos=True)
         if first is not None and ids != first[1]:
             raise ValueError(f"{ckpt}'s tokenizer splits {path} into other tokens than {first[0]}'s "
                              f"({len(ids):,} and {len(first[1]):,} tokens): perplexities over different tokens "

@@ -28,6 +28,7 @@ unless force=True (which starts over). Under torchrun every rank runs the model 
 """
 import fnmatch
 import hashlib
+import io
 import json
 import os
 import re
@@ -55,25 +56,32 @@ class Prompt(NamedTuple):
 def read_prompts(path: str | os.PathLike) -> list[Prompt]:
     """The prompts of a JSON-lines file; an error naming the file and line for a line that is not one."""
     prompts, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue  # blank lines (a trailing newline) are no prompts
-            where = f"{path} line {number}"
-            try:
-                item = json.loads(line.rstrip())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(item, dict) or not isinstance(item.get("text"), str):
-                raise ValueError(f"{where}: expected an object with a \"text\" string (and an optional \"id\"), "
-                                 f"got {line.strip()[:60]}")
-            id_ = item.get("id", number)
-            if isinstance(id_, bool) or not isinstance(id_, (str, int)):
-                raise ValueError(f"{where}: \"id\" is {json.dumps(id_)}: an id is a string or an int")
-            if id_ in seen:
-                raise ValueError(f"{where}: id {json.dumps(id_)} is already the id of line {seen[id_]}")
-            seen[id_] = number
-            prompts.append(Prompt(id_, item["text"], number))
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for number, line in enumerate(io.StringIO(text, newline=None), start=1):  # lines as open() reads them
+        if not line.strip():
+            continue  # blank lines (a trailing newline) are no prompts
+        where = f"{path} line {number}"
+        try:
+            item = json.loads(line.rstrip())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+        except ValueError as e:  # a number of more digits than Python reads
+            raise ValueError(f"{where}: {e}") from None
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+            raise ValueError(f"{where}: expected an object with a \"text\" string (and an optional \"id\"), "
+                             f"got {line.strip()[:60]}")
+        id_ = item.get("id", number)
+        if isinstance(id_, bool) or not isinstance(id_, (str, int)):
+            raise ValueError(f"{where}: \"id\" is {json.dumps(id_)}: an id is a string or an int")
+        if id_ in seen:
+            raise ValueError(f"{where}: id {json.dumps(id_)} is already the id of line {seen[id_]}")
+        seen[id_] = number
+        prompts.append(Prompt(id_, item["text"], number))
     if not prompts:
         raise ValueError(f"{path}: no prompts (one JSON object with a \"text\" per line)")
     return prompts

@@ -1,11 +1,16 @@
 """Checks of what users pass in, at the public API's entry: an error names the argument, its value and
 what is accepted, before any work is done (never a raw error from deep inside)."""
 import argparse
-import math
+import json
 import os
 import sys
 
 import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file is missing, corrupt, or does not match its config (zoo.formats raise it, and
+    zoo.tokenizer for a tokenizer's files: defined here, where both can import it)."""
 
 
 def shown(value) -> str:
@@ -21,7 +26,8 @@ def is_int(value) -> bool:
 
 
 def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (an int too large for a float, as JSON may hold, is none)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
 
 
 def require(ok: bool, name: str, value, accepted: str, error: type = ValueError) -> None:
@@ -87,6 +93,10 @@ def device(name: str, value) -> torch.device:
 # ---- config files: each key read once, checked as it is read ------------------------------------
 REQUIRED = object()
 COUNT = ("an int >= 1", lambda v: is_int(v) and v >= 1)
+# A model's sizes, bounded so that a corrupt config is refused rather than built: a size (a width, a vocabulary,
+# heads) fits an int32, and a number of layers is at most 1024 (the largest published models have under 200).
+SIZE = ("an int in 1..2**31-1", lambda v: is_int(v) and 1 <= v < 2**31)
+LAYERS = ("an int in 1..1024", lambda v: is_int(v) and 1 <= v <= 1024)
 POSITIVE = ("a number > 0", lambda v: is_number(v) and v > 0)
 FRACTION = ("a number in 0..1", lambda v: is_number(v) and 0 <= v <= 1)
 FLAG = ("true or false", lambda v: isinstance(v, bool))
@@ -113,6 +123,25 @@ def key(cfg: dict, name: str, kind: tuple, default=REQUIRED, nullable: bool = Fa
             pass
     if not ok(value):
         raise ValueError(f"key {name!r}: {shown(value)} is not accepted: {accepted}")
+    return value
+
+
+def json_kind(value) -> str:
+    """What a JSON value is, in JSON's words: 'an object', 'an array', 'a string', 'a number', ..."""
+    return {dict: "an object", list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def read_json(path) -> dict:
+    """A JSON file holding an object (config.json, params.json, an index, ...); else an error naming the file."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except ValueError as e:  # json.JSONDecodeError, or a number of more digits than Python reads
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object ({{...}}), found {json_kind(value)}")
     return value
 
 

@@ -11,11 +11,12 @@ Each tokenizer knows the files it was made from (`files`: name -> path), so that
 written from a model (zoo.quant.save) can take them along.
 """
 import base64
-import json
 import re
 from pathlib import Path
 
 import numpy as np
+
+from zoo.checks import CheckpointError, is_int, read_json, shown
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -49,7 +50,13 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: Path, files: dict[str, Path] | None = None):
         from sentencepiece import SentencePieceProcessor
         self.files = files or {path.name: path}
-        self.sp = SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = SentencePieceProcessor(model_file=str(path))
+        except RuntimeError as e:  # sentencepiece's own ("INTERNAL: could not parse ModelProto") may name no file
+            raise CheckpointError(f"{path}: not a SentencePiece model, corrupt or truncated? ({e})") from None
+        except UnicodeDecodeError:  # its error message quoted a piece that is not UTF-8
+            raise CheckpointError(f"{path}: not a SentencePiece model, corrupt or truncated? (a piece that is not "
+                                  f"UTF-8)") from None
         self.n_words = self.sp.vocab_size()
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
@@ -69,10 +76,20 @@ class TiktokenTokenizer(Tokenizer):
         import tiktoken
         self.files = files or {path.name: path}
         ranks = {}
-        for line in path.read_bytes().splitlines():
+        for number, line in enumerate(path.read_bytes().splitlines(), start=1):
             if line:
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
+                try:
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+                except ValueError:  # binascii.Error is one
+                    raise CheckpointError(f"{path} line {number}: expected a base64 token and its rank, found "
+                                          f"{shown(line)}") from None
+        if sorted(ranks.values()) != list(range(len(ranks))):
+            raise CheckpointError(f"{path}: the ranks of its {len(ranks)} tokens are not 0..{len(ranks) - 1}, each "
+                                  f"once (a token listed twice, or a rank missing)")
+        missing = [b for b in range(256) if bytes([b]) not in ranks]
+        if missing:  # tiktoken has no fallback for a byte without a token: it would panic encoding it
+            raise CheckpointError(f"{path}: byte {missing[0]:#04x} has no token; a byte-level BPE has all 256")
         specials = {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)}
         self.model = tiktoken.Encoding(path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
                                        special_tokens=specials)
@@ -126,12 +143,25 @@ class BPETokenizer(Tokenizer):
                  end_of_text: str | None = None):
         import tiktoken
         self.files = files or {}
+        for what, table in (("vocabulary", vocab), ("added tokens", added)):
+            if not isinstance(table, dict) or not all(isinstance(t, str) and is_int(i) and i >= 0
+                                                      for t, i in table.items()):
+                raise ValueError(f"the {what} should map tokens (strings) to ids (ints >= 0), found {shown(table)}")
+        if not isinstance(merges, list):
+            raise ValueError(f"the merges should be a list, found {shown(merges)}")
         to_byte = _byte_decoder()
-        as_bytes = lambda tok: bytes(to_byte[c] for c in tok)  # noqa: E731
+
+        def as_bytes(token: str) -> bytes:
+            if any(c not in to_byte for c in token):
+                raise ValueError(f"token {token!r} has a character outside GPT-2's byte-level alphabet")
+            return bytes(to_byte[c] for c in token)
+
         ranks = {bytes([b]): b for b in range(256)}
         for merge in merges:
-            left, right = merge.split(" ") if isinstance(merge, str) else merge
-            ranks.setdefault(as_bytes(left) + as_bytes(right), len(ranks))
+            pair = merge.split(" ") if isinstance(merge, str) else merge
+            if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(t, str) for t in pair):
+                raise ValueError(f"merge {shown(merge)} is not two tokens ('left right' or [left, right])")
+            ranks.setdefault(as_bytes(pair[0]) + as_bytes(pair[1]), len(ranks))
         rank_to_id = np.full(len(ranks), -1 if unk is None else unk, dtype=np.int64)  # -1: not in the vocab
         self.id_to_bytes = {}
         for tok, i in vocab.items():
@@ -154,23 +184,39 @@ class BPETokenizer(Tokenizer):
         self.stop_ids = {self._id(e) for e in eos_all} - {None}
 
     @classmethod
+    def read(cls, sources: list[Path], *args, **kwargs) -> "BPETokenizer":
+        """cls(*args, **kwargs), an error in the tables naming the files they were read from."""
+        try:
+            return cls(*args, **kwargs)
+        except CheckpointError:
+            raise
+        except ValueError as e:  # ours above, or tiktoken's for a pattern it cannot compile
+            raise CheckpointError(f"{' and '.join(map(str, sources))}: {e}") from None
+
+    @classmethod
     def from_tokenizer_json(cls, path: Path, bos=None, eos=None, **kwargs) -> "BPETokenizer":
-        spec = json.loads(path.read_text())
-        model = spec.get("model", {})
-        if model.get("type") != "BPE" or not _is_byte_level(spec):
-            raise ValueError(f"{path}: only byte-level BPE tokenizer.json files are supported "
-                             f"(found model type {model.get('type')!r})")
-        pattern, prefix_space = _pre_tokenizer(spec.get("pre_tokenizer"))
-        added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-        return cls(model["vocab"], model["merges"], added, pattern, prefix_space, bos, eos, name=path.name,
-                   **{"files": {path.name: path}, **kwargs})
+        spec = read_json(path)
+        model = spec.get("model")
+        model = model if isinstance(model, dict) else {}
+        steps = _pre_tokenizers(spec, path)
+        if model.get("type") != "BPE" or not any(p.get("type") == "ByteLevel" for p in steps):
+            raise CheckpointError(f"{path}: only byte-level BPE tokenizer.json files are supported "
+                                  f"(found model type {shown(model.get('type'))})")
+        pattern, prefix_space = _pre_tokenizer(steps, path)
+        added = spec.get("added_tokens") or []
+        if not isinstance(added, list) or not all(isinstance(t, dict) and isinstance(t.get("content"), str)
+                                                  and is_int(t.get("id")) for t in added):
+            raise CheckpointError(f"{path}: added_tokens should be a list of objects with a \"content\" string and an "
+                                  f"\"id\" int, found {shown(added)}")
+        return cls.read([path], model.get("vocab"), model.get("merges"), {t["content"]: t["id"] for t in added},
+                        pattern, prefix_space, bos, eos, name=path.name, **{"files": {path.name: path}, **kwargs})
 
     @classmethod
     def from_vocab_merges(cls, vocab: Path, merges: Path, added: dict[str, int], bos=None, eos=None,
                           **kwargs) -> "BPETokenizer":
         """GPT-2's files: vocab.json (token -> id) and merges.txt (a '#version' line, then 'left right' per line)."""
-        return cls(json.loads(vocab.read_text(encoding="utf-8")), _merge_lines(merges), added, GPT2_PATTERN, False,
-                   bos, eos, name=vocab.name, **{"files": {vocab.name: vocab, merges.name: merges}, **kwargs})
+        return cls.read([vocab, merges], read_json(vocab), _merge_lines(merges), added, GPT2_PATTERN, False, bos, eos,
+                        name=vocab.name, **{"files": {vocab.name: vocab, merges.name: merges}, **kwargs})
 
     @classmethod
     def from_fairseq(cls, vocab: Path, merges: Path, dictionary: Path, **kwargs) -> "BPETokenizer":
@@ -178,18 +224,20 @@ class BPETokenizer(Tokenizer):
         renumbers them: the model's id of GPT-2 id g is 4 + the line of g in dict.txt, after <s>, <pad>,
         </s>, <unk> (0..3). A token that dict.txt lacks encodes as <unk>, as fairseq does; </s> starts
         and ends a document."""
-        gpt2 = json.loads(vocab.read_text(encoding="utf-8"))
-        entries = [line.split(" ")[0] for line in dictionary.read_text(encoding="utf-8").splitlines() if line.strip()]
+        gpt2 = read_json(vocab)
+        entries = [line.split(" ")[0] for line in read_text(dictionary).splitlines() if line.strip()]
         line_of = {entry: 4 + i for i, entry in enumerate(entries)}
         renumbered = {token: line_of[str(i)] for token, i in gpt2.items() if str(i) in line_of}
         specials = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-        return cls(renumbered, _merge_lines(merges), specials, GPT2_PATTERN, False, "</s>", "</s>",
-                   name=dictionary.name, unk=3,
-                   **{"files": {vocab.name: vocab, merges.name: merges, dictionary.name: dictionary}, **kwargs})
+        return cls.read([vocab, merges, dictionary], renumbered, _merge_lines(merges), specials, GPT2_PATTERN, False,
+                        "</s>", "</s>", name=dictionary.name, unk=3,
+                        **{"files": {vocab.name: vocab, merges.name: merges, dictionary.name: dictionary}, **kwargs})
 
     def _id(self, token: str | int | None) -> int | None:
-        if token is None or isinstance(token, int):
+        if token is None or is_int(token):
             return token
+        if not isinstance(token, str):
+            raise ValueError(f"special token {shown(token)} is neither a token (a string) nor an id (an int)")
         if token not in self.token_ids:
             raise ValueError(f"special token {token!r} is not in the tokenizer's vocabulary")
         return self.token_ids[token]
@@ -208,42 +256,60 @@ class BPETokenizer(Tokenizer):
         return b"".join(self.id_to_bytes.get(int(i), b"") for i in ids).decode("utf-8", errors="replace")
 
 
-def _is_byte_level(spec: dict) -> bool:
-    parts = [spec.get("pre_tokenizer") or {}]
-    parts += parts[0].get("pretokenizers", [])
-    return any(p.get("type") == "ByteLevel" for p in parts)
+def _pre_tokenizers(spec: dict, path: Path) -> list[dict]:
+    """tokenizer.json's pre-tokenizer, or the steps of its Sequence: objects with a "type"."""
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    if not isinstance(steps, list) or not all(isinstance(p, dict) for p in steps):
+        raise CheckpointError(f"{path}: pre_tokenizer should be an object (or a Sequence of them), found {shown(pre)}")
+    return steps
 
 
-def _pre_tokenizer(pre: dict) -> tuple[str, bool]:
+def _pre_tokenizer(steps: list[dict], path: Path) -> tuple[str, bool]:
     """The splitting regex and add_prefix_space of a ByteLevel (or Sequence[Split, ByteLevel]) pre-tokenizer."""
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     pattern, prefix_space = None, False
-    for p in parts:
-        if p["type"] == "Split":
-            pattern = p["pattern"].get("Regex") or re.escape(p["pattern"]["String"])
-        elif p["type"] == "ByteLevel":
+    for p in steps:
+        if p.get("type") == "Split":
+            given = p.get("pattern") if isinstance(p.get("pattern"), dict) else {}
+            regex, text = given.get("Regex"), given.get("String")
+            if not isinstance(regex, str) and not isinstance(text, str):
+                raise CheckpointError(f"{path}: a Split pre-tokenizer's pattern should be {{\"Regex\": ...}} or "
+                                      f"{{\"String\": ...}}, found {shown(p.get('pattern'))}")
+            pattern = regex if isinstance(regex, str) and regex else re.escape(text or "")
+        elif p.get("type") == "ByteLevel":
             prefix_space = p.get("add_prefix_space", False)
+            if not isinstance(prefix_space, bool):
+                raise CheckpointError(f"{path}: add_prefix_space {shown(prefix_space)} is not true or false")
             if p.get("use_regex", True):
                 pattern = GPT2_PATTERN
     return pattern or r"[\s\S]+", prefix_space
 
 
+def read_text(path: Path) -> str:
+    """A UTF-8 text file (merges.txt, dict.txt); else an error naming it."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def _merge_lines(merges: Path) -> list[str]:
     """GPT-2's merges.txt: a '#version' line, then 'left right' per line."""
-    return [line for line in merges.read_text(encoding="utf-8").split("\n") if line and not line.startswith("#version")]
+    return [line for line in read_text(merges).split("\n") if line and not line.startswith("#version")]
 
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "dict.txt", "gpt2-vocab.json", "gpt2-merges.txt")
 
 
-def load_tokenizer(directory: Path, config: dict | None = None) -> Tokenizer | None:
+def load_tokenizer(directory: Path, config: dict | None = None, config_file: Path | None = None) -> Tokenizer | None:
     """The tokenizer stored beside a checkpoint, or None if there is none.
 
     `tokenizer.model` comes first (SentencePiece or tiktoken, told apart by its content); else a
     byte-level BPE `tokenizer.json`, else metaseq's `dict.txt` with GPT-2's files, else GPT-2's
     `vocab.json` + `merges.txt` (OPT), with bos/eos ids from config.json, or their names from
-    tokenizer_config.json. Its `files` are the TOKENIZER_FILES the directory holds.
+    tokenizer_config.json. Its `files` are the TOKENIZER_FILES the directory holds. A file that cannot be
+    read as its kind is a CheckpointError naming it (config_file: where `config` came from).
     """
     files = {name: directory / name for name in TOKENIZER_FILES if (directory / name).exists()}
     model = directory / "tokenizer.model"
@@ -254,21 +320,32 @@ def load_tokenizer(directory: Path, config: dict | None = None) -> Tokenizer | N
         return SentencePieceTokenizer(model, files)
     config = config or {}
     bos, eos = config.get("bos_token_id"), config.get("eos_token_id")
-    named = json.loads((directory / "tokenizer_config.json").read_text()) \
-        if (directory / "tokenizer_config.json").exists() else {}
+    ids = is_int(bos) or bos is None, is_int(eos) or eos is None or (isinstance(eos, list) and all(map(is_int, eos)))
+    if not all(ids):
+        raise CheckpointError(f"{config_file or directory}: {'bos_token_id' if not ids[0] else 'eos_token_id'} "
+                              f"{shown(bos if not ids[0] else eos)} is not a token id (an int; eos: or a list of them)")
+    named_file = directory / "tokenizer_config.json"
+    named = read_json(named_file) if named_file.exists() else {}
     content = lambda t: t.get("content") if isinstance(t, dict) else t  # noqa: E731
     bos = bos if bos is not None else content(named.get("bos_token"))
     eos = eos if eos is not None else content(named.get("eos_token"))
+    decoder = named.get("added_tokens_decoder", {})
+    if not isinstance(decoder, dict) or not all(i.isdigit() and isinstance(content(t), str) for i, t in decoder.items()):
+        raise CheckpointError(f"{named_file}: added_tokens_decoder should map ids to tokens, found {shown(decoder)}")
+    for name, token in (("bos_token", bos), ("eos_token", eos)):
+        if not (token is None or isinstance(token, (str, int, list))):
+            raise CheckpointError(f"{named_file}: {name} {shown(token)} is not a token (a string, or an object with "
+                                  f"its \"content\")")
     if (directory / "tokenizer.json").exists():
         return BPETokenizer.from_tokenizer_json(directory / "tokenizer.json", bos=bos, eos=eos, files=files)
     vocab = next((directory / f for f in ("gpt2-vocab.json", "vocab.json") if (directory / f).exists()), None)
     merges = next((directory / f for f in ("gpt2-merges.txt", "merges.txt") if (directory / f).exists()), None)
     if (directory / "dict.txt").exists() and vocab and merges and (
-            vocab.name == "gpt2-vocab.json" or "</s>" not in json.loads(vocab.read_text(encoding="utf-8"))):
+            vocab.name == "gpt2-vocab.json" or "</s>" not in read_json(vocab)):
         # metaseq's OPT files; a vocab.json with </s> is Hugging Face's, already in the model's ids
         return BPETokenizer.from_fairseq(vocab, merges, directory / "dict.txt", files=files)
     if (directory / "vocab.json").exists() and (directory / "merges.txt").exists():
-        added = {content(t): int(i) for i, t in named.get("added_tokens_decoder", {}).items()}
+        added = {content(t): int(i) for i, t in decoder.items()}
         return BPETokenizer.from_vocab_merges(directory / "vocab.json", directory / "merges.txt", added, bos, eos,
                                               files=files)
     return None

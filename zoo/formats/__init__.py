@@ -32,10 +32,11 @@ def format_of(directory: Path):
     if found:
         return found[0]
     found = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
+    latest = gpt_neox.broken_latest(directory)
     raise CheckpointError(f"{directory}: neither params.json (Meta layout), config.json (Hugging Face layout), "
                           f"gpt-neox's layer_*-model_*-model_states.pt / mp_rank_*_model_states.pt, metaseq's "
                           f"restored.pt / reshard-model_part-*.pt nor a zoo-quantized model.safetensors found; "
-                          f"the directory holds: {found}")
+                          f"the directory holds: {found}" + (f"; {latest}" if latest else ""))
 
 
 def open(directory: Path) -> Checkpoint:

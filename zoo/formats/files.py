@@ -22,9 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-
-class CheckpointError(ValueError):
-    """A checkpoint directory or file is missing, corrupt, or does not match its config."""
+from zoo.checks import CheckpointError, is_int, json_kind, shown
 
 
 SAFETENSORS_DTYPES = {
@@ -126,7 +124,7 @@ def _rows_per_chunk(shape: tuple, dtype: torch.dtype) -> int:
 
 
 def _safetensors_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a .safetensors file (an 8-byte little-endian size, then the JSON) and its size."""
+    """The JSON header of a .safetensors file (an 8-byte little-endian size, then a JSON object) and its size."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -136,9 +134,14 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
         if n > size - 8:
             raise CheckpointError(f"{path}: corrupt or truncated (header of {n} bytes, file of {size})")
         try:
-            return json.loads(f.read(n)), n
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            header = json.loads(f.read(n))
+        except ValueError as e:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        what = f"its __metadata__ is {json_kind(metadata)}" if metadata is not None else f"it is {json_kind(header)}"
+        raise CheckpointError(f"{path}: corrupt safetensors header: {what}, not an object (of strings)")
+    return header, n
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:
@@ -153,11 +156,22 @@ def safetensors_tensors(path: Path) -> dict[str, StoredTensor]:
     header.pop("__metadata__", None)
     out = {}
     for key, info in header.items():
-        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{path}: tensor {key!r} is described by {json_kind(info)}, not an object with "
+                                  f"dtype, shape and data_offsets")
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
         if dtype is None:
-            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
-        start, end = info["data_offsets"]
-        t = StoredTensor(path, key, tuple(info["shape"]), dtype, offset=8 + n + start)
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {shown(info.get('dtype'))}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {shown(shape)}: expected a list of sizes "
+                                  f"(ints >= 0)")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_int, offsets))
+                and 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{path}: tensor {key!r} has data_offsets {shown(offsets)}: expected [start, end], "
+                                  f"0 <= start <= end")
+        start, end = offsets
+        t = StoredTensor(path, key, tuple(shape), dtype, offset=8 + n + start)
         if end - start != t.nbytes:
             raise CheckpointError(f"{path}: tensor {key!r} has {end - start} bytes for shape {t.shape} {dtype}")
         if 8 + n + end > size:
@@ -179,7 +193,11 @@ def pth_tensors(path: Path) -> dict[str, StoredTensor]:
 
 
 def _unreadable(path: Path, e: Exception) -> CheckpointError:
-    return CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (corrupt or truncated?): {e}")
+    """One line: torch's reason (for weights_only's refusal, the unpickler's line, less its advice to allowlist)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    reason = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0])
+    return CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (corrupt or truncated?): "
+                           f"{reason.split(' Please use')[0]}")
 
 
 def stored_tensors(path: Path, state: dict) -> dict[str, StoredTensor]:

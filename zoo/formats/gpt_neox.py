@@ -12,11 +12,10 @@ The ranks' copies merge by `neox_merge`; the merged tensors take Hugging Face's 
 (`neox_to_hf`) and then zoo's, as a Hugging Face checkpoint's do (formats/hf.py). Nothing is read
 until the loader asks for a tensor, and then only the copies that hold (a rank's slice of) it.
 """
-import json
 import re
 from pathlib import Path
 
-from zoo.checks import COUNT, FLAG, FRACTION, POSITIVE, key
+from zoo.checks import COUNT, FLAG, FRACTION, LAYERS, POSITIVE, SIZE, is_number, key, read_json, shown
 from zoo.formats.files import CheckpointError, StoredTensor, load_training_checkpoint, stored_tensors
 from zoo.formats.hf import has_weights, zoo_tensors
 from zoo.formats.lazy import Checkpoint, gathered, merged, ranks
@@ -81,8 +80,16 @@ def detect(directory: Path) -> bool:
 def checkpoint_dir(directory: Path) -> Path:
     """DeepSpeed writes each checkpoint to a `global_stepN/` folder and its name to `latest`: follow it."""
     latest = directory / "latest"
-    tag = latest.read_text().strip() if latest.is_file() else ""
+    tag = latest.read_bytes().decode("utf-8", "replace").strip() if latest.is_file() else ""
     return directory / tag if tag and (directory / tag).is_dir() else directory
+
+
+def broken_latest(directory: Path) -> str | None:
+    """What is wrong with a DeepSpeed `latest` file that names no folder beside it, if there is one."""
+    latest = directory / "latest"
+    if not latest.is_file() or checkpoint_dir(directory) != directory:
+        return None
+    return f"{latest} names {latest.read_bytes()[:60].decode('utf-8', 'replace').strip()!r}, which is no folder here"
 
 
 def config(directory: Path):
@@ -95,17 +102,21 @@ def open(given: Path) -> Checkpoint:
     directory = checkpoint_dir(given)  # global_stepN/ when `given` has DeepSpeed's `latest`
     places = list(dict.fromkeys([directory, given]))  # where configs and tokenizer files may lie
     config_file, args = _yaml_config(places)
-    n_layers = args.get("num_layers")
-    if not isinstance(n_layers, int):
-        raise CheckpointError(f"{config_file}: num-layers is missing or not a number")
-    parallel_residual = args.get("gpt_j_residual", False)
+    try:
+        yaml = dict(numeric_text=True)  # PyYAML reads a number without a dot, like 1e-5, as a string
+        n_layers = key(args, "num_layers", LAYERS, **yaml)
+        mp_size = key(args, "model_parallel_size", COUNT, 1, nullable=True, **yaml)
+        parallel_residual = key(args, "gpt_j_residual", FLAG, False)
+        tied_norm = key(args, "gpt_j_tied", FLAG, False)
+    except ValueError as e:
+        raise CheckpointError(f"{config_file}: {e}") from None
     pipeline, sequential = {}, {}
     for p in directory.iterdir():
         if m := PIPELINE.fullmatch(p.name):
             pipeline.setdefault(int(m.group(1)), {})[int(m.group(2))] = p
         elif m := SEQUENTIAL.fullmatch(p.name):
             sequential[int(m.group(1))] = p
-    n_ranks = max([args.get("model_parallel_size") or 1, *(r + 1 for f in pipeline.values() for r in f),
+    n_ranks = max([mp_size, *(r + 1 for f in pipeline.values() for r in f),
                    *(r + 1 for r in sequential)])
     by_layer: dict[int, dict[str, list[StoredTensor]]] = {}
     if pipeline:  # layer_XX-model_RR-model_states.pt: a plain state dict per file
@@ -133,7 +144,7 @@ def open(given: Path) -> Checkpoint:
             hf_key = neox_to_hf(idx, name, n_layers)
             if hf_key:
                 tensors[hf_key] = merged(parts, neox_merge(name, parallel_residual))
-    if parallel_residual and args.get("gpt_j_tied", False):  # one layer norm feeds attention and MLP alike:
+    if parallel_residual and tied_norm:  # one layer norm feeds attention and MLP alike:
         for hf_key in [k for k in tensors if ".input_layernorm." in k]:  # post_attention_layernorm is unused
             tensors[hf_key.replace(".input_layernorm.", ".post_attention_layernorm.")] = tensors[hf_key]
     for hf_key, required in (("gpt_neox.embed_in.weight", "word_embeddings.weight of layer 0"),
@@ -147,7 +158,7 @@ def open(given: Path) -> Checkpoint:
                           hidden_dim=tensors["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"].shape[0])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{config_file}: {e}") from None
-    return Checkpoint("gpt_neox", cfg, config_file, zoo_tensors("gpt_neox", cfg, tensors), _tokenizer(places, args),
+    return Checkpoint("gpt_neox", cfg, config_file, zoo_tensors("gpt_neox", cfg, tensors), _tokenizer(places, args, config_file),
                       lambda name: _neox_name(gpt_neox.zoo_to_hf(name), n_layers, bool(pipeline)))
 
 
@@ -163,11 +174,13 @@ def _yaml_config(places: list[Path]) -> tuple[Path, dict]:
     args = {}
     for f in files:
         try:
-            part = yaml.safe_load(f.read_text())
+            part = yaml.safe_load(f.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         except yaml.YAMLError as e:
-            raise CheckpointError(f"{f}: not valid YAML ({e})") from None
-        if not isinstance(part, dict):
-            raise CheckpointError(f"{f}: expected a mapping of gpt-neox arguments")
+            raise CheckpointError(f"{f}: not valid YAML ({' '.join(str(e).split())})") from None
+        if not isinstance(part, dict) or not all(isinstance(k, str) for k in part):
+            raise CheckpointError(f"{f}: expected a mapping of gpt-neox arguments (names to values)")
         args.update(part)
     return files[0], {k.replace("-", "_"): v for k, v in args.items()}
 
@@ -175,7 +188,9 @@ def _yaml_config(places: list[Path]) -> tuple[Path, dict]:
 def _check_version(state: object, path: Path) -> None:
     """Megatron's checkpoint_version below 2 ordered the fused qkv rows otherwise; zoo reads the current order."""
     version = state.get("checkpoint_version") if isinstance(state, dict) else None
-    if version is not None and float(version) < 2:
+    if version is not None and not is_number(version):
+        raise CheckpointError(f"{path}: checkpoint_version {shown(version)} is not a number")
+    if version is not None and version < 2:
         raise CheckpointError(f"{path}: checkpoint_version {version} (an old Megatron order of the fused qkv rows) "
                               f"is not supported; zoo reads version 2 and later")
 
@@ -194,7 +209,7 @@ def _neox_name(hf_key: str, n_layers: int, pipeline: bool) -> str:
     return f"layer_{idx:02d} files: {key}" if pipeline else f"sequential.{idx}.{key}"
 
 
-def _tokenizer(places: list[Path], args: dict):
+def _tokenizer(places: list[Path], args: dict, config_file: Path):
     """A tokenizer.json beside the checkpoint, else the one its config names, as given or by name beside
     it: `vocab-file` (a tokenizer.json for tokenizer-type HFTokenizer; GPT-2's vocab.json, with
     `merge-file`, for GPT2BPETokenizer, gpt-neox's default). Its <|endoftext|> is gpt-neox's eos."""
@@ -202,23 +217,22 @@ def _tokenizer(places: list[Path], args: dict):
         return next((p for p in (Path(name), *(d / Path(name).name for d in places)) if p.is_file()), None)
 
     kind, vocab, merges = args.get("tokenizer_type", "GPT2BPETokenizer"), args.get("vocab_file"), args.get("merge_file")
+    for name, value in (("tokenizer-type", kind), ("vocab-file", vocab), ("merge-file", merges)):
+        if value is not None and not isinstance(value, str):
+            raise CheckpointError(f"{config_file}: {name} {shown(value)} is not a string")
     tokenizer_json = next((d / "tokenizer.json" for d in places if (d / "tokenizer.json").is_file()), None)
     if tokenizer_json is None and kind == "HFTokenizer" and vocab:
         tokenizer_json = find(vocab)
     vocab, merges = (find(vocab) if vocab else None), (find(merges) if merges else None)
-    source = tokenizer_json or vocab
-    try:
-        if tokenizer_json is not None:
-            return BPETokenizer.from_tokenizer_json(tokenizer_json, files={"tokenizer.json": tokenizer_json},
-                                                    end_of_text="<|endoftext|>")
-        if kind == "GPT2BPETokenizer" and vocab and merges:
-            eot = json.loads(vocab.read_text(encoding="utf-8")).get("<|endoftext|>")
-            return BPETokenizer.from_vocab_merges(vocab, merges, {} if eot is None else {"<|endoftext|>": eot},
-                                                  files={"vocab.json": vocab, "merges.txt": merges},
-                                                  end_of_text="<|endoftext|>")
-        return None
-    except (ValueError, KeyError, AttributeError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-        raise CheckpointError(f"{source}: cannot read it as a {kind} tokenizer: {type(e).__name__}: {e}") from None
+    if tokenizer_json is not None:
+        return BPETokenizer.from_tokenizer_json(tokenizer_json, files={"tokenizer.json": tokenizer_json},
+                                                end_of_text="<|endoftext|>")
+    if kind == "GPT2BPETokenizer" and vocab and merges:
+        eot = read_json(vocab).get("<|endoftext|>")
+        return BPETokenizer.from_vocab_merges(vocab, merges, {} if eot is None else {"<|endoftext|>": eot},
+                                              files={"vocab.json": vocab, "merges.txt": merges},
+                                              end_of_text="<|endoftext|>")
+    return None
 
 
 def _tensors_under(state: object, path: Path, under: str | None) -> dict:
@@ -254,12 +268,12 @@ def neox_config(args: dict, vocab_size: int, hidden_dim: int) -> GPTNeoXConfig:
     activation = "gelu_new" if args.get("activation", "gelu") == "gelu" and args.get("openai_gelu") else \
         args.get("activation", "gelu")
     yaml = dict(numeric_text=True)  # PyYAML reads a number without a dot, like 1e-5, as a string
-    return GPTNeoXConfig(dim=key(args, "hidden_size", COUNT, **yaml), n_layers=key(args, "num_layers", COUNT, **yaml),
-               n_heads=key(args, "num_attention_heads", COUNT, **yaml), hidden_dim=hidden_dim, vocab_size=vocab_size,
-               max_seq_len=key(args, "max_position_embeddings", COUNT, None, nullable=True, **yaml)
-               or key(args, "seq_length", COUNT, 2048, nullable=True, **yaml),
+    return GPTNeoXConfig(dim=key(args, "hidden_size", SIZE, **yaml), n_layers=key(args, "num_layers", LAYERS, **yaml),
+               n_heads=key(args, "num_attention_heads", SIZE, **yaml), hidden_dim=hidden_dim, vocab_size=vocab_size,
+               max_seq_len=key(args, "max_position_embeddings", SIZE, None, nullable=True, **yaml)
+               or key(args, "seq_length", SIZE, 2048, nullable=True, **yaml),
                rotary_pct=key(args, "rotary_pct", FRACTION, 1.0, **yaml),
-               rope_theta=key(args, "rotary_emb_base", POSITIVE, 10000, **yaml),
+               rope_theta=float(key(args, "rotary_emb_base", POSITIVE, 10000, **yaml)),
                norm_eps=key(args, "layernorm_epsilon", POSITIVE, 1e-5, **yaml),
                parallel_residual=key(args, "gpt_j_residual", FLAG, False),
                bias=key(args, "use_bias_in_attn_linear", FLAG, True), activation=activation,

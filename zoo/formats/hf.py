@@ -8,12 +8,11 @@ permuted back to Meta's rotary pairs, GPT-NeoX's fused query_key_value cut into 
 gpt-neox's and metaseq's own formats come here too (`zoo_tensors`), once under HF's names.
 """
 from functools import partial
-from pathlib import Path
+from pathlib import Path, PurePath
 
-from zoo.checks import COUNT, FLAG, FRACTION, MAPPING, POSITIVE, TEXT, key
+from zoo.checks import FLAG, FRACTION, LAYERS, MAPPING, POSITIVE, SIZE, TEXT, key, read_json, shown
 from zoo.formats.files import CheckpointError, StoredTensor, open_tensors
 from zoo.formats.lazy import Checkpoint, Mapped
-from zoo.formats.meta import read_json
 from zoo.models import FAMILIES, gpt_neox, llama, opt
 from zoo.tokenizer import load_tokenizer
 
@@ -32,13 +31,13 @@ def llama_config(cfg: dict) -> llama.LlamaConfig:
     if "type" in rope:  # legacy name of rope_type
         rope.setdefault("rope_type", rope.pop("type"))
     return llama.LlamaConfig(
-        dim=key(cfg, "hidden_size", COUNT), n_layers=key(cfg, "num_hidden_layers", COUNT),
-        n_heads=key(cfg, "num_attention_heads", COUNT),
-        n_kv_heads=key(cfg, "num_key_value_heads", COUNT, None, nullable=True),
-        vocab_size=key(cfg, "vocab_size", COUNT), hidden_dim=key(cfg, "intermediate_size", COUNT),
-        head_dim=key(cfg, "head_dim", COUNT, None, nullable=True), norm_eps=key(cfg, "rms_norm_eps", POSITIVE, 1e-6),
-        rope_theta=theta, rope_scaling=None if rope.get("rope_type", "default") == "default" else rope,
-        max_seq_len=key(cfg, "max_position_embeddings", COUNT, default=2048),
+        dim=key(cfg, "hidden_size", SIZE), n_layers=key(cfg, "num_hidden_layers", LAYERS),
+        n_heads=key(cfg, "num_attention_heads", SIZE),
+        n_kv_heads=key(cfg, "num_key_value_heads", SIZE, None, nullable=True),
+        vocab_size=key(cfg, "vocab_size", SIZE), hidden_dim=key(cfg, "intermediate_size", SIZE),
+        head_dim=key(cfg, "head_dim", SIZE, None, nullable=True), norm_eps=key(cfg, "rms_norm_eps", POSITIVE, 1e-6),
+        rope_theta=float(theta), rope_scaling=None if rope.get("rope_type", "default") == "default" else rope,
+        max_seq_len=key(cfg, "max_position_embeddings", SIZE, default=2048),
         tie_embeddings=key(cfg, "tie_word_embeddings", FLAG, default=False),
         attention_bias=key(cfg, "attention_bias", FLAG, default=False),
         mlp_bias=key(cfg, "mlp_bias", FLAG, default=False),
@@ -47,11 +46,11 @@ def llama_config(cfg: dict) -> llama.LlamaConfig:
 
 def opt_config(cfg: dict) -> opt.OPTConfig:
     pre_norm = key(cfg, "do_layer_norm_before", FLAG, default=True)
-    return opt.OPTConfig(dim=key(cfg, "hidden_size", COUNT), n_layers=key(cfg, "num_hidden_layers", COUNT),
-                         n_heads=key(cfg, "num_attention_heads", COUNT), hidden_dim=key(cfg, "ffn_dim", COUNT),
-                         vocab_size=key(cfg, "vocab_size", COUNT),
-                         max_seq_len=key(cfg, "max_position_embeddings", COUNT, default=2048),
-                         embed_dim=key(cfg, "word_embed_proj_dim", COUNT, None, nullable=True),
+    return opt.OPTConfig(dim=key(cfg, "hidden_size", SIZE), n_layers=key(cfg, "num_hidden_layers", LAYERS),
+                         n_heads=key(cfg, "num_attention_heads", SIZE), hidden_dim=key(cfg, "ffn_dim", SIZE),
+                         vocab_size=key(cfg, "vocab_size", SIZE),
+                         max_seq_len=key(cfg, "max_position_embeddings", SIZE, default=2048),
+                         embed_dim=key(cfg, "word_embed_proj_dim", SIZE, None, nullable=True),
                          pre_norm=pre_norm,
                          final_norm=pre_norm and not key(cfg, "_remove_final_layer_norm", FLAG, False),
                          norm_affine=key(cfg, "layer_norm_elementwise_affine", FLAG, default=True),
@@ -67,11 +66,11 @@ def gpt_neox_config(cfg: dict) -> gpt_neox.GPTNeoXConfig:
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"rope type {rope['rope_type']!r} is not supported for GPT-NeoX")
     return gpt_neox.GPTNeoXConfig(
-        dim=key(cfg, "hidden_size", COUNT), n_layers=key(cfg, "num_hidden_layers", COUNT),
-        n_heads=key(cfg, "num_attention_heads", COUNT), hidden_dim=key(cfg, "intermediate_size", COUNT),
-        vocab_size=key(cfg, "vocab_size", COUNT), max_seq_len=key(cfg, "max_position_embeddings", COUNT, default=2048),
+        dim=key(cfg, "hidden_size", SIZE), n_layers=key(cfg, "num_hidden_layers", LAYERS),
+        n_heads=key(cfg, "num_attention_heads", SIZE), hidden_dim=key(cfg, "intermediate_size", SIZE),
+        vocab_size=key(cfg, "vocab_size", SIZE), max_seq_len=key(cfg, "max_position_embeddings", SIZE, default=2048),
         rotary_pct=key(rope, "partial_rotary_factor", FRACTION, None) or key(cfg, "rotary_pct", FRACTION, 0.25),
-        rope_theta=key(rope, "rope_theta", POSITIVE, None) or key(cfg, "rotary_emb_base", POSITIVE, 10000.0),
+        rope_theta=float(key(rope, "rope_theta", POSITIVE, None) or key(cfg, "rotary_emb_base", POSITIVE, 10000.0)),
         norm_eps=key(cfg, "layer_norm_eps", POSITIVE, default=1e-5),
         parallel_residual=key(cfg, "use_parallel_residual", FLAG, default=True),
         bias=key(cfg, "attention_bias", FLAG, default=True), activation=key(cfg, "hidden_act", TEXT, default="gelu"),
@@ -105,14 +104,14 @@ def config(directory: Path):
     path = directory / "config.json"
     config = read_json(path)
     family = config.get("model_type")
-    if family not in FAMILIES:
+    if not isinstance(family, str) or family not in FAMILIES:
         raise CheckpointError(f"{path}: unknown model_type {family!r}; supported: {', '.join(FAMILIES)}")
     return family, read_config(path, family, config), path
 
 
 def open(directory: Path) -> Checkpoint:
     family, cfg, path = config(directory)
-    tokenizer = load_tokenizer(directory, read_json(path))
+    tokenizer = load_tokenizer(directory, read_json(path), path)
     return Checkpoint(family, cfg, path, zoo_tensors(family, cfg, stored_tensors(directory)), tokenizer,
                       FAMILIES[family].zoo_to_hf)
 
@@ -133,15 +132,19 @@ def stored_tensors(directory: Path) -> dict[str, StoredTensor]:
         index = directory / index_name
         if index.exists():
             weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index}: no 'weight_map'")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{index}: expected a 'weight_map' object giving each tensor's shard file name, "
+                                      f"found {shown(weight_map)}")
             tensors = {}
             for file in sorted(set(weight_map.values())):
-                if not (directory / file).exists():
+                if PurePath(file).is_absolute() or ".." in PurePath(file).parts or PurePath(file) == PurePath():
+                    raise CheckpointError(f"{index}: shard {file!r} points outside the checkpoint directory "
+                                          f"{directory}; expected the name of a file in it")
+                if not (directory / file).is_file():
                     raise CheckpointError(f"{directory / file}: shard listed in {index_name} is missing")
                 tensors.update(open_tensors(directory / file))
             for k, file in weight_map.items():
-                if k not in tensors or tensors[k].path.name != file:
+                if k not in tensors or tensors[k].path != directory / file:
                     raise CheckpointError(f"{directory / file}: tensor {k!r} listed in {index_name} is missing")
             return tensors
     for name in WEIGHTS:

@@ -11,11 +11,10 @@ Keys and how the ranks split them (fairscale's layers in Meta's llama/model.py):
     rope.freqs                                 LLaMA 1/2's precomputed table: skipped
 Weights are in Meta's own rotary layout (interleaved pairs), which is zoo's.
 """
-import json
 import re
 from pathlib import Path
 
-from zoo.checks import COUNT, FLAG, POSITIVE, is_int, key
+from zoo.checks import FLAG, LAYERS, POSITIVE, SIZE, is_int, key, read_json
 from zoo.formats.files import CheckpointError, open_tensors
 from zoo.formats.lazy import Checkpoint, Concat, Reduce
 from zoo.models.llama import LlamaConfig
@@ -44,19 +43,12 @@ def detect(directory: Path) -> bool:
     return (directory / "params.json").exists()
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-
-
 def llama_config(params: dict, vocab_size: int | None = None) -> LlamaConfig:
     """LLaMA's config from Meta's params.json. vocab_size -1 there means 'the tokenizer's size' (passed in)."""
     known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
              "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len"}
     # Meta's defaults are 7B's: a file without dim, n_layers or n_heads would silently build the wrong model
-    dim, n_layers, n_heads = key(params, "dim", COUNT), key(params, "n_layers", COUNT), key(params, "n_heads", COUNT)
+    dim, n_layers, n_heads = key(params, "dim", SIZE), key(params, "n_layers", LAYERS), key(params, "n_heads", SIZE)
     vocab = key(params, "vocab_size", ("an int >= 1, or -1 for the tokenizer's", lambda v: is_int(v) and v >= -1
                                        and v != 0), default=-1)
     if vocab == -1:
@@ -66,15 +58,15 @@ def llama_config(params: dict, vocab_size: int | None = None) -> LlamaConfig:
     scaled = key(params, "use_scaled_rope", FLAG, default=False)
     theta = key(params, "rope_theta", POSITIVE, default=10000.0)
     return LlamaConfig(
-        dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=key(params, "n_kv_heads", COUNT, None, nullable=True),
-        vocab_size=vocab, multiple_of=key(params, "multiple_of", COUNT, default=256),
+        dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=key(params, "n_kv_heads", SIZE, None, nullable=True),
+        vocab_size=vocab, multiple_of=key(params, "multiple_of", SIZE, default=256),
         ffn_dim_multiplier=key(params, "ffn_dim_multiplier", POSITIVE, None, nullable=True),
-        norm_eps=key(params, "norm_eps", POSITIVE, default=1e-5), rope_theta=theta,
+        norm_eps=key(params, "norm_eps", POSITIVE, default=1e-5), rope_theta=float(theta),
         # LLaMA 3.1's constants (llama-models' apply_scaling)
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 8192} if scaled else None,
         # not in Meta's files: LLaMA 2 4096, LLaMA 3 8192, 3.1 131072
-        max_seq_len=key(params, "max_seq_len", COUNT, default=131072 if scaled else 8192 if theta >= 500000 else 4096),
+        max_seq_len=key(params, "max_seq_len", SIZE, default=131072 if scaled else 8192 if theta >= 500000 else 4096),
         extra={k: v for k, v in params.items() if k not in known})
 
 
@@ -137,7 +129,7 @@ def open(directory: Path) -> Checkpoint:
 
 def split_dim(key: str, shard_shape: tuple, cfg: LlamaConfig) -> int | None:
     """The dim along which Meta's ranks split a tensor (None: replicated); see the table above."""
-    module = key.split(".")[-2]
+    module = key.split(".")[-2] if "." in key else ""
     if key == "tok_embeddings.weight":
         return 0 if shard_shape[1] == cfg.dim else 1  # LLaMA 3 splits the vocabulary, LLaMA 1/2 the dim
     if module in COLUMN_PARALLEL or key == "output.weight":

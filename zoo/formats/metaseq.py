@@ -9,13 +9,12 @@ The ranks' copies merge by Megatron's rules (`metaseq_merge`). The config is a c
 the files if there is one, else the sizes from the tensors' shapes and the options from the
 checkpoint's stored cfg (`metaseq_config`).
 """
-import json
 import re
 from pathlib import Path
 
 import torch
 
-from zoo.checks import COUNT, TEXT, key
+from zoo.checks import COUNT, TEXT, key, read_json
 from zoo.formats.files import CheckpointError, load_training_checkpoint, plain, stored_tensors
 from zoo.formats.hf import has_weights, opt_config, zoo_tensors
 from zoo.formats.lazy import Checkpoint, Chunk, gathered, merged, ranks
@@ -73,6 +72,8 @@ def open(directory: Path) -> Checkpoint:
         if not isinstance(state, dict):
             raise CheckpointError(f"{f}: expected a dict, found {type(state).__name__}")
         model = state.get("model", state)
+        if not isinstance(model, dict):
+            raise CheckpointError(f"{f}: expected the model's tensors under 'model', found {type(model).__name__}")
         if any(".flat_param" in k for k in model):
             raise CheckpointError(f"{f}: FSDP-flattened parameters (flat_param_*); consolidate the shards with "
                                   f"metaseq's reshard script first")
@@ -84,9 +85,10 @@ def open(directory: Path) -> Checkpoint:
             parts = [Chunk(p, 0, i, 3) for p in stored] if len(hf_keys) == 3 else stored
             tensors[hf_key] = merged(parts, metaseq_merge(name))
     config_file = directory / "config.json"
+    given = read_json(config_file) if config_file.exists() else None
     try:
-        if config_file.exists():
-            cfg = opt_config(json.loads(config_file.read_text()))
+        if given is not None:
+            cfg = opt_config(given)
         else:
             config_file = files[0]
             stored_cfg = plain(states[0].get("cfg"))
