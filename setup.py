@@ -12,5 +12,5 @@ setup(
     package_data={"zoo.kernels": ["native.cpp"]},
     # transformers: numerical reference only (models built from configs, never downloaded);
     # fairscale: reference for the tensor-parallel layers; tokenizers: reference BPE encoders
-    extras_require={"test": ["pytest", "transformers>=4.45", "fairscale==0.4.13", "tokenizers", "psutil"]},
+    extras_require={"test": ["pytest", "transformers>=4.45", "fairscale==0.4.13", "tokenizers", "psutil", "hypothesis"]},
 )
