@@ -41,7 +41,18 @@ measured with `python benchmarks/kernels.py` on LLaMA-7B layer shapes, the nativ
 27 GB/s of weights (torch's operator 23), int4 31 (torch's 31); at M = 16 native int8 1.09 ms
 against 1.42 dequantize-then-F.linear, M = 32 1.82 against 1.91, M = 128 7.1 against 4.2 (int4
 alike; F.linear on a bf16 weight 3.7).
+
+Memory that stays flat under varied shapes (`python benchmarks/memory_shapes.py`, README): F.linear in
+bf16 on the CPU is oneDNN's GEMM, which compiles a kernel for every (M, N, K) it meets and keeps it in
+two caches (oneDNN's primitive cache and ideep's, 1,024 kernels each by default), so every new (batch,
+length) of a forward adds one per layer shape. zoo sets both to ONEDNN_CACHE_CAPACITY at import, enough
+for the shapes of one forward, or of one prefill and its decode steps; a shape beyond them is compiled
+again when it comes back. The kernels compiled and dropped meanwhile land among the forward's large,
+short-lived tensors in glibc's heap, which then keeps what they free (glibc's mmap threshold rises to
+the largest block freed): every TRIM_EVERY CPU GEMMs of linear() give that memory back (malloc_trim).
 """
+import itertools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +69,13 @@ CPU_DTYPE = torch.bfloat16  # the CPU paths compute in bf16 whatever x's dtype
 INT8_CPU_OP_MAX_M = 128  # rows of x up to which torch's int8 operator beats dequantize-then-F.linear on CPU
 NATIVE_MAX_M = 32  # rows of x up to which the native kernels beat their dequantize-then-F.linear (both formats)
 BF16_NATIVE_MAX_M = 8  # rows of bf16 x up to which native bf16_linear beats F.linear (linear() below)
+# Both read by oneDNN and ideep when the first GEMM runs, hence set here, at import; a value set before zoo
+# is imported is kept (ONEDNN_PRIMITIVE_CACHE_CAPACITY, LRU_CACHE_CAPACITY; LRU_CACHE_CAPACITY=0 crashes torch).
+ONEDNN_CACHE_CAPACITY = 64
+for _cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    os.environ.setdefault(_cache, str(ONEDNN_CACHE_CAPACITY))
+TRIM_EVERY = int(os.environ.get("ZOO_TRIM_EVERY", 1024))  # a LLaMA layer's forward is 7 GEMMs
+_cpu_gemms = itertools.count(1)
 CPU_INT4_OP = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")  # torch >= 2.5
 
 
@@ -240,6 +258,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         y = torch.ops.zoo_native.bf16_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
         return y.view(*x.shape[:-1], y.shape[-1])  # [..., N]
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and next(_cpu_gemms) % TRIM_EVERY == 0:
+        from zoo.formats.files import release_freed_memory  # here: zoo.formats imports the models, which import this
+        release_freed_memory()
     return F.linear(x, weight, bias)
 
 
