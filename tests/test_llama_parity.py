@@ -123,10 +123,12 @@ def test_rmsnorm_bf16_equals_hf_bit_for_bit():
 @pytest.mark.parametrize("kv_heads", [8, 2, 1])
 @pytest.mark.parametrize("padded", [False, True])
 def test_bf16_decode_attention_equals_sdpa_in_fp32(kv_heads, padded):
-    """A bf16 decode step on the CPU attends with attention.one_query_attention (SDPA's kernel is slow
+    """A bf16 decode step on the CPU attends with kernels/attention.one_query_attention (SDPA's kernel is slow
     for one query there): the same as SDPA on the same bf16 values upcast to fp32, then rounded to bf16.
     Grouped heads (8 query heads on 8, 2 or 1 kv heads), with and without a left-padding mask."""
-    from zoo.attention import Attention, KVCache, positions_and_mask
+    from zoo.attention import Attention
+    from zoo.cache import KVCache
+    from zoo.forward import Step, positions_and_mask
     from zoo.rotary import apply_rotary, inv_frequencies, rope_angles
     g = torch.Generator().manual_seed(7)
     attn = Attention(64, 8, kv_heads, 8).to(torch.bfloat16)
@@ -140,7 +142,8 @@ def test_bf16_decode_attention_equals_sdpa_in_fp32(kv_heads, padded):
     for start, seq in ((0, 12), (12, 1)):  # a prefill, then one decode step
         tokens = torch.zeros(3, seq, dtype=torch.long)
         positions, mask = positions_and_mask(tokens, cache, None)
-        seen.append(attn(x[:, start : start + seq], rope_angles(inv, positions), mask, cache))
+        step = Step(cache, None, lambda layer, point, x: x, positions, mask, rope_angles(inv, positions), seq, False)
+        seen.append(attn(x[:, start : start + seq], step))
         cache.advance(seq)
     q = apply_rotary(attn.wq(x[:, 12:]).view(3, 1, 8, 8), *rope_angles(inv, positions), interleaved=True)
     q = q.transpose(1, 2)  # (batch, heads, 1, head_dim)

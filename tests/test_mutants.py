@@ -22,8 +22,10 @@ def test_snippet_found_once_and_tests_exist(mutant):
 
 def test_every_core_module_has_mutants():
     files = {m.file for m in mutate.MUTANTS}
-    for module in ("zoo/models/llama.py", "zoo/models/opt.py", "zoo/models/gpt_neox.py", "zoo/attention.py",
+    for module in ("zoo/models/llama.py", "zoo/models/opt.py", "zoo/models/gpt_neox.py", "zoo/forward.py", "zoo/cache.py",
+                   "zoo/kernels/attention.py", "zoo/mlp.py",
                    "zoo/rotary.py", "zoo/norm.py", "zoo/parallel/layers.py", "zoo/parallel/comm.py",
-                   "zoo/quant/quantizers.py", "zoo/kernels/__init__.py", "zoo/sampling.py", "zoo/hooks.py",
+                   "zoo/quant/quantizers.py", "zoo/kernels/__init__.py", "zoo/sampling.py", "zoo/hooks/points.py",
+                   "zoo/hooks/builtins.py",
                    "zoo/formats/lazy.py", "zoo/formats/gpt_neox.py"):
         assert module in files, module

@@ -1,6 +1,6 @@
 """torch.compile for generation: the prefill and a static-shape decode step, CUDA graphs on GPUs.
 
-    model = zoo.compile(zoo.load("tiny-llama"))       # or zoo.load(..., compile=True), run.py --compile
+    model = zoo.compile(zoo.load("tiny-llama"))       # run.py --compile
     zoo.generate(model, prompts, max_new_tokens=64)   # the prefill and every decode step run compiled
 
 The decode step sees the same shapes at every step: the KV cache is static (KVCache(static=True):
@@ -14,7 +14,7 @@ step instead of one per kernel. On the CPU, in bf16 and fp16, inductor freezes t
 decode step's graph ("freezing": constant folding, oneDNN's prepacked linear for the matmuls, and
 the linears that read one input, such as q, k and v, concatenated into one); fp32 keeps torch's
 GEMMs, so its logits stay within 1e-5 of eager's. The decode step's attention (one query per row)
-is written out (attention.attention_with_pattern), which inductor fuses into a few loops: on the
+is written out (zoo/kernels/attention.py's attention_with_pattern), which inductor fuses into a few loops: on the
 CPU faster than SDPA's kernel for one query. `max_autotune=True` also tries inductor's own C++ GEMM
 templates, which pays for matrix-vector products at batch 1 but compiles for minutes on a small
 machine.
@@ -28,10 +28,8 @@ What does not compile, or does not gain, runs eagerly, and says so once on stder
 on a CPU without zoo's native kernels (torch's int8 operator does not lower in torch 2.13), hooks
 (Python functions called per point; a generation with hooks uses the eager model and a plain cache),
 tensor parallelism (gloo's collectives are not traceable), and whatever inductor fails to compile.
-With the native kernels a quantized model compiles (they are opaque operators in the graph; the rest
-is fused around them): on the 1.1B, 2 threads, interleaved with eager in one process, int8 decode
-1.08x eager at batch 1 and 1.10x at batch 8, int4 1.11x and 1.04x (before the kernels' one-row decode
-path, compiled was the slower one and quantized models stayed eager).
+With the native kernels a quantized model compiles: they are opaque operators in the graph, and the
+rest is fused around them (the README's Benchmarks have the figures).
 Compiled code is cached by inductor on disk (its FX graph cache, under $TORCHINDUCTOR_CACHE_DIR or
 /tmp/torchinductor_$USER), so a second process compiles faster.
 """
@@ -44,7 +42,7 @@ import torch
 from torch import nn
 
 from zoo import parallel
-from zoo.attention import checked_inputs
+from zoo.forward import call_compiled
 from zoo.kernels import native
 from zoo.quant import QuantLinear
 
@@ -103,23 +101,17 @@ def _or_eager(model: nn.Module, compiled: Callable, what: str, options: dict) ->
     said once. A failed compile runs nothing, so the call is simply made again eagerly."""
     failed = []
 
-    def call(*args, **kwargs):
+    def call(tokens, cache, **kwargs):
         if not failed:
-            cache = kwargs["cache"]  # the eager forward's errors, outside the graph
-            checked_inputs(args[0], cache, kwargs.get("left_pad"), model.config, model.embed.weight.device)
             try:
-                steps = cache.steps
                 # dynamo reads `freezing` while tracing, before torch.compile's options apply: patched here too
                 with torch._inductor.config.patch(freezing=options.get("freezing", False)):
-                    out = compiled(*args, **kwargs)
-                if cache.steps == steps:  # what the compiled forward left out (KVCache.advance); not if dynamo ran
-                    cache.advance(args[0].shape[1])  # the frame eagerly (past its recompile limit): that advanced it
-                return out
+                    return call_compiled(model, compiled, tokens, cache, **kwargs)
             except torch._dynamo.exc.BackendCompilerFailed as e:
                 failed.append(e)
                 reason = str(e).strip().splitlines()[0][:160]
                 _say_once(model, f"zoo.compile: the {what} does not compile here ({reason}); it runs eagerly")
-        return model(*args, **kwargs)
+        return model(tokens, cache=cache, **kwargs)
     return call
 
 

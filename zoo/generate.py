@@ -22,7 +22,7 @@ def steps(model, prompts: list[list[int]], max_new_tokens: int = 128, temperatur
     The first yield comes right after the prefill. Rows are left-padded to the longest prompt, so all
     rows write the KV cache at the same slot; padding is masked out and does not shift positions.
     `stop_ids` default to the tokenizer's (EOS; LLaMA 3 also <|eot_id|>). `hooks` are passed to
-    every forward (the prefill is step 0; see zoo/hooks.py).
+    every forward (the prefill is step 0; see zoo/hooks/).
     """
     prompts = checked_prompts(prompts, model.config.vocab_size)
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)

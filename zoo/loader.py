@@ -73,7 +73,7 @@ def load(ckpt: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: s
     checkpoint = fmt.open(directory)
     _set_context(checkpoint.config, max_seq_len)
     model = build(checkpoint.family, checkpoint.config, checkpoint.config_file, checkpoint.tokenizer)
-    tensors = quantized.place_layers(model, checkpoint, device) if checkpoint.quantized else checkpoint.tensors
+    tensors = quantization.place_layers(model, checkpoint, device) if checkpoint.quantized else checkpoint.tensors
     finished = _quantizer(model, quant, group_size, refine) if quant is not None else None
     fill(model, tensors, checkpoint, directory, dtype, device, progress, finished)
     model.source = directory.resolve()  # where it came from: zoo.quant.save never writes over it

@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.attention import Attention, KVCache, checked_inputs, positions_and_mask
-from zoo.hooks import hook_points, resolve
+from zoo.attention import Attention
+from zoo.cache import KVCache
+from zoo.forward import Decoder, begin
 from zoo.mlp import MLP
 from zoo.parallel import column_parallel_linear, parallel_embedding
-from zoo.rotary import inv_frequencies, rope_angles
+from zoo.rotary import inv_frequencies
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                "gelu_fast": lambda x: F.gelu(x, approximate="tanh")}
@@ -58,48 +59,39 @@ class GPTNeoXConfig:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTNeoXConfig):
+    def __init__(self, cfg: GPTNeoXConfig, layer: int):
         super().__init__()
-        self.parallel_residual = cfg.parallel_residual
+        self.layer, self.parallel_residual = layer, cfg.parallel_residual
         self.attn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_heads, cfg.head_dim, bias=cfg.bias, rotary="half")
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_heads, cfg.head_dim, layer, bias=cfg.bias, rotary="half")
         self.mlp_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.mlp = MLP(cfg.dim, cfg.hidden_dim, ACTIVATIONS[cfg.activation], bias=True)
+        self.mlp = MLP(cfg.dim, cfg.hidden_dim, ACTIVATIONS[cfg.activation], layer, bias=True)
 
-    def forward(self, resid_pre, rope, mask, cache, layer, hooks=None):
+    def forward(self, x: torch.Tensor, step) -> torch.Tensor:
         """(batch, seq, dim) -> (batch, seq, dim); hook points as in Llama's Block."""
-        if hooks:
-            resid_pre = hooks(layer, "resid_pre", resid_pre)
-        attn_in = self.attn_norm(resid_pre)
-        if hooks:
-            attn_in = hooks(layer, "attn_in", attn_in)
-        attn_out = self.attn(attn_in, rope, mask, cache, layer, hooks)
-        if hooks:
-            attn_out = hooks(layer, "attn_out", attn_out)
-        if self.parallel_residual:  # both branches read resid_pre: there is no resid_mid
-            mlp_in = self.mlp_norm(resid_pre)
-        else:
-            resid_mid = resid_pre + attn_out
-            if hooks:
-                resid_mid = hooks(layer, "resid_mid", resid_mid)
-            mlp_in = self.mlp_norm(resid_mid)
-        if hooks:
-            mlp_in = hooks(layer, "mlp_in", mlp_in)
-        mlp_out = self.mlp(mlp_in, hooks, layer)
-        if hooks:
-            mlp_out = hooks(layer, "mlp_out", mlp_out)
-        resid_post = resid_pre + attn_out + mlp_out if self.parallel_residual else resid_mid + mlp_out
-        if hooks:
-            resid_post = hooks(layer, "resid_post", resid_post)
-        return resid_post
+        hook, i = step.hook, self.layer
+        resid_pre = hook(i, "resid_pre", x)
+        attn_in = hook(i, "attn_in", self.attn_norm(resid_pre))
+        attn_out = hook(i, "attn_out", self.attn(attn_in, step))
+        # parallel:   resid_pre ─┬─ attn_norm ─ attn ─────────────────────────┐
+        #                        └─ mlp_norm ── mlp ──────────────────────── (+) ─ resid_post  (no resid_mid)
+        # sequential: resid_pre ── attn_norm ─ attn ─ (+) ─ resid_mid ─ mlp_norm ─ mlp ─ (+) ─ resid_post
+        if self.parallel_residual:
+            mlp_in = hook(i, "mlp_in", self.mlp_norm(resid_pre))
+            mlp_out = hook(i, "mlp_out", self.mlp(mlp_in, step))
+            return hook(i, "resid_post", resid_pre + attn_out + mlp_out)
+        resid_mid = hook(i, "resid_mid", resid_pre + attn_out)
+        mlp_in = hook(i, "mlp_in", self.mlp_norm(resid_mid))
+        mlp_out = hook(i, "mlp_out", self.mlp(mlp_in, step))
+        return hook(i, "resid_post", resid_mid + mlp_out)
 
 
-class GPTNeoX(nn.Module):
+class GPTNeoX(Decoder):
     def __init__(self, cfg: GPTNeoXConfig, tokenizer=None):
         super().__init__()
         self.config = cfg
         self.embed = parallel_embedding(cfg.vocab_size, cfg.dim, tied=cfg.tie_embeddings)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = column_parallel_linear(cfg.dim, cfg.vocab_size, bias=False, gather_output=True)
         if cfg.tie_embeddings:  # one tensor; under TP both are split on the vocabulary
@@ -107,37 +99,15 @@ class GPTNeoX(nn.Module):
         self.register_buffer("inv_freq", inv_frequencies(cfg.rotary_dim, cfg.rope_theta), persistent=False)
         self.tokenizer = tokenizer  # zoo.load passes the checkpoint's (zoo/tokenizer.py); None: ids only
 
-    def new_cache(self, batch: int, max_len: int, left_pad: torch.Tensor | None = None, static: bool = False) -> KVCache:
-        return KVCache.for_model(self, batch, max_len, left_pad, static)
-
-    def hook_points(self, tokens: torch.Tensor | None = None) -> dict[str, tuple]:
-        return hook_points(self, tokens)
-
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *, hooks=None,
                 left_pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        """tokens (batch, seq) int64 -> logits (batch, seq, vocab) fp32; see Llama.forward."""
-        left_pad = checked_inputs(tokens, cache, left_pad, self.config, self.embed.weight.device)
-        hooks = resolve(hooks, self, cache, left_pad)  # None when there are none
-        positions, mask = positions_and_mask(tokens, cache, left_pad)  # (batch or 1, seq)
-        rope = rope_angles(self.inv_freq, positions)  # for the first rotary_dim dims of each head
-        h = self.embed(tokens)  # (batch, seq, dim)
-        if hooks:
-            h = hooks(None, "embed", h)
-        for i, block in enumerate(self.blocks):
-            h = block(h, rope, mask, cache, i, hooks)
-        if last_only and not (hooks and hooks.wants_every_position()):  # hooked, they see every position
-            h = h[:, -1:]
-        h = self.norm(h)
-        if hooks:
-            h = hooks(None, "ln_final", h)
-        logits = self.output(h).float()  # (batch, seq, vocab)
-        if hooks:
-            logits = hooks(None, "logits", logits)
-        if last_only:
-            logits = logits[:, -1:]
-        if cache is not None:
-            cache.advance(tokens.shape[1])
-        return logits
+        """tokens (batch, seq) int64 -> logits (batch, seq, vocab) fp32; see Llama.forward. The rotary angles
+        cover the first rotary_dim dims of each head."""
+        step = begin(self, tokens, cache, hooks, left_pad, last_only, self.inv_freq)  # zoo/forward.py
+        h = step.hook(None, "embed", self.embed(tokens))  # (batch, seq, dim)
+        for block in self.blocks:
+            h = block(h, step)
+        return step.finish(h, self.norm, self.output)  # (batch, seq, vocab)
 
 
 # ---- checkpoint names -------------------------------------------------------------------------

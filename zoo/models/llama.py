@@ -19,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.attention import Attention, KVCache, checked_inputs, positions_and_mask
+from zoo.attention import Attention
+from zoo.cache import KVCache
 from zoo.checks import COUNT, POSITIVE, key
-from zoo.hooks import hook_points, resolve
+from zoo.forward import Decoder, begin
+from zoo.mlp import GatedMLP
 from zoo.norm import RMSNorm
-from zoo.parallel import column_parallel_linear, parallel_embedding, row_parallel_linear
-from zoo.rotary import ROPE_TYPES, inv_frequencies, rope_angles
+from zoo.parallel import column_parallel_linear, parallel_embedding
+from zoo.rotary import ROPE_TYPES, inv_frequencies
 
 
 @dataclass
@@ -72,70 +74,35 @@ class LlamaConfig:
                 key(self.rope_scaling, "original_max_position_embeddings", COUNT)
 
 
-class FeedForward(nn.Module):
-    """SwiGLU: w_out(silu(w_gate x) * w_in x). Meta calls these w1 (gate), w3 (in), w2 (out).
-
-    Under tensor parallelism w_gate/w_in are column-parallel and w_out row-parallel: each rank
-    computes hidden_dim/w of the hidden units and the partial outputs are summed.
-    """
-
-    def __init__(self, dim: int, hidden_dim: int, bias: bool = False):
-        super().__init__()
-        self.w_gate = column_parallel_linear(dim, hidden_dim, bias=bias, gather_output=False)
-        self.w_in = column_parallel_linear(dim, hidden_dim, bias=bias, gather_output=False)
-        self.w_out = row_parallel_linear(hidden_dim, dim, bias=bias, input_is_parallel=True)
-
-    def forward(self, x: torch.Tensor, hooks=None, layer: int = 0) -> torch.Tensor:
-        gate = self.w_gate(x)  # (batch, seq, hidden_dim), this rank's slice under TP
-        if hooks:
-            gate = hooks(layer, "mlp_pre", gate)
-        neurons = F.silu(gate) * self.w_in(x)
-        if hooks:
-            neurons = hooks(layer, "mlp_post", neurons)
-        return self.w_out(neurons)
-
-
 class Block(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, layer: int):
         super().__init__()
+        self.layer = layer
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, bias=cfg.attention_bias,
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, layer, bias=cfg.attention_bias,
                               rotary="interleaved")
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = FeedForward(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.mlp = GatedMLP(cfg.dim, cfg.hidden_dim, F.silu, layer, bias=cfg.mlp_bias)  # SwiGLU
 
-    def forward(self, resid_pre, rope, mask, cache, layer, hooks=None):
-        """(batch, seq, dim) -> (batch, seq, dim). Each `if hooks:` line is a hook point (zoo/hooks.py) named
-        as the variable it sees; without hooks they cost nothing."""
-        if hooks:
-            resid_pre = hooks(layer, "resid_pre", resid_pre)
-        attn_in = self.attn_norm(resid_pre)
-        if hooks:
-            attn_in = hooks(layer, "attn_in", attn_in)
-        attn_out = self.attn(attn_in, rope, mask, cache, layer, hooks)
-        if hooks:
-            attn_out = hooks(layer, "attn_out", attn_out)
-        resid_mid = resid_pre + attn_out
-        if hooks:
-            resid_mid = hooks(layer, "resid_mid", resid_mid)
-        mlp_in = self.mlp_norm(resid_mid)
-        if hooks:
-            mlp_in = hooks(layer, "mlp_in", mlp_in)
-        mlp_out = self.mlp(mlp_in, hooks, layer)
-        if hooks:
-            mlp_out = hooks(layer, "mlp_out", mlp_out)
-        resid_post = resid_mid + mlp_out
-        if hooks:
-            resid_post = hooks(layer, "resid_post", resid_post)
-        return resid_post
+    def forward(self, x: torch.Tensor, step) -> torch.Tensor:
+        """(batch, seq, dim) -> (batch, seq, dim). Each `hook` is a hook point (zoo/hooks/), named as the
+        variable it sets."""
+        hook, i = step.hook, self.layer
+        resid_pre = hook(i, "resid_pre", x)
+        attn_in = hook(i, "attn_in", self.attn_norm(resid_pre))
+        attn_out = hook(i, "attn_out", self.attn(attn_in, step))
+        resid_mid = hook(i, "resid_mid", resid_pre + attn_out)
+        mlp_in = hook(i, "mlp_in", self.mlp_norm(resid_mid))
+        mlp_out = hook(i, "mlp_out", self.mlp(mlp_in, step))
+        return hook(i, "resid_post", resid_mid + mlp_out)
 
 
-class Llama(nn.Module):
+class Llama(Decoder):
     def __init__(self, cfg: LlamaConfig, tokenizer=None):
         super().__init__()
         self.config = cfg
         self.embed = parallel_embedding(cfg.vocab_size, cfg.dim, tied=cfg.tie_embeddings)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = column_parallel_linear(cfg.dim, cfg.vocab_size, bias=False, gather_output=True)
         if cfg.tie_embeddings:  # one tensor; under TP both are split on the vocabulary
@@ -145,43 +112,19 @@ class Llama(nn.Module):
                              persistent=False)
         self.tokenizer = tokenizer  # zoo.load passes the checkpoint's (zoo/tokenizer.py); None: ids only
 
-    def new_cache(self, batch: int, max_len: int, left_pad: torch.Tensor | None = None, static: bool = False) -> KVCache:
-        return KVCache.for_model(self, batch, max_len, left_pad, static)
-
-    def hook_points(self, tokens: torch.Tensor | None = None) -> dict[str, tuple]:
-        return hook_points(self, tokens)
-
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *, hooks=None,
                 left_pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab) fp32 (seq 1 with last_only).
 
         With a cache, the tokens are written after the `cache.pos` positions already there.
         `left_pad` (batch,) marks leading padding when there is no cache (a cache carries its own).
-        `hooks`: functions to call at hook points, by name (see zoo/hooks.py).
+        `hooks`: functions to call at hook points, by name (see zoo/hooks/).
         """
-        left_pad = checked_inputs(tokens, cache, left_pad, self.config, self.embed.weight.device)
-        hooks = resolve(hooks, self, cache, left_pad)  # None when there are none
-        positions, mask = positions_and_mask(tokens, cache, left_pad)  # (batch or 1, seq), see attention.py
-        rope = rope_angles(self.inv_freq, positions)
-
-        h = self.embed(tokens)  # (batch, seq, dim)
-        if hooks:
-            h = hooks(None, "embed", h)
-        for i, block in enumerate(self.blocks):
-            h = block(h, rope, mask, cache, i, hooks)
-        if last_only and not (hooks and hooks.wants_every_position()):  # hooked, they see every position
-            h = h[:, -1:]
-        h = self.norm(h)
-        if hooks:
-            h = hooks(None, "ln_final", h)
-        logits = self.output(h).float()  # (batch, seq, vocab)
-        if hooks:
-            logits = hooks(None, "logits", logits)
-        if last_only:
-            logits = logits[:, -1:]
-        if cache is not None:
-            cache.advance(tokens.shape[1])
-        return logits
+        step = begin(self, tokens, cache, hooks, left_pad, last_only, self.inv_freq)  # zoo/forward.py
+        h = step.hook(None, "embed", self.embed(tokens))  # (batch, seq, dim)
+        for block in self.blocks:
+            h = block(h, step)
+        return step.finish(h, self.norm, self.output)  # (batch, seq, vocab)
 
 
 # ---- Hugging Face names -------------------------------------------------------------------------

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.attention import Attention, KVCache, checked_inputs, positions_and_mask
-from zoo.hooks import hook_points, resolve
+from zoo.attention import Attention
+from zoo.cache import KVCache
+from zoo.forward import Decoder, begin
 from zoo.mlp import MLP
 from zoo.parallel import column_parallel_linear, parallel_embedding
 
@@ -56,90 +57,51 @@ class OPTConfig:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: OPTConfig):
+    def __init__(self, cfg: OPTConfig, layer: int):
         super().__init__()
-        self.pre_norm = cfg.pre_norm
+        self.layer, self.pre_norm = layer, cfg.pre_norm
         self.attn_norm = nn.LayerNorm(cfg.dim, elementwise_affine=cfg.norm_affine)
-        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_heads, cfg.head_dim, bias=cfg.bias, rotary=None)
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_heads, cfg.head_dim, layer, bias=cfg.bias, rotary=None)
         self.mlp_norm = nn.LayerNorm(cfg.dim, elementwise_affine=cfg.norm_affine)
-        self.mlp = MLP(cfg.dim, cfg.hidden_dim, ACTIVATIONS[cfg.activation], bias=cfg.bias)
+        self.mlp = MLP(cfg.dim, cfg.hidden_dim, ACTIVATIONS[cfg.activation], layer, bias=cfg.bias)
 
-    def forward(self, resid_pre, mask, cache, layer, hooks=None):
-        """(batch, seq, dim) -> (batch, seq, dim); hook points as in Llama's Block."""
-        if hooks:
-            resid_pre = hooks(layer, "resid_pre", resid_pre)
-        attn_in = self.attn_norm(resid_pre) if self.pre_norm else resid_pre
-        if hooks:
-            attn_in = hooks(layer, "attn_in", attn_in)
-        attn_out = self.attn(attn_in, None, mask, cache, layer, hooks)
-        if hooks:
-            attn_out = hooks(layer, "attn_out", attn_out)
-        resid_mid = resid_pre + attn_out if self.pre_norm else self.attn_norm(resid_pre + attn_out)
-        if hooks:
-            resid_mid = hooks(layer, "resid_mid", resid_mid)
-        mlp_in = self.mlp_norm(resid_mid) if self.pre_norm else resid_mid
-        if hooks:
-            mlp_in = hooks(layer, "mlp_in", mlp_in)
-        mlp_out = self.mlp(mlp_in, hooks, layer)
-        if hooks:
-            mlp_out = hooks(layer, "mlp_out", mlp_out)
-        resid_post = resid_mid + mlp_out if self.pre_norm else self.mlp_norm(resid_mid + mlp_out)
-        if hooks:
-            resid_post = hooks(layer, "resid_post", resid_post)
-        return resid_post
+    def forward(self, x: torch.Tensor, step) -> torch.Tensor:
+        """(batch, seq, dim) -> (batch, seq, dim); hook points as in Llama's Block. Pre-LN normalizes each
+        branch's input, post-LN each sum (the module docstring's diagram)."""
+        hook, i, pre = step.hook, self.layer, self.pre_norm
+        resid_pre = hook(i, "resid_pre", x)
+        attn_in = hook(i, "attn_in", self.attn_norm(resid_pre) if pre else resid_pre)
+        attn_out = hook(i, "attn_out", self.attn(attn_in, step))
+        resid_mid = hook(i, "resid_mid", resid_pre + attn_out if pre else self.attn_norm(resid_pre + attn_out))
+        mlp_in = hook(i, "mlp_in", self.mlp_norm(resid_mid) if pre else resid_mid)
+        mlp_out = hook(i, "mlp_out", self.mlp(mlp_in, step))
+        return hook(i, "resid_post", resid_mid + mlp_out if pre else self.mlp_norm(resid_mid + mlp_out))
 
 
-class OPT(nn.Module):
+class OPT(Decoder):
     def __init__(self, cfg: OPTConfig, tokenizer=None):
         super().__init__()
         self.config = cfg
         self.embed = parallel_embedding(cfg.vocab_size, cfg.embed_dim, tied=cfg.tie_embeddings)
-        self.project_in = nn.Linear(cfg.embed_dim, cfg.dim, bias=False) if cfg.embed_dim != cfg.dim else None
+        self.project_in = nn.Linear(cfg.embed_dim, cfg.dim, bias=False) if cfg.embed_dim != cfg.dim else nn.Identity()
         self.pos_embed = nn.Embedding(cfg.positions + POSITION_OFFSET, cfg.dim)  # all it learned
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = nn.LayerNorm(cfg.dim, elementwise_affine=cfg.norm_affine) if cfg.final_norm else None
-        self.project_out = nn.Linear(cfg.dim, cfg.embed_dim, bias=False) if cfg.embed_dim != cfg.dim else None
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.dim, elementwise_affine=cfg.norm_affine) if cfg.final_norm else nn.Identity()
+        self.project_out = nn.Linear(cfg.dim, cfg.embed_dim, bias=False) if cfg.embed_dim != cfg.dim else nn.Identity()
         self.output = column_parallel_linear(cfg.embed_dim, cfg.vocab_size, bias=False, gather_output=True)
         if cfg.tie_embeddings:  # one tensor; under TP both are split on the vocabulary
             self.output.weight = self.embed.weight
         self.tokenizer = tokenizer  # zoo.load passes the checkpoint's (zoo/tokenizer.py); None: ids only
 
-    def new_cache(self, batch: int, max_len: int, left_pad: torch.Tensor | None = None, static: bool = False) -> KVCache:
-        return KVCache.for_model(self, batch, max_len, left_pad, static)
-
-    def hook_points(self, tokens: torch.Tensor | None = None) -> dict[str, tuple]:
-        return hook_points(self, tokens)
-
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *, hooks=None,
                 left_pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab) fp32; see Llama.forward."""
-        left_pad = checked_inputs(tokens, cache, left_pad, self.config, self.embed.weight.device)
-        hooks = resolve(hooks, self, cache, left_pad)  # None when there are none
-        positions, mask = positions_and_mask(tokens, cache, left_pad)  # (batch or 1, seq)
-        h = self.embed(tokens)  # (batch, seq, embed_dim)
-        if self.project_in is not None:
-            h = self.project_in(h)  # (batch, seq, dim)
-        h = h + self.pos_embed(positions + POSITION_OFFSET)
-        if hooks:
-            h = hooks(None, "embed", h)
-        for i, block in enumerate(self.blocks):
-            h = block(h, mask, cache, i, hooks)
-        if last_only and not (hooks and hooks.wants_every_position()):  # hooked, they see every position
-            h = h[:, -1:]
-        if self.norm is not None:
-            h = self.norm(h)
-        if self.project_out is not None:
-            h = self.project_out(h)  # (batch, seq, embed_dim)
-        if hooks:
-            h = hooks(None, "ln_final", h)
-        logits = self.output(h).float()  # (batch, seq, vocab)
-        if hooks:
-            logits = hooks(None, "logits", logits)
-        if last_only:
-            logits = logits[:, -1:]
-        if cache is not None:
-            cache.advance(tokens.shape[1])
-        return logits
+        step = begin(self, tokens, cache, hooks, left_pad, last_only)  # zoo/forward.py
+        h = self.project_in(self.embed(tokens))  # (batch, seq, dim)
+        h = step.hook(None, "embed", h + self.pos_embed(step.positions + POSITION_OFFSET))
+        for block in self.blocks:
+            h = block(h, step)
+        return step.finish(h, lambda h: self.project_out(self.norm(h)), self.output)  # (batch, seq, vocab)
 
 
 # ---- checkpoint names -------------------------------------------------------------------------

@@ -23,22 +23,26 @@ when quantizing at load, for `quantize`, in a saved checkpoint (such a layer is 
 `L.weight`) and when a saved checkpoint is loaded under tensor parallelism (a stored int4 layer
 whose groups would straddle two ranks is dequantized to floating point there: the same weights).
 
-Saved checkpoints (zoo/formats/quantized.py): `zoo.quant.save(model, "llama-int4")` writes one
-that `zoo.load("llama-int4")` loads as any other, under tensor parallelism too; each rank quantizes
-its own shard as it is read (an int4 group never straddles two ranks: see Widths).
+Saved checkpoints (save.py writes them, zoo/formats/quantized.py reads them): `zoo.quant.save(model,
+"llama-int4")` writes one that `zoo.load("llama-int4")` loads as any other, under tensor parallelism
+too; each rank quantizes its own shard as it is read (an int4 group never straddles two ranks: see
+Widths).
 
     quantizers.py   the math: int8 per row, int4 per group (min/max or refined)
     linear.py       QuantLinear, in place of nn.Linear or a tensor-parallel linear layer
-    surgery.py      which layers (`plan`), and swapping them in (`quantize`, `quantize_linear`)
+    surgery.py      which layers (`plan`), and swapping them in (`quantize`, `quantize_linear`, `place_layers`)
+    save.py         writing a quantized checkpoint (`save`), never where it could lose data (`check_output`)
 """
-from zoo.formats.quantized import FORMAT, LAYOUTS, VERSION, check_output, save
+from zoo.formats.quantized import FORMAT, LAYOUTS, VERSION
 from zoo.kernels import INT4_GROUP_SIZES, Int4Weight, Int8Weight
 from zoo.quant.linear import QuantLinear
 from zoo.quant.quantizers import SCHEMES, quantize_int4, quantize_int8, refine_int4
-from zoo.quant.surgery import (LINEARS, candidate_layers, describe_layers, int4_misfit, int4_misfits, plan, quantize,
-                               quantize_linear, replace_module)
+from zoo.quant.save import check_output, save
+from zoo.quant.surgery import (LINEARS, candidate_layers, describe_layers, int4_misfit, int4_misfits, place_layers, plan,
+                               quantize, quantize_linear, replace_module)
 
 __all__ = ["SCHEMES", "FORMAT", "VERSION", "LAYOUTS", "INT4_GROUP_SIZES", "Int8Weight", "Int4Weight", "QuantLinear",
            "LINEARS", "quantize_int8", "quantize_int4", "refine_int4", "quantize_linear", "replace_module",
-           "candidate_layers", "int4_misfit", "int4_misfits", "plan", "describe_layers", "quantize", "check_output",
+           "candidate_layers", "int4_misfit", "int4_misfits", "plan", "describe_layers", "quantize", "place_layers",
+           "check_output",
            "save"]

@@ -2,7 +2,12 @@
 import re
 import sys
 
+import torch
 from torch import nn
+
+from zoo.formats.files import CheckpointError
+from zoo.formats.lazy import Checkpoint, read_split
+from zoo.formats.quantized import LAYOUTS, Dequantized, stored_weight
 
 from zoo.kernels import INT4_GROUP_SIZES
 from zoo.parallel import ColumnParallelLinear, RowParallelLinear, rank, world_size
@@ -109,3 +114,43 @@ def quantize(model: nn.Module, scheme: str, group_size: int = 128, symmetric: bo
         replace_module(model, name, quantize_linear(model.get_submodule(name), scheme, group_size, symmetric, name,
                                                     refine))
     return model
+
+
+def place_layers(model: nn.Module, checkpoint: Checkpoint, device: torch.device) -> dict:
+    """Put the stored quantized layers into `model` (built on the meta device), this rank's slice of each, and
+    return the lazy tensors left for the loader to fill: the float parameters, and under TP an int4 layer
+    whose groups would straddle two ranks, dequantized (said once on stderr).
+
+    A layer is quantized where the file stores it so; others (a tied output, an int4 layer whose inputs did
+    not split into groups, the output of files older than its quantization) are stored as float L.weight.
+    """
+    path, tensors = checkpoint.config_file, dict(checkpoint.tensors)
+    scheme, group_size = checkpoint.quantized["scheme"], int(checkpoint.quantized.get("group_size", 0))
+    world = world_size()
+
+    def read(key: str, dim: int | None) -> torch.Tensor:  # this rank's slice along dim (None: whole)
+        if key not in tensors:
+            raise CheckpointError(f"{path}: missing tensor {key!r}, which the {scheme} layout needs "
+                                  f"({LAYOUTS[scheme]})")
+        return (tensors[key].read() if dim is None else read_split(tensors[key], dim, rank(), world)).to(device)
+
+    used, floating = set(), {}
+    for name, module in list(model.named_modules()):
+        parts = [f"{name}.{k}" for k in (("qweight", "scales") if scheme == "int8" else ("packed", "scales", "zeros"))]
+        if not (isinstance(module, LINEARS) and parts[0] in tensors):
+            continue
+        why = int4_misfit(module, group_size) if scheme == "int4" else None
+        if why:  # under TP, groups that would straddle two ranks: this rank's slice of the dequantized weight
+            floating[name] = why
+            tensors[f"{name}.weight"] = Dequantized(f"{path}: {name}.packed", stored_weight(name, scheme, group_size,
+                                                                                            read))
+        else:
+            split_dim = getattr(module, "split_dims", {}).get("weight")
+            weight = stored_weight(name, scheme, group_size, read, split_dim)
+            bias = torch.empty(module.weight.shape[0], device="meta") if module.bias is not None else None
+            replace_module(model, name, QuantLinear.replacing(module, weight, bias))
+        used.update(parts)
+    if floating and rank() == 0:
+        print(f"zoo: {path}: at world size {world} these int4 layers run in floating point (their weights "
+              f"dequantized): {describe_layers(floating, model)}", file=sys.stderr)
+    return {k: t for k, t in tensors.items() if k not in used}
