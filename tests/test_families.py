@@ -149,3 +149,41 @@ def test_run_py_single_and_torchrun(variant, tmp_path):
     two = torchrun(*args)
     assert two.returncode == 0, two.stderr
     assert two.stdout == out
+
+
+def test_a_new_family_needs_only_its_file_and_a_registration(tmp_path, monkeypatch):
+    """The family protocol (zoo/models/__init__.py): a LLaMA-like family, written as its own module would be
+    (a model class and a Family), and registered (here by monkeypatch, for a real one a line in FAMILIES),
+    loads from a config.json of its model_type, runs with hooks and a KV cache as LLaMA does, and is saved
+    under its own name: nothing else in zoo names a family."""
+    from helpers import hf_llama
+
+    from zoo import hooks, models, quant
+    from zoo.models import llama
+
+    class Tinker(llama.Llama):  # the new family's model: LLaMA's, under another name
+        pass
+
+    family = models.Family("tinker", llama.LlamaConfig, llama.from_hf_config, Tinker, llama.hf_to_zoo,
+                           llama.zoo_to_hf, llama.hf_tensor_to_zoo)
+    monkeypatch.setitem(models.FAMILIES, "tinker", family)
+    directory = save_hf(hf_llama("gqa"), tmp_path / "llama")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "model_type": "tinker"}))
+    model = zoo.load(directory, dtype=torch.float32)
+    assert type(model) is Tinker and models.family_of(model) == "tinker"
+    tokens = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(3))
+    (directory / "config.json").write_text(json.dumps(config))
+    reference = zoo.load(directory, dtype=torch.float32)
+    recorded = hooks.collect("blocks.1.z")
+    with torch.no_grad():
+        assert torch.equal(model(tokens, hooks=recorded), reference(tokens))
+    assert recorded["blocks.1.z"].shape == (2, 12, 4, 16)
+    assert zoo.generate(model, [tokens[0].tolist()], 5, stop_ids=set()) == \
+        zoo.generate(reference, [tokens[0].tolist()], 5, stop_ids=set())
+    saved = quant.save(zoo.quant.quantize(model, "int8"), tmp_path / "q")
+    from zoo.formats.files import safetensors_metadata
+    assert safetensors_metadata(saved / "model.safetensors")["model_type"] == "tinker"
+    with pytest.raises(ValueError, match=r"a Tinker2 is not a model of a registered family \(llama, opt, gpt_neox, "
+                                         r"tinker\)"):
+        models.family_of(type("Tinker2", (Tinker,), {})(model.config))

@@ -16,7 +16,7 @@ import torch
 
 from zoo.checks import COUNT, TEXT, key, read_json
 from zoo.formats.files import CheckpointError, load_training_checkpoint, plain, stored_tensors
-from zoo.formats.hf import has_weights, opt_config, zoo_tensors
+from zoo.formats.hf import has_weights, zoo_tensors
 from zoo.formats.lazy import Checkpoint, Chunk, gathered, merged, ranks
 from zoo.models import opt
 from zoo.models.opt import POSITION_OFFSET, OPTConfig
@@ -88,7 +88,7 @@ def open(directory: Path) -> Checkpoint:
     given = read_json(config_file) if config_file.exists() else None
     try:
         if given is not None:
-            cfg = opt_config(given)
+            cfg = opt.from_hf_config(given)
         else:
             config_file = files[0]
             stored_cfg = plain(states[0].get("cfg"))

@@ -1,21 +1,53 @@
-"""One file per model family, each readable top to bottom: llama.py (LLaMA 1, 2, 3), opt.py (OPT),
-gpt_neox.py (GPT-NeoX, Pythia): config, modules, forward, and the family's Hugging Face names."""
+"""The model families, one file each, read top to bottom: llama.py (LLaMA 1, 2, 3), opt.py (OPT),
+gpt_neox.py (GPT-NeoX, Pythia). This file is the protocol between a family and the rest of zoo.
+
+A family is one `Family`, defined at the end of its file and registered once, in FAMILIES below:
+  name             config.json's model_type ("llama"), and the name zoo's own checkpoints record
+  config           its config dataclass, which has at least the fields every part of zoo reads:
+                   vocab_size, dim, n_layers, n_heads, n_kv_heads, head_dim, hidden_dim, max_seq_len
+  from_hf_config   config.json's contents (a dict) -> config, each key checked (zoo.checks.key)
+  model            the model class, model(config, tokenizer=None), a zoo.forward.Decoder
+  hf_to_zoo        a Hugging Face tensor name -> zoo's name(s) ([]: skip it; several: a fused tensor)
+  zoo_to_hf        the other way, to name a missing tensor in the checkpoint's own words
+  hf_tensor_to_zoo (name, tensor or a slice of whole heads of it, config) -> the tensor in zoo's layout
+Other formats (Meta's, gpt-neox's, metaseq's: zoo/formats/) map their names onto a family's Hugging Face
+names, so a family needs nothing more to load from them.
+
+What the rest of zoo may rely on a model to have:
+  config                  the fields above
+  tokenizer, source       the checkpoint's tokenizer (or None) and directory (set by zoo.load, else absent)
+  embed                   the token embedding (its weight's dtype and device are the model's)
+  blocks                  an nn.ModuleList; each block has `layer` (its index), `attn` (a zoo.attention
+                          Attention, whose n_kv_heads and head_dim are this rank's) and `mlp` (zoo/mlp.py);
+                          `parallel_residual` True where attention and MLP both read resid_pre (no resid_mid)
+  output                  the unembedding, a linear layer (tied: its weight is embed's)
+  forward(tokens, cache=None, *, hooks=None, left_pad=None, last_only=False), written on zoo/forward.py,
+  new_cache, hook_points  from zoo.forward.Decoder
+Adding a family: its own file, and one line in FAMILIES. Nothing else in zoo names a family.
+"""
 from typing import Callable, NamedTuple
 
-from zoo.models import gpt_neox, llama, opt
+from torch import nn
 
 
 class Family(NamedTuple):
+    name: str
     config: type
-    model: type  # model(config, tokenizer=None)
-    hf_to_zoo: Callable  # Hugging Face key -> our parameter names ([]: skip the key; several: a fused tensor)
-    zoo_to_hf: Callable  # the other way, to name a missing tensor in the checkpoint's words
-    hf_tensor_to_zoo: Callable  # (name, tensor or a slice of whole heads of it, cfg) -> the tensor in our layout
+    from_hf_config: Callable
+    model: type
+    hf_to_zoo: Callable
+    zoo_to_hf: Callable
+    hf_tensor_to_zoo: Callable
 
 
-FAMILIES = {  # config.json's model_type -> family
-    "llama": Family(llama.LlamaConfig, llama.Llama, llama.hf_to_zoo, llama.zoo_to_hf, llama.hf_tensor_to_zoo),
-    "opt": Family(opt.OPTConfig, opt.OPT, opt.hf_to_zoo, opt.zoo_to_hf, opt.hf_tensor_to_zoo),
-    "gpt_neox": Family(gpt_neox.GPTNeoXConfig, gpt_neox.GPTNeoX, gpt_neox.hf_to_zoo, gpt_neox.zoo_to_hf,
-                       gpt_neox.hf_tensor_to_zoo),
-}
+from zoo.models import gpt_neox, llama, opt  # noqa: E402  (each file ends with its Family, defined above)
+
+FAMILIES = {family.name: family for family in (llama.FAMILY, opt.FAMILY, gpt_neox.FAMILY)}
+
+
+def family_of(model: nn.Module) -> str:
+    """The registered name of a model's family, by its exact class (a subclass is a family of its own)."""
+    name = next((name for name, family in FAMILIES.items() if type(model) is family.model), None)
+    if name is None:
+        raise ValueError(f"a {type(model).__name__} is not a model of a registered family ({', '.join(FAMILIES)})")
+    return name

@@ -20,8 +20,10 @@ from torch import nn
 
 from zoo.attention import Attention
 from zoo.cache import KVCache
+from zoo.checks import FLAG, FRACTION, LAYERS, MAPPING, POSITIVE, SIZE, TEXT, key
 from zoo.forward import Decoder, begin
 from zoo.mlp import MLP
+from zoo.models import Family
 from zoo.parallel import column_parallel_linear, parallel_embedding
 from zoo.rotary import inv_frequencies
 
@@ -165,3 +167,26 @@ def hf_tensor_to_zoo(name: str, t: torch.Tensor, cfg: GPTNeoXConfig) -> torch.Te
     heads = t.shape[0] // (3 * cfg.head_dim)
     part = ("wq", "wk", "wv").index(which.group(1))
     return t.reshape(heads, 3, cfg.head_dim, *t.shape[1:])[:, part].reshape(heads * cfg.head_dim, *t.shape[1:])
+
+
+# ---- config.json, and the family's registration (zoo/models/__init__.py) ---------------------------
+
+def from_hf_config(cfg: dict) -> GPTNeoXConfig:
+    """From config.json: rotary settings as `rotary_pct`/`rotary_emb_base` or transformers 5's `rope_parameters`."""
+    rope = key(cfg, "rope_parameters", MAPPING, None, nullable=True) or \
+        key(cfg, "rope_scaling", MAPPING, None, nullable=True) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope type {rope['rope_type']!r} is not supported for GPT-NeoX")
+    return GPTNeoXConfig(
+        dim=key(cfg, "hidden_size", SIZE), n_layers=key(cfg, "num_hidden_layers", LAYERS),
+        n_heads=key(cfg, "num_attention_heads", SIZE), hidden_dim=key(cfg, "intermediate_size", SIZE),
+        vocab_size=key(cfg, "vocab_size", SIZE), max_seq_len=key(cfg, "max_position_embeddings", SIZE, default=2048),
+        rotary_pct=key(rope, "partial_rotary_factor", FRACTION, None) or key(cfg, "rotary_pct", FRACTION, 0.25),
+        rope_theta=float(key(rope, "rope_theta", POSITIVE, None) or key(cfg, "rotary_emb_base", POSITIVE, 10000.0)),
+        norm_eps=key(cfg, "layer_norm_eps", POSITIVE, default=1e-5),
+        parallel_residual=key(cfg, "use_parallel_residual", FLAG, default=True),
+        bias=key(cfg, "attention_bias", FLAG, default=True), activation=key(cfg, "hidden_act", TEXT, default="gelu"),
+        tie_embeddings=key(cfg, "tie_word_embeddings", FLAG, default=False))
+
+
+FAMILY = Family("gpt_neox", GPTNeoXConfig, from_hf_config, GPTNeoX, hf_to_zoo, zoo_to_hf, hf_tensor_to_zoo)

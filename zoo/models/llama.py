@@ -21,9 +21,10 @@ from torch import nn
 
 from zoo.attention import Attention
 from zoo.cache import KVCache
-from zoo.checks import COUNT, POSITIVE, key
+from zoo.checks import COUNT, FLAG, LAYERS, MAPPING, POSITIVE, SIZE, TEXT, key
 from zoo.forward import Decoder, begin
 from zoo.mlp import GatedMLP
+from zoo.models import Family
 from zoo.norm import RMSNorm
 from zoo.parallel import column_parallel_linear, parallel_embedding
 from zoo.rotary import ROPE_TYPES, inv_frequencies
@@ -182,3 +183,32 @@ def zoo_tensor_to_hf(name: str, t: torch.Tensor, cfg: LlamaConfig) -> torch.Tens
         return t
     heads = t.shape[0] // cfg.head_dim
     return t.reshape(heads, cfg.head_dim // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+# ---- config.json, and the family's registration (zoo/models/__init__.py) ---------------------------
+
+def from_hf_config(cfg: dict) -> LlamaConfig:
+    """From a LLaMA config.json (rope settings in the v4 or the v5 `rope_parameters` layout)."""
+    if key(cfg, "hidden_act", TEXT, default="silu") != "silu":
+        raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported by LLaMA (silu only)")
+    rope = dict(key(cfg, "rope_parameters", MAPPING, None, nullable=True) or
+                key(cfg, "rope_scaling", MAPPING, None, nullable=True) or {})
+    theta = key(rope, "rope_theta", POSITIVE, default=None) or key(cfg, "rope_theta", POSITIVE, default=10000.0)
+    rope.pop("rope_theta", None)
+    if "type" in rope:  # legacy name of rope_type
+        rope.setdefault("rope_type", rope.pop("type"))
+    return LlamaConfig(
+        dim=key(cfg, "hidden_size", SIZE), n_layers=key(cfg, "num_hidden_layers", LAYERS),
+        n_heads=key(cfg, "num_attention_heads", SIZE),
+        n_kv_heads=key(cfg, "num_key_value_heads", SIZE, None, nullable=True),
+        vocab_size=key(cfg, "vocab_size", SIZE), hidden_dim=key(cfg, "intermediate_size", SIZE),
+        head_dim=key(cfg, "head_dim", SIZE, None, nullable=True), norm_eps=key(cfg, "rms_norm_eps", POSITIVE, 1e-6),
+        rope_theta=float(theta), rope_scaling=None if rope.get("rope_type", "default") == "default" else rope,
+        max_seq_len=key(cfg, "max_position_embeddings", SIZE, default=2048),
+        tie_embeddings=key(cfg, "tie_word_embeddings", FLAG, default=False),
+        attention_bias=key(cfg, "attention_bias", FLAG, default=False),
+        mlp_bias=key(cfg, "mlp_bias", FLAG, default=False),
+    )
+
+
+FAMILY = Family("llama", LlamaConfig, from_hf_config, Llama, hf_to_zoo, zoo_to_hf, hf_tensor_to_zoo)

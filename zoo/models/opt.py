@@ -19,8 +19,10 @@ from torch import nn
 
 from zoo.attention import Attention
 from zoo.cache import KVCache
+from zoo.checks import FLAG, LAYERS, SIZE, TEXT, key
 from zoo.forward import Decoder, begin
 from zoo.mlp import MLP
+from zoo.models import Family
 from zoo.parallel import column_parallel_linear, parallel_embedding
 
 POSITION_OFFSET = 2
@@ -143,3 +145,23 @@ _LAYER_KEYS = {v: k for k, v in LAYER_NAMES.items()}
 
 def hf_tensor_to_zoo(name: str, t: torch.Tensor, cfg: OPTConfig) -> torch.Tensor:
     return t  # same layout
+
+
+# ---- config.json, and the family's registration (zoo/models/__init__.py) ---------------------------
+
+def from_hf_config(cfg: dict) -> OPTConfig:
+    pre_norm = key(cfg, "do_layer_norm_before", FLAG, default=True)
+    return OPTConfig(dim=key(cfg, "hidden_size", SIZE), n_layers=key(cfg, "num_hidden_layers", LAYERS),
+                 n_heads=key(cfg, "num_attention_heads", SIZE), hidden_dim=key(cfg, "ffn_dim", SIZE),
+                 vocab_size=key(cfg, "vocab_size", SIZE),
+                 max_seq_len=key(cfg, "max_position_embeddings", SIZE, default=2048),
+                 embed_dim=key(cfg, "word_embed_proj_dim", SIZE, None, nullable=True),
+                 pre_norm=pre_norm,
+                 final_norm=pre_norm and not key(cfg, "_remove_final_layer_norm", FLAG, False),
+                 norm_affine=key(cfg, "layer_norm_elementwise_affine", FLAG, default=True),
+                 bias=key(cfg, "enable_bias", FLAG, default=True),
+                 activation=key(cfg, "activation_function", TEXT, default="relu"),
+                 tie_embeddings=key(cfg, "tie_word_embeddings", FLAG, default=True))
+
+
+FAMILY = Family("opt", OPTConfig, from_hf_config, OPT, hf_to_zoo, zoo_to_hf, hf_tensor_to_zoo)

@@ -20,7 +20,7 @@ from zoo import checks
 from zoo.formats.files import CheckpointError, safetensors_metadata
 from zoo.formats.quantized import FORMAT, LAYOUTS, VERSION
 from zoo.kernels import Int8Weight
-from zoo.models import FAMILIES
+from zoo.models import family_of
 from zoo.parallel import world_size
 from zoo.quant.linear import QuantLinear
 from zoo.tokenizer import TOKENIZER_FILES
@@ -104,9 +104,7 @@ def save(model: nn.Module, directory: str | Path, force: bool = False, source: s
     metadata lists every file written, so that a later `force=True` removes only those."""
     if world_size() > 1:
         raise NotImplementedError("saving a quantized model under tensor parallelism is not supported")
-    model_type = next((name for name, family in FAMILIES.items() if isinstance(model, family.model)), None)
-    if model_type is None:
-        raise ValueError(f"a {type(model).__name__} is not one of zoo's models ({', '.join(FAMILIES)})")
+    model_type = family_of(model)
     loaded_from = getattr(model, "source", None)
     if loaded_from is not None and source is not None:
         check_output(directory, loaded_from)  # neither may be overwritten
