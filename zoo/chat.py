@@ -7,7 +7,8 @@ session that keeps the KV cache of the turns so far.
     for piece in chat.stream("And then?"):            # only the new turn's tokens are prefilled
         print(piece, end="")
 
-The format comes from the tokenizer:
+The format is the first of the model's family's formats (its Family's `chat`: LLaMA's, LLaMA 3's then
+LLaMA 2's) that its tokenizer can write:
 - LLaMA 2 chat (a SentencePiece tokenizer.model: LLaMA 1 and 2, the bundled tiny model), as Meta's
   chat_completion (llama/generation.py) builds it. A system message opens the first user message as
   "<<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user}"; each (user, answer) pair is the one string
@@ -39,6 +40,7 @@ import torch
 from zoo.checks import require
 from zoo.compile import compiled_for
 from zoo.generate import _pieces, _steps, check_sampling
+from zoo.models import FAMILIES, family_of
 from zoo.tokenizer import SentencePieceTokenizer, TiktokenTokenizer
 
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -85,15 +87,18 @@ class Llama3Format:
         return ids + self.header("assistant")
 
 
-def chat_format(tokenizer) -> Llama2Format | Llama3Format:
-    """The chat format of a model's tokenizer (see the module's docstring), or a ValueError saying why there is none."""
+def chat_format(tokenizer, formats: tuple[str, ...] = ("llama2", "llama3")) -> Llama2Format | Llama3Format:
+    """The first of `formats` (a family's `chat`: zoo/models/__init__.py) that the tokenizer can write (see
+    the module's docstring), or a ValueError saying why there is none."""
     if tokenizer is None:
         raise ValueError("this model has no tokenizer, so no chat format: load it from a checkpoint with one")
-    if isinstance(tokenizer, SentencePieceTokenizer) and None not in (tokenizer.bos_id, tokenizer.eos_id):
-        return Llama2Format(tokenizer)
     special = {name: _special_id(tokenizer, name) for name in LLAMA3_CHAT_TOKENS}
-    if None not in special.values():
-        return Llama3Format(tokenizer, special)
+    for name in formats:
+        if name == "llama2" and isinstance(tokenizer, SentencePieceTokenizer) and None not in (tokenizer.bos_id,
+                                                                                               tokenizer.eos_id):
+            return Llama2Format(tokenizer)
+        if name == "llama3" and None not in special.values():
+            return Llama3Format(tokenizer, special)
     missing = ", ".join(name for name, i in special.items() if i is None)
     raise ValueError(f"this model's tokenizer ({type(tokenizer).__name__}) has no chat format: zoo chats in LLaMA 2's "
                      f"format (a SentencePiece tokenizer.model with bos and eos) and LLaMA 3's (a tokenizer with "
@@ -142,7 +147,7 @@ class Chat:
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None):
         self.model = model
-        self.format = chat_format(model.tokenizer)
+        self.format = chat_format(model.tokenizer, FAMILIES[family_of(model)].chat)
         check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
         self.max_new_tokens = max_new_tokens
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)

@@ -10,6 +10,8 @@ A family is one `Family`, defined at the end of its file and registered once, in
   hf_to_zoo        a Hugging Face tensor name -> zoo's name(s) ([]: skip it; several: a fused tensor)
   zoo_to_hf        the other way, to name a missing tensor in the checkpoint's own words
   hf_tensor_to_zoo (name, tensor or a slice of whole heads of it, config) -> the tensor in zoo's layout
+  chat             the chat formats (zoo/chat.py) its instruct checkpoints use, the first its tokenizer
+                   can write is taken (default: none)
 Other formats (Meta's, gpt-neox's, metaseq's: zoo/formats/) map their names onto a family's Hugging Face
 names, so a family needs nothing more to load from them.
 
@@ -38,6 +40,7 @@ class Family(NamedTuple):
     hf_to_zoo: Callable
     zoo_to_hf: Callable
     hf_tensor_to_zoo: Callable
+    chat: tuple[str, ...] = ()
 
 
 from zoo.models import gpt_neox, llama, opt  # noqa: E402  (each file ends with its Family, defined above)

@@ -211,4 +211,5 @@ def from_hf_config(cfg: dict) -> LlamaConfig:
     )
 
 
-FAMILY = Family("llama", LlamaConfig, from_hf_config, Llama, hf_to_zoo, zoo_to_hf, hf_tensor_to_zoo)
+FAMILY = Family("llama", LlamaConfig, from_hf_config, Llama, hf_to_zoo, zoo_to_hf, hf_tensor_to_zoo,
+                chat=("llama3", "llama2"))
