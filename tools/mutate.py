@@ -65,7 +65,7 @@ MUTANTS = [
     Mutant("llama-residual-skips-attention", "zoo/models/llama.py",
            'return hook(i, "resid_post", resid_mid + mlp_out)', 'return hook(i, "resid_post", resid_pre + mlp_out)',
            PARITY),
-    Mutant("llama-hf-norm-eps-ignored", "zoo/formats/hf.py",
+    Mutant("llama-hf-norm-eps-ignored", "zoo/models/llama.py",
            'norm_eps=key(cfg, "rms_norm_eps", POSITIVE, 1e-6)', "norm_eps=1e-6", PARITY),
     Mutant("llama-meta-hidden-dim-rounds-down", "zoo/models/llama.py",
            "self.multiple_of * math.ceil(hidden / self.multiple_of)", "self.multiple_of * (hidden // self.multiple_of)",
