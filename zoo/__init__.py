@@ -12,6 +12,8 @@ from zoo.chat import Chat, chat
 from zoo.compile import compile
 from zoo.generate import generate, steps, stream
 from zoo.loader import find_checkpoint, load
+from zoo.weights import weights
 
-__all__ = ["load", "generate", "stream", "steps", "chat", "Chat", "compile", "find_checkpoint", "CheckpointError", "hooks"]
+__all__ = ["load", "generate", "stream", "steps", "chat", "Chat", "compile", "find_checkpoint", "CheckpointError", "hooks",
+           "weights"]
 __version__ = "0.1.0"

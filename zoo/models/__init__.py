@@ -3,8 +3,9 @@ gpt_neox.py (GPT-NeoX, Pythia). This file is the protocol between a family and t
 
 A family is one `Family`, defined at the end of its file and registered once, in FAMILIES below:
   name             config.json's model_type ("llama"), and the name zoo's own checkpoints record
-  config           its config dataclass, which has at least the fields every part of zoo reads:
-                   vocab_size, dim, n_layers, n_heads, n_kv_heads, head_dim, hidden_dim, max_seq_len
+  config           its config dataclass, a SharedNames (below), which has at least the fields every part
+                   of zoo reads: vocab_size, dim, n_layers, n_heads, n_kv_heads, head_dim, hidden_dim,
+                   max_seq_len, and says normalization, positional, act_fn and parallel_residual
   from_hf_config   config.json's contents (a dict) -> config, each key checked (zoo.checks.key)
   model            the model class, model(config, tokenizer=None), a zoo.forward.Decoder
   hf_to_zoo        a Hugging Face tensor name -> zoo's name(s) ([]: skip it; several: a fused tensor)
@@ -30,6 +31,32 @@ Adding a family: its own file, and one line in FAMILIES. Nothing else in zoo nam
 from typing import Callable, NamedTuple
 
 from torch import nn
+
+
+class SharedNames:
+    """The config names every family answers to (TransformerLens's), beside its own fields. Each config
+    also says `normalization` ("rms" or "layer"), `positional` ("rotary" or "learned"), `act_fn` and
+    `parallel_residual`."""
+
+    @property
+    def d_model(self) -> int:
+        return self.dim
+
+    @property
+    def d_mlp(self) -> int:
+        return self.hidden_dim
+
+    @property
+    def d_head(self) -> int:
+        return self.head_dim
+
+    @property
+    def d_vocab(self) -> int:
+        return self.vocab_size
+
+    @property
+    def n_ctx(self) -> int:
+        return self.max_seq_len
 
 
 class Family(NamedTuple):

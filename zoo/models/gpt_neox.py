@@ -23,7 +23,7 @@ from zoo.cache import KVCache
 from zoo.checks import FLAG, FRACTION, LAYERS, MAPPING, POSITIVE, SIZE, TEXT, key
 from zoo.forward import Decoder, begin
 from zoo.mlp import MLP
-from zoo.models import Family
+from zoo.models import Family, SharedNames
 from zoo.parallel import column_parallel_linear, parallel_embedding
 from zoo.rotary import inv_frequencies
 
@@ -32,7 +32,9 @@ ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, a
 
 
 @dataclass
-class GPTNeoXConfig:
+class GPTNeoXConfig(SharedNames):
+    normalization, positional = "layer", "rotary"  # SharedNames
+
     dim: int = 6144
     n_layers: int = 44
     n_heads: int = 64
@@ -58,6 +60,10 @@ class GPTNeoXConfig:
                              f"rotary embeddings rotate pairs of dims")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"hidden_act {self.activation!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+
+    @property
+    def act_fn(self) -> str:
+        return self.activation
 
 
 class Block(nn.Module):

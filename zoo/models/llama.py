@@ -24,14 +24,15 @@ from zoo.cache import KVCache
 from zoo.checks import COUNT, FLAG, LAYERS, MAPPING, POSITIVE, SIZE, TEXT, key
 from zoo.forward import Decoder, begin
 from zoo.mlp import GatedMLP
-from zoo.models import Family
+from zoo.models import Family, SharedNames
 from zoo.norm import RMSNorm
 from zoo.parallel import column_parallel_linear, parallel_embedding
 from zoo.rotary import ROPE_TYPES, inv_frequencies
 
 
 @dataclass
-class LlamaConfig:
+class LlamaConfig(SharedNames):
+    normalization, positional, act_fn, parallel_residual = "rms", "rotary", "silu", False  # SharedNames
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32

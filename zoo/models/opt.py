@@ -22,7 +22,7 @@ from zoo.cache import KVCache
 from zoo.checks import FLAG, LAYERS, SIZE, TEXT, key
 from zoo.forward import Decoder, begin
 from zoo.mlp import MLP
-from zoo.models import Family
+from zoo.models import Family, SharedNames
 from zoo.parallel import column_parallel_linear, parallel_embedding
 
 POSITION_OFFSET = 2
@@ -30,7 +30,9 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
 
 @dataclass
-class OPTConfig:
+class OPTConfig(SharedNames):
+    normalization, positional, parallel_residual = "layer", "learned", False  # SharedNames
+
     dim: int = 768
     n_layers: int = 12
     n_heads: int = 12
@@ -57,6 +59,10 @@ class OPTConfig:
             raise ValueError(f"activation_function {self.activation!r} is not supported; supported: "
                              f"{', '.join(ACTIVATIONS)}")
 
+    @property
+    def act_fn(self) -> str:
+        return self.activation
+
 
 class Block(nn.Module):
     def __init__(self, cfg: OPTConfig, layer: int):
@@ -81,6 +87,8 @@ class Block(nn.Module):
 
 
 class OPT(Decoder):
+    position_offset = POSITION_OFFSET  # the first row of pos_embed that a real position reads
+
     def __init__(self, cfg: OPTConfig, tokenizer=None):
         super().__init__()
         self.config = cfg
