@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s, reproducible)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--quant", choices=["int8", "int4"],
+    p.add_argument("--quant", choices=list(zoo.quant.SCHEMES),
                    help="weight-only quantization of the linear layers (blocks and untied output)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (default: %(default)s)")
     p.add_argument("--refine", action="store_true", help="int4: least-squares scales and zeros (less error, slower load)")

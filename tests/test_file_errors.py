@@ -330,7 +330,6 @@ def last_zoo_frame(outcome: dict) -> str:
     return frames[-1] if frames else ""
 
 
-@pytest.mark.xfail(strict=True, reason=f"{QUANTIZED} reads its metadata's JSON strings without naming the file")
 def test_quantized_metadata_names_its_file(layouts, tmp_path):
     import zoo
     path = layouts["quantized"] / "model.safetensors"

@@ -23,7 +23,9 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from zoo.kernels import Int4Weight, Int8Weight, int4_linear, int4_path, int8_linear, int8_path, native
+from zoo.kernels import Int4Weight, Int8Weight, native
+from zoo.kernels import quantized_linear as int4_linear, quantized_linear as int8_linear  # one entry, both formats
+from zoo.kernels import quantized_path as int4_path, quantized_path as int8_path
 from zoo.kernels.cpu import (int4_dequantize_mm, int4_mm_cpu, int8_dequantize_mm, int8_mm_cpu,
                              pack_int4_for_cpu)
 from zoo.kernels.reference import (dequantize_int4, dequantize_int8, int4_linear_ref, int8_linear_ref, pack_int4,
@@ -191,7 +193,7 @@ def test_dispatch_paths_on_cpu(torch_paths):
     int4 = Int4Weight(*random_int4(32, 64, 32), group_size=32)
     with pytest.raises(RuntimeError, match="prepare"):
         int4_path(torch.zeros(1, 64), int4)  # not prepared: no silent slow path
-    int4.prepare()
+    int4 = int4.prepare()
     for m in (1, 16, 1000):
         assert int4_path(torch.zeros(m, 64, dtype=torch.bfloat16), int4) == "cpu-op"
     with pytest.raises(ValueError, match="x is on meta"):
@@ -203,13 +205,13 @@ def test_native_dispatch_paths_on_cpu():
         assert not native.cpu_supported()
         return
     int8 = Int8Weight(*random_int8(32, 72)).prepare()
-    assert int8.cpu is None and int8.native_scales.dtype == torch.float32  # odd K: nothing padded
+    assert isinstance(int8, native.NativeInt8Weight) and int8.scales.dtype == torch.float32  # odd K: nothing padded
     for shape, path in [((1, 72), "cpu-native"), ((32, 72), "cpu-native"), ((33, 72), "cpu-native-dequantize")]:
         assert int8_path(torch.zeros(shape, dtype=torch.bfloat16), int8) == path, shape
         for dtype in (torch.float32, torch.float16):  # exact fp32 math: for checking, not for speed
             assert int8_path(torch.zeros(shape, dtype=dtype), int8) == "cpu-fp32", (shape, dtype)
     int4 = Int4Weight(*random_int4(32, 64, 32), group_size=32).prepare()
-    assert isinstance(int4.cpu, native.NativeInt4Weight)
+    assert isinstance(int4, native.NativeInt4Weight)
     for m in (1, 16, 32, 33, 1000):
         assert int4_path(torch.zeros(m, 64, dtype=torch.bfloat16), int4) == ("cpu-native" if m <= 32 else
                                                                              "cpu-native-dequantize")
@@ -225,13 +227,13 @@ def test_int8_weight_pads_k_once_for_the_cpu_operator(torch_paths):
         int8_linear(torch.zeros(3, 72), weight)  # unprepared: a clear error, not torch's garbage or SIGSEGV
     with pytest.raises(ValueError, match=r"needs K a multiple of 16.*got weight \(40, 72\)"):
         int8_mm_cpu(torch.zeros(3, 72, dtype=torch.bfloat16), qweight, scales)
-    weight.prepare()
-    assert weight.cpu.shape == (40, 80) and torch.equal(weight.cpu[:, 72:], torch.zeros(40, 8, dtype=torch.int8))
-    assert torch.equal(weight.qweight, qweight) and weight.qweight.data_ptr() == weight.cpu.data_ptr()
+    weight = weight.prepare()
+    assert weight.padded.shape == (40, 80) and torch.equal(weight.padded[:, 72:], torch.zeros(40, 8, dtype=torch.int8))
+    assert torch.equal(weight.stored().qweight, qweight) and weight.stored().qweight.data_ptr() == weight.padded.data_ptr()
     for m in (1, 17, 129):  # the padded operator, and the dequantize path past INT8_CPU_OP_MAX_M
         x = random_x((m, 72), torch.bfloat16, seed=m)
         assert rel_err(int8_linear(x, weight), int8_linear_ref(x.float(), qweight, scales)) <= TOL[torch.bfloat16]
-    assert Int8Weight(*random_int8(40, 96)).prepare().cpu is None  # round K: nothing padded, nothing copied
+    assert (w := Int8Weight(*random_int8(40, 96))).prepare() is w  # round K: nothing padded, nothing copied
 
 
 def test_padding_costs_round_k_nothing(torch_paths):

@@ -25,7 +25,7 @@ def test_every_core_module_has_mutants():
     for module in ("zoo/models/llama.py", "zoo/models/opt.py", "zoo/models/gpt_neox.py", "zoo/forward.py", "zoo/cache.py",
                    "zoo/kernels/attention.py", "zoo/mlp.py",
                    "zoo/rotary.py", "zoo/norm.py", "zoo/parallel/layers.py", "zoo/parallel/comm.py",
-                   "zoo/quant/quantizers.py", "zoo/kernels/__init__.py", "zoo/sampling.py", "zoo/hooks/points.py",
+                   "zoo/quant/int8.py", "zoo/quant/int4.py", "zoo/kernels/__init__.py", "zoo/sampling.py", "zoo/hooks/points.py",
                    "zoo/hooks/builtins.py",
                    "zoo/formats/lazy.py", "zoo/formats/gpt_neox.py"):
         assert module in files, module

@@ -9,7 +9,8 @@ import sys
 import torch
 from test_kernels import random_int4, random_int8, random_x
 
-from zoo.kernels import Int4Weight, Int8Weight, int4_linear, int8_linear, native
+from zoo.kernels import Int4Weight, Int8Weight, native
+from zoo.kernels import quantized_linear as int4_linear, quantized_linear as int8_linear  # one entry, both formats
 from zoo.kernels.reference import dequantize_int4
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
@@ -25,21 +26,21 @@ def test_built_where_the_cpu_runs_it():
 
 
 def test_zoo_native_0_uses_torchs_operators():
-    r = run("import torch; from zoo.kernels import Int8Weight, int8_path, native\n"
+    r = run("import torch; from zoo.kernels import Int8Weight, native, quantized_path as int8_path\n"
             "w = Int8Weight(torch.ones(8, 32, dtype=torch.int8), torch.ones(8)).prepare()\n"
-            "print(native.load(), w.native_scales, int8_path(torch.ones(1, 32, dtype=torch.bfloat16), w))",
+            "print(native.load(), type(w).__name__, int8_path(torch.ones(1, 32, dtype=torch.bfloat16), w))",
             ZOO_NATIVE="0")
-    assert r.returncode == 0 and r.stdout.split() == ["None", "None", "cpu-op"], r.stderr
+    assert r.returncode == 0 and r.stdout.split() == ["None", "Int8Weight", "cpu-op"], r.stderr
 
 
 def test_a_failed_build_falls_back_and_says_so_once():
     r = run("import torch.utils.cpp_extension as c\n"
             "def fail(**kwargs): raise RuntimeError('Ninja is required to load C++ extensions')\n"
             "c.load = fail\n"
-            "import torch; from zoo.kernels import Int4Weight, int4_path, native\n"
+            "import torch; from zoo.kernels import Int4Weight, native, quantized_path as int4_path\n"
             "from zoo.kernels.reference import pack_int4\n"
             "w = Int4Weight(pack_int4(torch.zeros(16, 64, dtype=torch.uint8)), torch.ones(16, 2), torch.ones(16, 2), 32)\n"
-            "w.prepare(); w.prepare()\n"
+            "w.prepare(); w = w.prepare()\n"
             "print(int4_path(torch.ones(1, 64, dtype=torch.bfloat16), w))")
     if not native.cpu_supported():  # never built there, so nothing to say
         assert r.returncode == 0 and r.stderr == "", r.stderr
@@ -174,10 +175,10 @@ def test_dequantize_mm_in_blocks_of_rows_equals_the_whole_weights_product():
     x = random_x((40, k), torch.bfloat16, seed=3)
     int8 = Int8Weight(*random_int8(n, k)).prepare()
     int4 = Int4Weight(*random_int4(n, k, 128), group_size=128).prepare()
-    w4 = native.int4_dequantize(int4.cpu).to(torch.bfloat16)  # the bf16 weights the kernel multiplies
-    w8 = (int8.qweight.float() * int8.native_scales[:, None]).to(torch.bfloat16)
-    for y, w in ((native.load().int8_dequantize_mm(x, int8.qweight, int8.native_scales), w8),
-                 (native.load().int4_dequantize_mm(x, int4.cpu.packed, int4.cpu.scales, int4.cpu.scaled_zeros, 128), w4)):
+    w4 = native.int4_dequantize(int4).to(torch.bfloat16)  # the bf16 weights the kernel multiplies
+    w8 = (int8.qweight.float() * int8.scales[:, None]).to(torch.bfloat16)
+    for y, w in ((native.load().int8_dequantize_mm(x, int8.qweight, int8.scales), w8),
+                 (native.load().int4_dequantize_mm(x, int4.packed, int4.scales, int4.scaled_zeros, 128), w4)):
         exact = x.double() @ w.double().T
         assert y.shape == (40, n)
         size = x.double().abs() @ w.double().abs().T  # fp32 sums err by a fraction of this
@@ -194,9 +195,9 @@ for n, k in ((1, 64), (5, 200), (37, 256), (131, 2056)):
     int4 = Int4Weight(*random_int4(n, k // 64 * 64, 64), group_size=64).prepare()  # whole groups
     w16 = torch.randn(n, k + 3).to(torch.bfloat16)[:, 1 : k + 1]  # rows of stride k + 3
     x = random_x((3, k), torch.bfloat16, seed=n)
-    products = [lambda x: ops.int8_mm(x, int8.qweight, int8.native_scales),
-                lambda x: ops.int4_mm(x[:, : k // 64 * 64].contiguous(), int4.cpu.packed, int4.cpu.scales,
-                                      int4.cpu.scaled_zeros, 64)]
+    products = [lambda x: ops.int8_mm(x, int8.qweight, int8.scales),
+                lambda x: ops.int4_mm(x[:, : k // 64 * 64].contiguous(), int4.packed, int4.scales,
+                                      int4.scaled_zeros, 64)]
     for f in products:  # a bf16 y is the fp32 y (of the same x, in fp32) rounded once
         assert torch.equal(f(x), f(x.float()).to(torch.bfloat16)), (n, k)
     if native.bf16_linear_runs():

@@ -23,7 +23,7 @@ def fake_quantized(float_model: torch.nn.Module, quantized: torch.nn.Module) -> 
     left in floating point keep float_model's weights."""
     for name, m in quantized.named_modules():
         if isinstance(m, quant.QuantLinear):
-            w = m.qweight
+            w = m.quantized
             deq = (dequantize_int8(w.qweight, w.scales) if isinstance(w, Int8Weight)
                    else dequantize_int4(w.packed, w.scales, w.zeros, w.group_size))
             float_model.get_submodule(name).weight.data.copy_(deq)
@@ -68,7 +68,7 @@ def test_quant_linear_matches_dequantized_reference():
     for scheme, deq in (("int8", lambda w: dequantize_int8(w.qweight, w.scales)),
                         ("int4", lambda w: dequantize_int4(w.packed, w.scales, w.zeros, 64))):
         q = quant.quantize_linear(linear, scheme, group_size=64)
-        ref = F.linear(x, deq(q.qweight), linear.bias)
+        ref = F.linear(x, deq(q.quantized), linear.bias)
         with torch.no_grad():
             got = q(x)
         assert got.shape == ref.shape
@@ -229,7 +229,7 @@ def test_quantize_command_refuses_outputs_that_lose_data(tiny_dir, tmp_path, cap
     assert main(["quantize", str(tiny_dir), str(done), "--quant", "int4", "--group-size", "64", "--force"]) == 0
     assert sorted(p.name for p in done.iterdir()) == sorted(p.name for p in empty_dir.iterdir()) == \
         ["model.safetensors", "tokenizer.model"]
-    assert isinstance(zoo.load(done).blocks[0].attn.wq.qweight, quant.Int4Weight)
+    assert isinstance(zoo.load(done).blocks[0].attn.wq.quantized, quant.Int4Weight)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
 
 
@@ -352,10 +352,10 @@ def test_quantized_under_tensor_parallelism(hf_dir, tmp_path):
 def test_int4_cpu_holds_the_weight_once_after_first_forward(tiny_dir, tmp_path):
     model = zoo.load(tiny_dir, quant="int4", group_size=64)
     layer = model.blocks[0].attn.wq
-    assert layer.qweight.packed is not None and layer.qweight.cpu is None  # nothing laid out before running
+    assert layer.quantized.packed is not None and layer.prepared is None  # nothing laid out before running
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]))
-    assert layer.qweight.cpu is not None and layer.qweight.packed is layer.qweight.scales is layer.qweight.zeros is None
+    assert layer.prepared is not None and layer.quantized is None
     with pytest.raises(ValueError, match="save before running the model"):
         quant.save(model, tmp_path / "q")
 

@@ -87,8 +87,9 @@ def run_case(case: dict) -> dict:
     """One case: y on its path and the reference's, compared (the weights are random formats, not quantized)."""
     from test_kernels import random_int4, random_int8, random_x, rel_err
 
-    from zoo.kernels import (Int4Weight, Int8Weight, int4_linear, int4_linear_ref, int4_path, int8_linear,
-                             int8_linear_ref, int8_path, native)
+    from zoo.kernels import Int4Weight, Int8Weight, int4_linear_ref, int8_linear_ref, native
+    from zoo.kernels import quantized_linear as int4_linear, quantized_linear as int8_linear
+    from zoo.kernels import quantized_path as int4_path, quantized_path as int8_path
     from zoo.kernels.cpu import int4_dequantize_mm, int8_dequantize_mm
     k, n, m, g, device = case["k"], case["n"], case["m"], case["group_size"], case["device"]
     x = random_x((m, k), torch.float32 if case["path"] == "native" else torch.bfloat16, seed=m, device=device)

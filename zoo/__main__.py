@@ -67,34 +67,37 @@ def tree(module: nn.Module, name: str = "", depth: int = 0, max_depth: int = 3, 
 
 
 def weight_bytes(model: nn.Module, group_size: int = 128) -> dict[str, int]:
-    """Bytes of the weights stored as each dtype, and with the linear layers zoo quantizes in int8 / int4.
+    """Bytes of the weights stored as each dtype, and with the linear layers zoo quantizes in each scheme.
 
-    int8: 1 byte per weight + an fp32 scale per output row. int4: half a byte per weight + a bf16
-    scale and zero per group of `group_size` inputs (torch's CPU layout), for the layers whose inputs
-    split into groups (the others stay bf16). Embeddings, norms and biases stay in bf16.
+    A scheme's bytes (its weight_bytes: int8 a byte per weight and an fp32 scale per row, int4 half a
+    byte and a bf16 scale and zero per group of `group_size` inputs, torch's CPU layout) for the layers
+    it fits; the others, the embeddings, norms and biases in bf16.
     """
     layers = [model.get_submodule(name) for name in zoo.quant.candidate_layers(model)]
-    linear = sum(m.weight.numel() for m in layers)
-    rows = sum(m.weight.shape[0] for m in layers)
-    linear4 = sum(m.weight.numel() for m in layers if zoo.quant.int4_misfit(m, group_size) is None)
     total = count(model)
     out = {dtype: total * size for dtype, size in DTYPE_BYTES.items()}
-    out["int8"] = linear + 4 * rows + 2 * (total - linear)
-    out[f"int4 (group {group_size})"] = linear4 // 2 + 4 * (linear4 // group_size) + 2 * (total - linear4)
+    for scheme in zoo.quant.SCHEMES.values():
+        fitting = [m.weight.shape for m in layers if scheme.misfit(m, group_size) is None]
+        quantized = sum(n * k for n, k in fitting)
+        out[scheme.label(group_size, "{name} (group {group_size})")] = (
+            sum(scheme.weight_bytes(n, k, group_size) for n, k in fitting) + 2 * (total - quantized))
     return out
 
 
-def int4_floating_layers(model: nn.Module) -> list[str]:
-    """One line per int4 group size that leaves some linear layer in floating point (zoo.quant.plan's rule)."""
-    lines, names, none = [], zoo.quant.candidate_layers(model), []
-    for group_size in zoo.quant.INT4_GROUP_SIZES:
-        misfits = zoo.quant.int4_misfits(model, group_size)
-        if misfits and len(misfits) == len(names):
-            none.append(str(group_size))
-        elif misfits:
-            lines.append(f"int4 group {group_size} leaves in floating point: {zoo.quant.describe_layers(misfits, model)}")
-    if none:
-        lines.append(f"int4 group {', '.join(none)} fits no linear layer: zoo.load refuses it")
+def floating_layers(model: nn.Module) -> list[str]:
+    """One line per scheme and group size that leaves some linear layer in floating point (zoo.quant.plan's rule)."""
+    lines, names = [], zoo.quant.candidate_layers(model)
+    for scheme in zoo.quant.SCHEMES.values():
+        none = []
+        for group_size in scheme.group_sizes or (0,):
+            misfits = zoo.quant.misfits(model, scheme, group_size)
+            if misfits and len(misfits) == len(names):
+                none.append(str(group_size))
+            elif misfits:
+                lines.append(f"{scheme.label(group_size)} leaves in floating point: "
+                             f"{zoo.quant.describe_layers(misfits, model)}")
+        if none:
+            lines.append(f"{scheme.label(', '.join(none))} fits no linear layer: zoo.load refuses it")
     return lines
 
 
@@ -104,12 +107,12 @@ def stored_quantization(directory, model: nn.Module) -> list[str]:
     if not path.exists() or safetensors_metadata(path).get("format") != zoo.quant.FORMAT:
         return []
     meta, keys = safetensors_metadata(path), safetensors_tensors(path).keys()
-    scheme = meta.get("scheme", "?") + (f", group {meta.get('group_size')}" if meta.get("scheme") == "int4" else "")
+    scheme, group_size = zoo.quant.SCHEMES.get(meta.get("scheme")), meta.get("group_size", "0")
     floating = {n: "stored so" for n in zoo.quant.candidate_layers(model) if f"{n}.weight" in keys}
-    if meta.get("scheme") == "int4":
-        floating = {n: zoo.quant.int4_misfit(model.get_submodule(n), int(meta["group_size"])) or why
-                    for n, why in floating.items()}
-    lines = [f"quantized: {scheme}"]
+    if scheme is None or not group_size.isdigit():
+        return [f"quantized: {meta.get('scheme', '?')} (not a scheme this zoo reads)"]
+    floating = {n: scheme.misfit(model.get_submodule(n), int(group_size)) or why for n, why in floating.items()}
+    lines = [f"quantized: {scheme.label(group_size, '{name}, group {group_size}')}"]
     if floating:
         lines.append(f"in floating point: {zoo.quant.describe_layers(floating, model)}")
     return lines
@@ -128,7 +131,7 @@ def inspect(args) -> int:
     print(f"\ntotal parameters: {count(model):,}\n\nweights in memory:")
     for kind, size in weight_bytes(model).items():
         print(f"  {kind:<18} {size / 2**30:8.2f} GiB")
-    for line in stored_quantization(directory, model) or int4_floating_layers(model):
+    for line in stored_quantization(directory, model) or floating_layers(model):
         print(f"  {line}")
     if args.prompt is not None:
         loaded = zoo.load(args.ckpt, dtype=torch.float32, device="cpu")
@@ -147,8 +150,8 @@ def quantize(args) -> int:
                      refine=args.refine)
     out = zoo.quant.save(model, args.outdir, force=args.force)
     size = (out / "model.safetensors").stat().st_size
-    print(f"wrote {out / 'model.safetensors'} ({size / 2**20:.1f} MiB, {args.quant}"
-          f"{f', group {args.group_size}' if args.quant == 'int4' else ''})")
+    label = zoo.quant.SCHEMES[args.quant].label(args.group_size, "{name}, group {group_size}")
+    print(f"wrote {out / 'model.safetensors'} ({size / 2**20:.1f} MiB, {label})")
     return 0
 
 
@@ -208,7 +211,8 @@ def perplexity(args) -> int:
     for ckpt in checkpoints:
         for quant in args.quant:
             quant = None if quant == "none" else quant
-            label = {None: ckpt, "int8": f"{ckpt} int8", "int4": f"{ckpt} int4 g{args.group_size}"}[quant]
+            scheme = zoo.quant.SCHEMES.get(quant)
+            label = ckpt if scheme is None else f"{ckpt} {scheme.label(args.group_size, '{name} g{group_size}')}"
             model = zoo.load(ckpt, dtype=DTYPES[args.dtype], device=args.device, quant=quant,
                              group_size=args.group_size)
             result = zoo.perplexity.evaluate(model, ids, ctx, args.stride or ctx, Progress(label, "tokens"))
@@ -283,14 +287,14 @@ def main(argv=None) -> int:
     q = sub.add_parser("quantize", help="write a weight-only quantized copy of a checkpoint")
     q.add_argument("ckpt")
     q.add_argument("outdir")
-    q.add_argument("--quant", choices=["int8", "int4"], required=True)
+    q.add_argument("--quant", choices=list(zoo.quant.SCHEMES), required=True)
     q.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128, 256 (default: %(default)s)")
     q.add_argument("--refine", action="store_true", help="int4: least-squares scales and zeros (less error, slower)")
     q.add_argument("--force", action="store_true", help="replace a checkpoint zoo wrote in the output directory (never other files)")
     r = sub.add_parser("perplexity", help="perplexity of a text file, strided windows (--quant/--compare side by side)")
     r.add_argument("ckpt")
     r.add_argument("file", help="a UTF-8 text file, scored as one text (BOS first)")
-    r.add_argument("--quant", nargs="+", choices=["none", "int8", "int4"], default=["none"],
+    r.add_argument("--quant", nargs="+", choices=["none", *zoo.quant.SCHEMES], default=["none"],
                    help="one row per value, e.g. --quant none int8 int4 (default: none)")
     r.add_argument("--group-size", type=int, default=128, help="int4 group size (default: %(default)s)")
     r.add_argument("--compare", nargs="+", metavar="CKPT", help="more checkpoints scored on the same tokens")

@@ -60,13 +60,15 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def floating_dtype(name: str, value) -> torch.dtype:
-    """torch.float32 / bfloat16 / float16, or one of their names ("bf16", "float32", ...)."""
+def floating_dtype(name: str, value, quant: tuple[str, ...] = ()) -> torch.dtype:
+    """torch.float32 / bfloat16 / float16, or one of their names ("bf16", "float32", ...). quant: the
+    quantization schemes the caller takes, named in the error for an integer dtype or a scheme's name."""
     accepted = "torch.float32, torch.bfloat16 or torch.float16 (or a name: " + ", ".join(DTYPES) + ")"
     if isinstance(value, str) and value.removeprefix("torch.") in DTYPES:
         return DTYPES[value.removeprefix("torch.")]
-    if value in (torch.int8, torch.uint8, "int8", "int4"):
-        accepted += "; for int8/int4 weights pass quant='int8' or quant='int4'"
+    integer = isinstance(value, torch.dtype) and not (value.is_floating_point or value.is_complex or value == torch.bool)
+    if quant and (integer or value in quant):
+        accepted += "; for quantized weights pass " + " or ".join(f"quant={q!r}" for q in quant)
     require(isinstance(value, torch.dtype) and value in DTYPES.values(), name, value, accepted)
     return value
 

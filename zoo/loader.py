@@ -53,20 +53,22 @@ def load(ckpt: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: s
     dtype: what the floating-point weights are cast to while loading. device: default CUDA if
     present, else CPU. max_seq_len: the longest sequence the model will be asked to hold
     (default: the checkpoint's context length). progress: a bar on stderr (default: when stderr
-    is a terminal and the checkpoint is over 256 MB). quant: "int8" or "int4" quantizes each linear
-    layer of the blocks, and the untied output layer, as soon as it is read (zoo/quant), never
-    holding the whole model in `dtype`;
-    group_size: int4's (32, 64, 128, 256); refine: int4's scales and zeros by least squares rather
-    than min/max (zoo.quant.refine_int4: less error, slower to load). Parameters come back frozen
+    is a terminal and the checkpoint is over 256 MB). quant: a scheme of zoo.quant.SCHEMES ("int8",
+    "int4") quantizes each linear layer of the blocks, and the untied output layer, as soon as it is
+    read (zoo/quant), never holding the whole model in `dtype`;
+    group_size: the scheme's, where it has groups (int4: 32, 64, 128, 256); refine: fitted scales and
+    zeros rather than min/max, where the scheme takes it (int4: zoo.quant.refine_int4: less error,
+    slower to load). Parameters come back frozen
     (requires_grad=False): zoo is for inference; call `requires_grad_()` to train. `model.source` is
     the directory read (zoo.quant.save refuses to write over it or inside it).
     """
-    dtype, device = checks.floating_dtype("dtype", dtype), checks.device("device", device)
+    dtype = checks.floating_dtype("dtype", dtype, quant=tuple(quantization.SCHEMES))
+    device = checks.device("device", device)
     directory = find_checkpoint(ckpt)
-    if quant is not None and quant not in quantization.SCHEMES:
-        raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(quantization.SCHEMES)}")
-    if refine and quant != "int4":
-        raise ValueError(f"refine=True applies to quant='int4' only (quant={quant!r})")
+    scheme = quantization.scheme_named(quant) if quant is not None else None
+    if refine and not (scheme and scheme.refines):
+        refining = " or ".join(f"quant={s.name!r}" for s in quantization.SCHEMES.values() if s.refines)
+        raise ValueError(f"refine=True applies to {refining} only (quant={quant!r})")
     fmt = formats.format_of(directory)
     if fmt is quantized and quant is not None:
         raise ValueError(f"{directory} is already quantized; load it without quant=")

@@ -6,14 +6,14 @@
         and any other K it reads past the rows (torch 2.13, this AVX512 CPU): garbage or NaN for M
         of 1-3, SIGSEGV from M ~ 17 (K = 8, 24, 40, 72, 88, 100, 136, 200, 232, 264 all fail; fp32
         and fp16 x happened to be right). So K is padded with zero columns to a multiple of 16
-        (Int8Weight.prepare, once) and x with zeros to match (int8_linear, each call: a copy of x).
+        (PaddedInt8Weight, made once by Int8Weight.prepare) and x with zeros to match (each call: a copy of x).
 
     torch.ops.aten._convert_weight_to_int4pack_for_cpu(q int32 [N, K], inner_k_tiles) -> uint8 [N, K/2]
         Takes the UNPACKED values 0..15 and lays them out for this CPU's instruction set (AVX512 or
         AVX2 or plain): the layout is a detail of the build and the machine, so it is made at load
         time and never saved. N must be a multiple of 16 (we pad; else a RuntimeError); inner_k_tiles
-        is unused on CPU. Any K of whole groups is right (measured: K = 32-768 for every group size,
-        N = 8-208, M = 1, 3, 17, bf16 and fp32 x; tests/test_quant_widths.py).
+        is unused on CPU. Any K of whole groups is right (tests/test_quant_widths.py tries every group
+        size over K = 32-768).
 
     torch.ops.aten._weight_int4pack_mm_for_cpu(x [M, K], packed, group_size, scales_and_zeros) -> [M, N]
         scales_and_zeros is [K/group_size, N, 2] in x's dtype, [..., 0] the scale and [..., 1] a zero
@@ -25,7 +25,8 @@
 
         zero_torch is rounded to x's dtype. In bf16 that is a relative error of up to 2^-8 on a number
         up to 8 * scale, shared by a whole group: the size of rounding each weight to bf16, so the bf16
-        path is about as accurate as a bf16 dequantize-then-matmul (~3e-3 of max|y|, measured).
+        path is about as accurate as a bf16 dequantize-then-matmul (tests/test_kernels.py holds both to one
+        tolerance).
 """
 from dataclasses import dataclass
 
@@ -42,14 +43,43 @@ CPU_INT4_ROWS = 1024  # rows converted at a time (a multiple of the operator's N
 def int8_mm_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, K] (fp32/fp16/bf16) @ int8 weight [N, K] with per-channel scales [N] -> [M, N] in x's dtype.
 
-    K must be a multiple of 16: pad both with zero columns first (Int8Weight.prepare, int8_linear)."""
+    K must be a multiple of 16: pad both with zero columns first (PaddedInt8Weight)."""
     if qweight.shape[1] % CPU_INT8_K_MULTIPLE:
         raise ValueError(f"torch's int8 CPU operator needs K a multiple of {CPU_INT8_K_MULTIPLE} (else it reads past "
                          f"the rows: garbage or a crash), got weight {tuple(qweight.shape)}; pad K with zero columns")
     return torch.ops.aten._weight_int8pack_mm(x, qweight, scales.to(x.dtype))
 
 
-@dataclass
+@dataclass(frozen=True)
+class PaddedInt8Weight:
+    """An int8 weight whose K is padded with zero columns to a multiple of 16 for torch's operator (above):
+    made by Int8Weight.prepare where K needs it, never saved. Its first K columns are the stored weight
+    (`stored`), a view of the same memory, so the weight is held once."""
+    padded: torch.Tensor  # int8 [N, K padded to 16], the columns past K zeros
+    scales: torch.Tensor  # [N]
+    in_features: int      # K before padding
+
+    @classmethod
+    def of(cls, qweight: torch.Tensor, scales: torch.Tensor) -> "PaddedInt8Weight":
+        k = qweight.shape[1]
+        return cls(F.pad(qweight, (0, -k % CPU_INT8_K_MULTIPLE)), scales, k)
+
+    @property
+    def device(self) -> torch.device:
+        return self.padded.device
+
+    def stored(self):
+        from zoo.kernels import Int8Weight  # here: zoo.kernels imports this module
+        return Int8Weight(self.padded[:, :self.in_features], self.scales)  # [N, K], the same memory
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_mm_cpu(F.pad(x, (0, self.padded.shape[1] - x.shape[1])), self.padded, self.scales)
+
+    def dequantize_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_dequantize_mm(x, self.padded[:, :self.in_features], self.scales)
+
+
+@dataclass(frozen=True)
 class CpuInt4Weight:
     """An int4 weight laid out for torch's CPU operator: made by pack_int4_for_cpu, lives in memory only."""
     packed: torch.Tensor            # uint8, torch's layout for this CPU (not ours)
@@ -61,6 +91,16 @@ class CpuInt4Weight:
     def dtype(self) -> torch.dtype:
         """The activation dtype this weight was packed for (the operator wants x in it)."""
         return self.scales_and_zeros.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def stored(self) -> None:
+        return None  # zoo's format is not kept: the layout depends on this CPU's instruction set
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        return int4_mm_cpu(x, self)
 
 
 def pack_int4_for_cpu(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,

@@ -3,7 +3,7 @@ bf16 matrix-vector product for dense layers (AVX512-BF16, zoo.kernels.linear).
 
     ops = native.load()     # torch.ops.zoo_native, built on first use (cached), or None (then torch's operators)
     y = ops.int8_mm(x, qweight, scales)                                # x [M, K] bf16/fp32 -> y [M, N]
-    w = int4_layout(packed, scales, zeros, group_size)                   # once, at load
+    w = int4_layout(packed, scales, zeros, group_size)                   # once, at load (NativeInt4Weight)
     y = ops.int4_mm(x, w.packed, w.scales, w.scaled_zeros, group_size)
     y = ops.int8_dequantize_mm(x, qweight, scales)   # for many rows: the weight dequantized to bf16 (in blocks
                                                      # of rows, each multiplied by F.linear while in cache)
@@ -26,7 +26,7 @@ x's rounding (measured on the bundled model: benchmarks/quant.py's perplexity, R
 Built with torch.utils.cpp_extension.load (g++ and ninja; the build is cached under
 $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions, a few seconds to load after the first time) on a
 CPU with AVX-512 VNNI only. Without them, or with ZOO_NATIVE=0, load() returns None and zoo.kernels
-uses torch's operators (the paths it had before: its dispatch table). A failed build says why once on
+uses torch's operators (its dispatch table). A failed build says why once on
 stderr and falls back the same way.
 """
 import functools
@@ -111,7 +111,32 @@ def _register_shapes():
         return scales.new_empty(packed.shape[0], k, dtype=torch.bfloat16)
 
 
-@dataclass
+@dataclass(frozen=True)
+class NativeInt8Weight:
+    """An int8 weight as int8_mm reads it: the stored qweight as it is (the same memory), fp32 scales."""
+    qweight: torch.Tensor  # int8 [N, K]
+    scales: torch.Tensor   # fp32 [N]
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def stored(self):
+        from zoo.kernels import Int8Weight  # here: zoo.kernels imports this module
+        return Int8Weight(self.qweight, self.scales)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.zoo_native.int8_mm(x, self.qweight, self.scales)
+
+    def dequantize_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.zoo_native.int8_dequantize_mm(x, self.qweight, self.scales)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight in fp32 [N, K]."""
+        return self.qweight.float() * self.scales[:, None]
+
+
+@dataclass(frozen=True)
 class NativeInt4Weight:
     """An int4 weight laid out for int4_mm: made by int4_layout at load, lives in memory only.
 
@@ -125,6 +150,23 @@ class NativeInt4Weight:
     scaled_zeros: torch.Tensor  # fp32 [N, Kp/group_size]
     group_size: int
     in_features: int            # K before padding
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def stored(self) -> None:
+        return None  # zoo's format is not kept: this layout is read instead
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.zoo_native.int4_mm(x, self.packed, self.scales, self.scaled_zeros, self.group_size)
+
+    def dequantize_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.zoo_native.int4_dequantize_mm(x, self.packed, self.scales, self.scaled_zeros,
+                                                       self.group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        return int4_dequantize(self)
 
 
 ROWS_AT_A_TIME = 1024  # int4_layout unpacks this many rows at a time (its temporaries stay small)

@@ -41,6 +41,21 @@ def scatter_padded(x: torch.Tensor) -> torch.Tensor:
     return scatter_to_parallel(F.pad(x, (0, pad)) if pad else x)
 
 
+def column_parallel(x: torch.Tensor, matmul, gather_output: bool, full_size: int) -> torch.Tensor:
+    """What a column-parallel layer does around its matmul (bias included): x whole on every rank, y this
+    rank's outputs (..., out/w), gathered into (..., out) when gather_output. QuantLinear's too."""
+    y = matmul(copy_to_parallel(x))  # (..., out/w)
+    return gather_padded(y, full_size) if gather_output else y
+
+
+def row_parallel(x: torch.Tensor, matmul, input_is_parallel: bool, bias: torch.Tensor | None) -> torch.Tensor:
+    """What a row-parallel layer does around its matmul (bias excluded): x cut to this rank's inputs unless
+    it already is, the partial sums all-reduced, then the replicated bias added once. QuantLinear's too."""
+    x = x if input_is_parallel else scatter_padded(x)
+    y = reduce_from_parallel(matmul(x))  # (..., out)
+    return y if bias is None else y + bias
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b, W split by rows (output features). gather_output=False leaves each rank its slice."""
     split_dims = {"weight": 0, "bias": 0}
@@ -52,8 +67,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.weight.shape[0])) if bias else None
 
     def forward(self, x):
-        y = linear(copy_to_parallel(x), self.weight, self.bias)  # (..., out/w)
-        return gather_padded(y, self.full_size) if self.gather_output else y
+        return column_parallel(x, lambda x: linear(x, self.weight, self.bias), self.gather_output, self.full_size)
 
 
 class Linear(nn.Linear):
@@ -79,9 +93,7 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x):
-        x = x if self.input_is_parallel else scatter_padded(x)
-        y = reduce_from_parallel(linear(x, self.weight))  # (..., out)
-        return y if self.bias is None else y + self.bias
+        return row_parallel(x, lambda x: linear(x, self.weight), self.input_is_parallel, self.bias)
 
 
 class ParallelEmbedding(nn.Module):

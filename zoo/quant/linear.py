@@ -1,61 +1,71 @@
-"""QuantLinear: a linear layer whose weight is int8 or int4, standing in for nn.Linear or a tensor-parallel
-Column/RowParallelLinear with the same split and the same collectives (zoo/parallel/comm.py)."""
+"""QuantLinear: a linear layer whose weight is quantized by one of zoo.quant's schemes, standing in for
+nn.Linear or a tensor-parallel Column/RowParallelLinear with the same split and the same collectives
+(zoo/parallel/layers.py's column_parallel / row_parallel)."""
 import torch
 from torch import nn
 
 from zoo.formats.files import release_freed_memory
-from zoo.kernels import Int4Weight, Int8Weight, int4_linear, int8_linear
-from zoo.parallel import ColumnParallelLinear, RowParallelLinear, gather_padded, reduce_from_parallel, scatter_padded
+from zoo.parallel.layers import ColumnParallelLinear, RowParallelLinear, column_parallel, row_parallel
+from zoo.quant.scheme import Scheme
 
 
 class QuantLinear(nn.Module):
-    """y = x W^T + b with W stored as int8 or int4; the matmul is zoo.kernels' (Triton on CUDA, torch's ops on CPU).
+    """y = x W^T + b with W stored by `scheme`; the matmul is the scheme's (zoo.kernels: Triton on CUDA,
+    zoo's native kernels or torch's operators on CPU).
 
-    Under tensor parallelism it stands in for a Column- or RowParallelLinear, holding this rank's
-    shard (quantized on its own) and doing the same collectives (zoo/parallel/layers.py).
+    `quantized` is the stored weight (what `zoo.quant.save` writes); `prepared` the layout its matmul
+    reads, made on the first forward (`prepare`). Where that layout holds the weight in another form
+    (int4 on the CPU) the stored weight is let go, so the weight is held once: `quantized` is then
+    None, and the model can no longer be saved. Under tensor parallelism it holds this rank's shard
+    (quantized on its own).
     """
 
-    def __init__(self, weight: Int8Weight | Int4Weight, bias: torch.Tensor | None = None, parallel: str | None = None,
+    def __init__(self, scheme: Scheme, weight, bias: torch.Tensor | None = None, parallel: str | None = None,
                  gather_output: bool = False, input_is_parallel: bool = True, full_size: int | None = None):
         super().__init__()
-        self.qweight = weight
-        self.prepared = False  # laid out for its device on the first forward (see forward)
+        self.scheme, self.quantized, self.prepared = scheme, weight, None
+        self.group_size = scheme.group_size(weight)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.matmul = int8_linear if isinstance(weight, Int8Weight) else int4_linear
         self.parallel, self.gather_output, self.input_is_parallel = parallel, gather_output, input_is_parallel
         self.split_dims = {"bias": 0} if parallel == "column" else {}  # for the loader, as the parallel layers'
         self.full_size = full_size  # the split dim's size without padding, as the parallel layers'
-        stored = weight.qweight if isinstance(weight, Int8Weight) else weight.packed
-        self.out_features, self.in_features = stored.shape[0], (stored.shape[1] if isinstance(weight, Int8Weight)
-                                                                  else 2 * stored.shape[1])
+        self.out_features, self.in_features = weight.shape
 
     @classmethod
-    def replacing(cls, linear: nn.Module, weight: Int8Weight | Int4Weight, bias: torch.Tensor | None) -> "QuantLinear":
+    def replacing(cls, linear: nn.Module, scheme: Scheme, weight, bias: torch.Tensor | None) -> "QuantLinear":
         """The QuantLinear to put in `linear`'s place: the same tensor-parallel split and collectives."""
         if isinstance(linear, ColumnParallelLinear):
-            return cls(weight, bias, "column", gather_output=linear.gather_output, full_size=linear.full_size)
+            return cls(scheme, weight, bias, "column", gather_output=linear.gather_output, full_size=linear.full_size)
         if isinstance(linear, RowParallelLinear):
-            return cls(weight, bias, "row", input_is_parallel=linear.input_is_parallel, full_size=linear.full_size)
-        return cls(weight, bias)
+            return cls(scheme, weight, bias, "row", input_is_parallel=linear.input_is_parallel,
+                       full_size=linear.full_size)
+        return cls(scheme, weight, bias)
+
+    @torch.compiler.disable  # once: run as Python even when a compiled forward reaches it first
+    def prepare(self) -> None:
+        self.prepared = self.scheme.prepare(self.quantized)
+        if self.prepared is not self.quantized:
+            self.quantized = self.prepared.stored()  # the same weight in the layout's memory, or None
+        if self.quantized is None:
+            release_freed_memory()  # the stored copy and the repacking's temporaries (glibc would keep them)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.prepared:  # on CPU, int4 moves to torch's operator layout, and zoo's packed copy is freed
-            self.qweight.prepare(drop_packed=True)
-            self.prepared = True
-            if getattr(self.qweight, "cpu", None) is not None:
-                release_freed_memory()  # and so are the repacking's temporaries (glibc would keep them)
-        if self.parallel == "row" and not self.input_is_parallel:
-            x = scatter_padded(x)
-        y = self.matmul(x, self.qweight)
+        if self.prepared is None:
+            self.prepare()
         if self.parallel == "row":
-            y = reduce_from_parallel(y)  # partial sums over this rank's inputs
-        if self.bias is not None:
-            y = y + self.bias
-        if self.parallel == "column" and self.gather_output:
-            y = gather_padded(y, self.full_size)
-        return y
+            return row_parallel(x, self._matmul, self.input_is_parallel, self.bias)
+        if self.parallel == "column":
+            return column_parallel(x, self._matmul_bias, self.gather_output, self.full_size)
+        return self._matmul_bias(x)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scheme.linear(x, self.prepared)
+
+    def _matmul_bias(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.scheme.linear(x, self.prepared)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        kind = "int8" if isinstance(self.qweight, Int8Weight) else f"int4, group {self.qweight.group_size}"
         split = f", {self.parallel}-parallel" if self.parallel else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}{split}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{self.scheme.label(self.group_size, '{name}, group {group_size}')}{split}")

@@ -18,8 +18,7 @@ from torch import nn
 
 from zoo import checks
 from zoo.formats.files import CheckpointError, safetensors_metadata
-from zoo.formats.quantized import FORMAT, LAYOUTS, VERSION
-from zoo.kernels import Int8Weight
+from zoo.formats.quantized import FORMAT, VERSION
 from zoo.models import family_of
 from zoo.parallel import world_size
 from zoo.quant.linear import QuantLinear
@@ -78,6 +77,8 @@ def written_by_zoo(directory: Path) -> set[str]:
         files = json.loads(meta["files"]) if "files" in meta else ["model.safetensors", *TOKENIZER_FILES]
     except ValueError:
         return set()
+    if not isinstance(files, list):
+        return set()
     return {name for name in files if isinstance(name, str) and "/" not in name} | {"model.safetensors"}
 
 
@@ -112,26 +113,24 @@ def save(model: nn.Module, directory: str | Path, force: bool = False, source: s
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("the model has no quantized layers: zoo.quant.quantize(model, ...) or zoo.load(..., quant=...)")
-    kinds = {"int8" if isinstance(m.qweight, Int8Weight) else ("int4", m.qweight.group_size) for m in layers.values()}
+    kinds = {m.scheme.label(m.group_size) for m in layers.values()}
     if len(kinds) > 1:
-        raise ValueError(f"the model mixes quantization schemes {sorted(map(str, kinds))}: one scheme per checkpoint")
-    kind = kinds.pop()
-    scheme, group_size = (kind, 0) if kind == "int8" else kind
+        raise ValueError(f"the model mixes quantization schemes {sorted(kinds)}: one scheme per checkpoint")
+    first = next(iter(layers.values()))
+    scheme, group_size = first.scheme, first.group_size
     tensors = {}
     for name, m in layers.items():
-        w = m.qweight
-        if scheme == "int4" and w.packed is None:
-            raise ValueError(f"{name}: this int4 weight was repacked for torch's CPU kernel when the model first ran "
-                             f"and zoo's format was freed: save before running the model (python -m zoo quantize)")
-        stored = {"qweight": w.qweight, "scales": w.scales} if scheme == "int8" else \
-            {"packed": w.packed, "scales": w.scales, "zeros": w.zeros}
-        tensors.update({f"{name}.{k}": v for k, v in stored.items()})
+        if m.quantized is None:
+            raise ValueError(f"{name}: this {scheme.name} weight was laid out for its device's kernel when the "
+                             f"model first ran and zoo's format was freed: save before running the model "
+                             f"(python -m zoo quantize)")
+        tensors.update({f"{name}.{k}": v for k, v in scheme.stored(m.quantized).items()})
     tensors.update({name: p for name, p in model.named_parameters()})  # floats, quantized layers' biases; tied once
     config = {k: v for k, v in dataclasses.asdict(model.config).items() if k != "extra"}
     tokenizer = model.tokenizer
     special = {"bos_token_id": getattr(tokenizer, "bos_id", None), "eos_token_id": getattr(tokenizer, "eos_id", None)}
-    metadata = {"format": FORMAT, "version": VERSION, "scheme": scheme, "group_size": str(group_size),
-                "layout": LAYOUTS[scheme], "model_type": model_type, "config": json.dumps(config),
+    metadata = {"format": FORMAT, "version": VERSION, "scheme": scheme.name, "group_size": str(group_size),
+                "layout": scheme.layout, "model_type": model_type, "config": json.dumps(config),
                 "tokenizer": json.dumps(special)}  # the ids a config.json would give (it is not copied)
     from safetensors.torch import save_file
     files = {name: path for name, path in (tokenizer.files if tokenizer is not None else {}).items() if path.exists()}
