@@ -8,7 +8,8 @@
 The same names on every family (see POINTS and the README's table). Names may be globs and are
 expanded once per forward; an unknown name is an error that lists the nearest valid ones. Several
 hooks on one point run in the order given (a list of hook sets is read left to right). With no
-hooks the models pay one `if hooks` test per point: no modules, no dictionaries.
+hooks the models pay one call of a no-op function per point (zoo/forward.py's Step.hook): no modules,
+no dictionaries.
 
 The contract:
 - Positions are positions in each row's own tokens, 0 = its first real token, in every forward
