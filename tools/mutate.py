@@ -247,6 +247,8 @@ MUTANTS = [
            "scales = w.abs().amax().clamp(min=1e-12).expand(w.shape[0]) / 127", t("test_quant")),
     Mutant("quant-int4-step-twice-too-coarse", "zoo/quant/int4.py",
            "scales = ((hi - lo) / 15).clamp(min=1e-12)", "scales = ((hi - lo) / 7.5).clamp(min=1e-12)", t("test_quant")),
+    Mutant("quant-int8-row-split-cuts-the-scales", "zoo/quant/int8.py", '"scales": (0, None)}', '"scales": (0, 0)}',
+           t("test_quant", "test_quantized_under_tensor_parallelism")),
     Mutant("kernels-int4-nibbles-swapped", "zoo/kernels/reference.py",
            "return q[..., 0::2] | (q[..., 1::2] << 4)", "return q[..., 1::2] | (q[..., 0::2] << 4)", t("test_kernels")),
     Mutant("kernels-int8-dispatch-inverted", "zoo/kernels/__init__.py",

@@ -26,10 +26,15 @@ WEIGHTS_AT_A_TIME = 1 << 20  # quantized at a time (whole rows): the fp32 tempor
 
 
 class Scheme:
+    """A scheme's facts as class attributes, its behaviour as methods; a subclass sets the first four.
+
+    tensors maps each stored tensor (a field of `weight`, stored as `L.<name>`) to the dim it is split on
+    under tensor parallelism: (when the float weight is split on dim 0, column-parallel; on dim 1, row-
+    parallel), None where every rank holds it whole.
+    """
     name: str           # what zoo.load(quant=...), --quant and a checkpoint's metadata call it
-    weight: type        # its stored weight (zoo.kernels), a dataclass whose fields include `tensors`
-    tensors: dict[str, tuple[int, int | None]]  # stored tensor -> the dim it is split on when the float
-    #                                             weight is split on dim 0 (column-parallel), on dim 1 (row-)
+    weight: type        # its stored weight (zoo.kernels), a dataclass holding `tensors`
+    tensors: dict[str, tuple[int, int | None]]
     layout: str         # what a saved layer stores, for the checkpoint's metadata
     group_sizes: tuple[int, ...] = ()  # the group sizes it takes (none: it has no groups, and ignores group_size)
     refines: bool = False  # whether it takes refine=True
