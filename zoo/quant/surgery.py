@@ -5,14 +5,12 @@ import sys
 import torch
 from torch import nn
 
-from zoo.formats.files import CheckpointError
+from zoo.formats.files import CheckpointError, Shard
 from zoo.formats.lazy import Checkpoint, read_split
-from zoo.formats.quantized import LAYOUTS, Dequantized, stored_weight
-
-from zoo.kernels import INT4_GROUP_SIZES
 from zoo.parallel import ColumnParallelLinear, RowParallelLinear, rank, world_size
+from zoo.quant import SCHEMES, scheme_named
 from zoo.quant.linear import QuantLinear
-from zoo.quant.quantizers import SCHEMES, check_group_size, quantize_int4, quantize_int8
+from zoo.quant.scheme import Scheme
 
 
 LINEARS = (nn.Linear, ColumnParallelLinear, RowParallelLinear)
@@ -21,16 +19,13 @@ LINEARS = (nn.Linear, ColumnParallelLinear, RowParallelLinear)
 def quantize_linear(linear: nn.Module, scheme: str, group_size: int = 128, symmetric: bool = False,
                     name: str = "", refine: bool = False) -> QuantLinear:
     """A QuantLinear holding `linear`'s weight (this rank's shard under TP) quantized; errors name the layer."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown quantization {scheme!r}; choose one of {', '.join(SCHEMES)}")
-    if refine and scheme != "int4":
-        raise ValueError(f"refine applies to int4 only, not {scheme}")
+    scheme = scheme_named(scheme)
+    scheme.check(group_size, symmetric, refine)
     try:
-        weight = quantize_int8(linear.weight) if scheme == "int8" else \
-            quantize_int4(linear.weight, group_size, symmetric, refine)
+        weight = scheme.quantize(linear.weight, group_size, symmetric, refine)
     except ValueError as e:
         raise ValueError(f"{name or 'linear layer'}: {e}") from None
-    return QuantLinear.replacing(linear, weight, None if linear.bias is None else linear.bias.detach())
+    return QuantLinear.replacing(linear, scheme, weight, None if linear.bias is None else linear.bias.detach())
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -47,49 +42,36 @@ def candidate_layers(model: nn.Module) -> list[str]:
             if isinstance(m, LINEARS) and (name.startswith("blocks.") or (name == "output" and not tied))]
 
 
-def int4_misfit(module: nn.Module, group_size: int) -> str | None:
-    """Why int4 with this group size cannot take the linear layer's inputs, or None if it can.
-
-    K must split into whole groups; under tensor parallelism it is this rank's K (a row-parallel
-    layer's share), as a group may not straddle two ranks. Reads only shapes (meta tensors do)."""
-    k = module.weight.shape[1]
-    if k % group_size == 0:
-        return None
-    share = (f" per rank ({k * world_size()} over world size {world_size()})"
-             if isinstance(module, RowParallelLinear) and world_size() > 1 else "")
-    return f"K = {k}{share} inputs do not split into int4 groups of {group_size}"
-
-
-def int4_misfits(model: nn.Module, group_size: int) -> dict[str, str]:
-    """The candidate layers int4 leaves in floating point at this group size: name -> why (`int4_misfit`)."""
-    reasons = {name: int4_misfit(model.get_submodule(name), group_size) for name in candidate_layers(model)}
+def misfits(model: nn.Module, scheme: Scheme, group_size: int) -> dict[str, str]:
+    """The candidate layers `scheme` leaves in floating point at this group size: name -> why (its `misfit`)."""
+    reasons = {name: scheme.misfit(model.get_submodule(name), group_size) for name in candidate_layers(model)}
     return {name: why for name, why in reasons.items() if why}
 
 
 def plan(model: nn.Module, scheme: str, group_size: int = 128, announce: bool = True) -> list[str]:
     """The names of the linear layers to quantize, decided from shapes alone before any weight is read.
 
-    int8 takes every candidate layer; int4 those whose inputs split into groups (`int4_misfit`), the
-    others stay in floating point and, with `announce`, one line on stderr says which and why (rank 0
-    only under tensor parallelism). A model where int4 fits no layer at all is an error, not a silent
+    A scheme takes every candidate layer it fits (its `misfit`: int4's inputs must split into groups);
+    the others stay in floating point and, with `announce`, one line on stderr says which and why (rank
+    0 only under tensor parallelism). A model the scheme fits no layer of is an error, not a silent
     float model.
     """
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown quantization {scheme!r}; choose one of {', '.join(SCHEMES)}")
-    if scheme == "int4":
-        check_group_size(group_size)
+    scheme = scheme_named(scheme)
+    scheme.check(group_size)
     names = candidate_layers(model)
-    misfits = int4_misfits(model, group_size) if scheme == "int4" else {}
-    if names and len(misfits) == len(names):
+    left = misfits(model, scheme, group_size)
+    if names and len(left) == len(names):
         widths = sorted({model.get_submodule(n).weight.shape[1] for n in names})
-        fitting = [g for g in INT4_GROUP_SIZES if any(k % g == 0 for k in widths)]
-        raise ValueError(f"int4 with group size {group_size} fits none of the model's linear layers (inputs K = "
-                         f"{', '.join(map(str, widths))}{' per rank' if world_size() > 1 else ''}): "
-                         + (f"use group size {' or '.join(map(str, fitting))}, or int8" if fitting else "use int8"))
-    if misfits and announce and rank() == 0:
-        print(f"zoo: int4 group {group_size} leaves in floating point: {describe_layers(misfits, model)}",
+        fitting = [str(g) for g in scheme.group_sizes if len(misfits(model, scheme, g)) < len(names)]
+        others = " or ".join(s.name for s in SCHEMES.values() if s is not scheme and not misfits(model, s, group_size))
+        advice = ", or ".join(([f"group size {' or '.join(fitting)}"] if fitting else []) + ([others] if others else []))
+        raise ValueError(f"{scheme.label(group_size, '{name} with group size {group_size}')} fits none of the "
+                         f"model's linear layers (inputs K = {', '.join(map(str, widths))}"
+                         f"{' per rank' if world_size() > 1 else ''})" + (f": use {advice}" if advice else ""))
+    if left and announce and rank() == 0:
+        print(f"zoo: {scheme.label(group_size)} leaves in floating point: {describe_layers(left, model)}",
               file=sys.stderr)
-    return [name for name in names if name not in misfits]
+    return [name for name in names if name not in left]
 
 
 def describe_layers(reasons: dict[str, str], model: nn.Module) -> str:
@@ -116,41 +98,66 @@ def quantize(model: nn.Module, scheme: str, group_size: int = 128, symmetric: bo
     return model
 
 
+class Dequantized:
+    """A stored quantized weight as a lazy float tensor (whole groups, cut after dequantizing)."""
+
+    def __init__(self, where: str, scheme: Scheme, weight):
+        self.where, self.scheme, self.weight = where, scheme, weight
+        self.shape, self.dtype = weight.shape, torch.float32  # the scheme's dequantize gives fp32
+
+    def read(self, shard: Shard | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        t = self.scheme.dequantize(self.weight)
+        t = t if shard is None else t.chunk(shard.parts, shard.dim)[shard.index]
+        return t.to(dtype or self.dtype).contiguous()
+
+
 def place_layers(model: nn.Module, checkpoint: Checkpoint, device: torch.device) -> dict:
     """Put the stored quantized layers into `model` (built on the meta device), this rank's slice of each, and
-    return the lazy tensors left for the loader to fill: the float parameters, and under TP an int4 layer
-    whose groups would straddle two ranks, dequantized (said once on stderr).
+    return the lazy tensors left for the loader to fill: the float parameters, and under TP a layer the
+    scheme cannot split there (an int4 layer whose groups would straddle two ranks), dequantized (said
+    once on stderr).
 
     A layer is quantized where the file stores it so; others (a tied output, an int4 layer whose inputs did
     not split into groups, the output of files older than its quantization) are stored as float L.weight.
     """
-    path, tensors = checkpoint.config_file, dict(checkpoint.tensors)
-    scheme, group_size = checkpoint.quantized["scheme"], int(checkpoint.quantized.get("group_size", 0))
+    path, tensors, meta = checkpoint.config_file, dict(checkpoint.tensors), checkpoint.quantized
+    scheme = SCHEMES.get(meta.get("scheme"))
+    try:
+        group_size = int(meta.get("group_size", 0))
+    except ValueError:
+        group_size = None
+    if scheme is None or group_size is None:
+        raise CheckpointError(f"{path}: metadata names scheme {meta.get('scheme')!r} with group size "
+                              f"{meta.get('group_size')!r}; supported: {', '.join(SCHEMES)}")
     world = world_size()
 
     def read(key: str, dim: int | None) -> torch.Tensor:  # this rank's slice along dim (None: whole)
         if key not in tensors:
-            raise CheckpointError(f"{path}: missing tensor {key!r}, which the {scheme} layout needs "
-                                  f"({LAYOUTS[scheme]})")
+            raise CheckpointError(f"{path}: missing tensor {key!r}, which the {scheme.name} layout needs "
+                                  f"({scheme.layout})")
         return (tensors[key].read() if dim is None else read_split(tensors[key], dim, rank(), world)).to(device)
+
+    def stored(name: str, split_dim: int | None):
+        try:
+            return scheme.read(read, name, split_dim, group_size)
+        except ValueError as e:  # tensors of other shapes or dtypes than the layout's
+            raise CheckpointError(f"{path}: {name}: {e}") from None
 
     used, floating = set(), {}
     for name, module in list(model.named_modules()):
-        parts = [f"{name}.{k}" for k in (("qweight", "scales") if scheme == "int8" else ("packed", "scales", "zeros"))]
+        parts = [f"{name}.{k}" for k in scheme.tensors]
         if not (isinstance(module, LINEARS) and parts[0] in tensors):
             continue
-        why = int4_misfit(module, group_size) if scheme == "int4" else None
-        if why:  # under TP, groups that would straddle two ranks: this rank's slice of the dequantized weight
+        why = scheme.misfit(module, group_size)
+        if why:  # under TP, a layer this rank's share of cannot hold: its slice of the dequantized weight
             floating[name] = why
-            tensors[f"{name}.weight"] = Dequantized(f"{path}: {name}.packed", stored_weight(name, scheme, group_size,
-                                                                                            read))
+            tensors[f"{name}.weight"] = Dequantized(f"{path}: {parts[0]}", scheme, stored(name, None))
         else:
-            split_dim = getattr(module, "split_dims", {}).get("weight")
-            weight = stored_weight(name, scheme, group_size, read, split_dim)
+            weight = stored(name, getattr(module, "split_dims", {}).get("weight"))
             bias = torch.empty(module.weight.shape[0], device="meta") if module.bias is not None else None
-            replace_module(model, name, QuantLinear.replacing(module, weight, bias))
+            replace_module(model, name, QuantLinear.replacing(module, scheme, weight, bias))
         used.update(parts)
     if floating and rank() == 0:
-        print(f"zoo: {path}: at world size {world} these int4 layers run in floating point (their weights "
-              f"dequantized): {describe_layers(floating, model)}", file=sys.stderr)
+        print(f"zoo: {path}: at world size {world} these {scheme.name} layers run in floating point (their "
+              f"weights dequantized): {describe_layers(floating, model)}", file=sys.stderr)
     return {k: t for k, t in tensors.items() if k not in used}
