@@ -31,7 +31,7 @@ start = time.perf_counter()
 model = zoo.load(ckpt, dtype=torch.bfloat16, device="cpu", quant=None if quant == "bf16" else quant, group_size=group)
 load_s = time.perf_counter() - start
 size = sum(t.numel() * t.element_size() for m in model.modules() for t in
-           list(m.parameters(recurse=False)) + [getattr(getattr(m, "qweight", None), a, None) for a in
+           list(m.parameters(recurse=False)) + [getattr(getattr(m, "quantized", None), a, None) for a in
            ("qweight", "scales", "packed", "zeros")] if t is not None)
 prompt = list(range(1, 33))
 def tok_s():
