@@ -58,6 +58,10 @@ class SharedNames:
     def n_ctx(self) -> int:
         return self.max_seq_len
 
+    @property
+    def act_fn(self) -> str:  # a family with an `activation` field; LLaMA says "silu" itself
+        return self.activation
+
 
 class Family(NamedTuple):
     name: str

@@ -61,10 +61,6 @@ class GPTNeoXConfig(SharedNames):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"hidden_act {self.activation!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
 
-    @property
-    def act_fn(self) -> str:
-        return self.activation
-
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTNeoXConfig, layer: int):

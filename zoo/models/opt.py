@@ -59,10 +59,6 @@ class OPTConfig(SharedNames):
             raise ValueError(f"activation_function {self.activation!r} is not supported; supported: "
                              f"{', '.join(ACTIVATIONS)}")
 
-    @property
-    def act_fn(self) -> str:
-        return self.activation
-
 
 class Block(nn.Module):
     def __init__(self, cfg: OPTConfig, layer: int):
