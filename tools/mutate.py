@@ -225,6 +225,10 @@ MUTANTS = [
            t("test_hooks", "test_bad_indices_and_positions")),
     Mutant("hooks-result-dtype-not-cast", "zoo/hooks/points.py", "    return out.to(x.dtype)", "    return out",
            t("test_hooks", "test_returned_dtype_is_cast_back")),
+    # ---- weights.py: the model map's layouts --------------------------------------------------------------
+    Mutant("weights-W_O-heads-read-from-rows", "zoo/weights.py",
+           "lambda w: w.view(w.shape[0], c.n_heads, -1).permute(1, 2, 0)", "lambda w: w.view(c.n_heads, -1, w.shape[0])",
+           t("test_weights", "test_zeroing_a_heads_W_O_is_zero_ablating_it_on_z")),
     # ---- checks.py, compile.py ----------------------------------------------------------------------------
     Mutant("checks-left-pad-may-cover-the-row", "zoo/cache.py", "((left_pad >= 0) & (left_pad < seq))",
            "((left_pad >= 0) & (left_pad <= seq))", t("test_inputs", "test_bad_model_inputs")),
