@@ -14,8 +14,8 @@ step instead of one per kernel. On the CPU, in bf16 and fp16, inductor freezes t
 decode step's graph ("freezing": constant folding, oneDNN's prepacked linear for the matmuls, and
 the linears that read one input, such as q, k and v, concatenated into one); fp32 keeps torch's
 GEMMs, so its logits stay within 1e-5 of eager's. The decode step's attention (one query per row)
-is written out (zoo/kernels/attention.py's attention_with_pattern), which inductor fuses into a few loops: on the
-CPU faster than SDPA's kernel for one query. `max_autotune=True` also tries inductor's own C++ GEMM
+is written out (attention_with_pattern, zoo/kernels/attention.py), which inductor fuses into a few
+loops: on the CPU faster than SDPA's kernel for one query. `max_autotune=True` also tries inductor's own C++ GEMM
 templates, which pays for matrix-vector products at batch 1 but compiles for minutes on a small
 machine.
 
