@@ -52,7 +52,7 @@ def config(directory: Path):
 def open(directory: Path) -> Checkpoint:
     family, cfg, path = config(directory)
     tokenizer = load_tokenizer(directory, read_json(path), path)
-    return Checkpoint(family, cfg, path, zoo_tensors(family, cfg, stored_tensors(directory)), tokenizer,
+    return Checkpoint(family, cfg, path, zoo_tensors(family, cfg, weight_file_tensors(directory)), tokenizer,
                       FAMILIES[family].zoo_to_hf)
 
 
@@ -66,7 +66,7 @@ def zoo_tensors(family: str, cfg, tensors: dict) -> dict:
     return out
 
 
-def stored_tensors(directory: Path) -> dict[str, StoredTensor]:
+def weight_file_tensors(directory: Path) -> dict[str, StoredTensor]:
     """Every tensor of a Hugging Face checkpoint: one weights file, or the shards an index lists."""
     for index_name in INDEXES:
         index = directory / index_name
