@@ -15,7 +15,7 @@ own name of a tensor for error messages. Its config reading and its merge rules 
 from pathlib import Path
 
 from zoo.formats import gpt_neox, hf, meta, metaseq, quantized
-from zoo.formats.files import CheckpointError
+from zoo.formats.files import CheckpointError, safetensors_metadata
 from zoo.formats.lazy import Checkpoint
 
 # Asked in this order: gpt-neox's and metaseq's training files first, as a config.json may lie beside them.
@@ -32,8 +32,12 @@ def format_of(directory: Path):
     if found:
         return found[0]
     found = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
+    weights, named = directory / quantized.WEIGHTS, ""
+    if weights.is_file():  # a safetensors file alone must say it is zoo's (a corrupt header: its own error)
+        named = f"{weights}: its metadata's format is {safetensors_metadata(weights).get('format')!r}, not " \
+                f"{quantized.FORMAT!r}; "
     latest = gpt_neox.broken_latest(directory)
-    raise CheckpointError(f"{directory}: neither params.json (Meta layout), config.json (Hugging Face layout), "
+    raise CheckpointError(f"{named}{directory}: neither params.json (Meta layout), config.json (Hugging Face layout), "
                           f"gpt-neox's layer_*-model_*-model_states.pt / mp_rank_*_model_states.pt, metaseq's "
                           f"restored.pt / reshard-model_part-*.pt nor a zoo-quantized model.safetensors found; "
                           f"the directory holds: {found}" + (f"; {latest}" if latest else ""))

@@ -28,17 +28,18 @@ from zoo.models import FAMILIES
 from zoo.tokenizer import load_tokenizer
 
 FORMAT, VERSION = "zoo-quantized", "1"
+WEIGHTS = "model.safetensors"  # the one file of weights (save writes it)
 
 
 def detect(directory: Path) -> bool:
-    path = directory / "model.safetensors"  # written by save
+    path = directory / WEIGHTS
     return path.exists() and safetensors_metadata(path).get("format") == FORMAT
 
 
 def config(directory: Path):
     """(family, config, file) from the metadata, checking the format version: the float model of the same shapes.
     The scheme is checked where the layers are placed (zoo/quant/surgery.py's place_layers)."""
-    path = directory / "model.safetensors"
+    path = directory / WEIGHTS
     meta = safetensors_metadata(path)
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: zoo-quantized format version {meta.get('version')!r} is not supported; this "
