@@ -3,61 +3,40 @@ short enough to read, no import cycle inside zoo. Counted with `ast`: a code lin
 docstrings and comments excluded."""
 import ast
 import importlib
+import inspect
 import pkgutil
 from pathlib import Path
 
 import pytest
 
 import zoo
+from zoo.models import FAMILIES
 
 ROOT = Path(zoo.__file__).resolve().parent
-FAMILY_FILES = ("llama.py", "opt.py", "gpt_neox.py")
 
 
-def code_lines(function: ast.FunctionDef) -> int:
-    lines = set()
-    body = function.body[1:] if ast.get_docstring(function) else function.body
-    for statement in body:
-        for node in ast.walk(statement):
-            if hasattr(node, "lineno") and not isinstance(node, ast.expr_context):
-                lines.update(range(node.lineno, getattr(node, "end_lineno", node.lineno) + 1))
-    source = function_source_lines(function)
-    return sum(1 for n in lines if n in source and not source[n].lstrip().startswith("#"))
-
-
-def function_source_lines(function: ast.FunctionDef) -> dict[int, str]:
-    return {n: line for n, line in enumerate(_SOURCE[function].splitlines(), 1)}
-
-
-_SOURCE: dict = {}
-
-
-def methods(path: Path, cls: str, name: str) -> list[ast.FunctionDef]:
+def code_lines(path: Path, cls: str) -> int:
+    """Code lines of `cls.forward` in the module at `path`."""
     text = path.read_text()
-    found = []
-    for node in ast.walk(ast.parse(text)):
-        if isinstance(node, ast.ClassDef) and (node.name == cls or cls == "*"):
-            for item in node.body:
-                if isinstance(item, ast.FunctionDef) and item.name == name:
-                    _SOURCE[item] = text
-                    found.append(item)
-    return found
+    (function,) = [item for node in ast.parse(text).body if isinstance(node, ast.ClassDef) and node.name == cls
+                   for item in node.body if isinstance(item, ast.FunctionDef) and item.name == "forward"]
+    body = function.body[1:] if ast.get_docstring(function) else function.body
+    lines = {n for statement in body for node in ast.walk(statement) if hasattr(node, "lineno")
+             for n in range(node.lineno, node.end_lineno + 1)}
+    source = text.splitlines()
+    return sum(1 for n in lines if not source[n - 1].lstrip().startswith("#"))  # comments inside a statement
 
 
-@pytest.mark.parametrize("family", FAMILY_FILES)
-def test_each_forward_reads_as_its_architecture(family):
-    path = ROOT / "models" / family
-    tree = ast.parse(path.read_text())
-    (model,) = [c.name for c in tree.body if isinstance(c, ast.ClassDef) and any(
-        isinstance(b, ast.Name) and b.id == "Decoder" for b in c.bases)]  # the family's model class
-    (forward,), (block,) = methods(path, model, "forward"), methods(path, "Block", "forward")
-    assert code_lines(forward) <= 15, family
-    assert code_lines(block) <= 12, family
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_each_forward_reads_as_its_architecture(name):
+    model = FAMILIES[name].model
+    path = Path(inspect.getsourcefile(model))
+    assert code_lines(path, model.__name__) <= 15, name
+    assert code_lines(path, "Block") <= 12, name
 
 
 def test_attention_forward_is_short():
-    (forward,) = methods(ROOT / "attention.py", "Attention", "forward")
-    assert code_lines(forward) <= 15
+    assert code_lines(ROOT / "attention.py", "Attention") <= 15
 
 
 def test_no_module_over_400_lines():
