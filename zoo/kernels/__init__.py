@@ -41,9 +41,9 @@ bf16 on the CPU is oneDNN's GEMM, which compiles a kernel for every (M, N, K) it
 two caches (oneDNN's primitive cache and ideep's, 1,024 kernels each by default), so every new (batch,
 length) of a forward adds one per layer shape. zoo sets both to ONEDNN_CACHE_CAPACITY at import, enough
 for the shapes of one forward, or of one prefill and its decode steps; a shape beyond them is compiled
-again when it comes back. The kernels compiled and dropped meanwhile land among the forward's large,
-short-lived tensors in glibc's heap, which then keeps what they free (glibc's mmap threshold rises to
-the largest block freed): every TRIM_EVERY CPU GEMMs of linear() give that memory back (malloc_trim).
+again when it comes back. linear() also calls malloc_trim every TRIM_EVERY CPU GEMMs. Neither keeps a
+long `collect` flat: there glibc's heap fragments once its mmap threshold has risen to the largest
+block freed (the README's Activation datasets has the measurements).
 """
 import itertools
 import os
