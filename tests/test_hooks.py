@@ -359,6 +359,16 @@ def test_mean_ablation_over_any_split_equals_one_forward(model, cuts):
     assert (one - run(model, TOKENS[:1], hooks=mean_ablations(), left_pad=torch.tensor(pad)))[:, 3:].abs().max() < 1e-5
 
 
+
+def test_mean_ablation_refuses_a_rewound_cache(model):
+    """A KV cache sought back within a run (zoo/chat.py does so) would average positions twice: an error."""
+    cache, spec = model.new_cache(1, 12), {"blocks.0.z": hooks.ablate(heads=[0], mode="mean")}
+    with torch.no_grad():
+        model(TOKENS[:1, :8], cache=cache, hooks=spec)
+        cache.seek(5)
+        with pytest.raises(ValueError, match=r"goes back to slot 5 of a run this hook has seen up to slot 7"):
+            model(TOKENS[:1, 5:8], cache=cache, hooks=spec)
+
 # ---- errors ------------------------------------------------------------------------------------
 
 def test_bad_hooks_give_errors_that_name_the_point(model):
