@@ -1,10 +1,11 @@
 """The model map: every weight by its role, per head, under one naming on every family (TransformerLens's
-names, taker's map), as views of the model's own parameters.
+names, taker's map), as views of the model's own parameters, or copies that write edits back where no view
+can be (tensor parallelism, quantized layers).
 
     W = zoo.weights(model)
     W["blocks.3.attn.W_O"]                      # (n_heads, d_head, d_model): head h writes W_O[h]
-    W["blocks.3.attn.W_O"][5] = 0               # an in-place edit reaches the model (a view)
-    W["blocks.3.mlp.W_out"] = new               # so does an assignment (copied into the parameter)
+    W["blocks.3.attn.W_O"][5] = 0               # an in-place edit reaches the model (a view, or see below)
+    W["blocks.3.mlp.W_out"] = new               # so does an assignment (copied into the model)
     W["blocks.*.attn.W_Q"]                      # a glob: {name: tensor} of every match
     ov = W["blocks.3.attn.W_V"][5 // group] @ W["blocks.3.attn.W_O"][5]   # head 5's OV circuit (d_model, d_model)
 
@@ -26,9 +27,25 @@ The d_head basis of W_Q and W_K is the rotary pairing zoo computes in: LLaMA's (
 GPT-NeoX's half split (i, i + rotary_dim/2). `half_split(t)` turns LLaMA's into Hugging Face's. The QK
 and OV circuits (W_Q[h] @ W_K[g].T, W_V[g] @ W_O[h]) do not depend on the basis.
 
-Every tensor is a view of a parameter, so edits in place and assignments reach the forward. One process
-and floating-point layers only, for now: under tensor parallelism (parameters are shards) and for
-quantized layers (no float weight to view) a read is refused with an error saying so.
+In one process the tensors of floating-point layers are views of the parameters: edits in place and
+assignments (copied into the parameter) reach the forward. On an embedding tied to the output layer
+(`tie_embeddings`: LLaMA's tied variants, OPT) W_E and W_U are one parameter, W_U = W_E.T: an edit of either
+is an edit of both.
+
+Under tensor parallelism, and for a quantized layer's weight, there is no one float tensor to view, so a read is
+a copy: gathered from the ranks (`parallel.gather_split`, the padding past the model's own sizes cut, so the
+shapes are the unsplit model's), or dequantized exactly as zoo/kernels/reference.py defines the format (fp32).
+Such a copy is a `WriteThrough`: an edit of it in place (`W_O[5] = 0`, `.mul_`, `.copy_`, through any view of
+it) is written back at once, as an assignment is: each rank copies its slice into its shard (`write_split`;
+padding rows stay zero), and a quantized layer re-quantizes the rows that changed with its scheme and group
+size (`QuantLinear.requantize`; other rows keep their codes), after which the copy holds what the forward
+uses. The choice: make such edits work rather than refuse them, so code written for one process runs
+unchanged. What a copy is not: a view of another read (re-read after an edit: a W_U read before an edit of a
+tied W_E keeps its old values), nor seen through writes from outside torch (`.numpy()`). Under tensor
+parallelism reads and writes are collectives: every rank makes the same ones, with the same values (a write
+whose value differs between ranks is a ValueError on every rank). A quantized layer whose matmul reads the
+weight in another form (int4 on the CPU) lets its stored weight go at its first forward: read and edit it
+before the model runs; afterwards a read is an error saying so.
 """
 import difflib
 import fnmatch
@@ -36,6 +53,7 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from zoo import parallel
 from zoo.quant import QuantLinear
@@ -57,15 +75,68 @@ def _heads(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.view(heads, -1, weight.shape[1]).transpose(1, 2)
 
 
+class WriteThrough(torch.Tensor):
+    """A copy of a model's weight (gathered, or dequantized) whose edits in place go back into the model: after a
+    torch operation that changed it, or a view of it, in place, its whole is written back (`Weights._store`). Views
+    of it are WriteThrough too; what an operation makes anew (`t @ u`, `t.clone()`, `plain()`) is a plain tensor."""
+
+    @staticmethod
+    def of(t: torch.Tensor, whole: torch.Tensor, store: Callable[[], None]) -> "WriteThrough":
+        out = t.as_subclass(WriteThrough)
+        out._whole, out._store = whole, store
+        return out
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        mine = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, WriteThrough)]
+        with torch._C.DisableTorchFunctionSubclass():
+            before = [a._version for a in mine]  # an in-place write bumps the version of the tensor written
+            out = func(*args, **kwargs)
+            changed = {id(a._whole): a for a, v in zip(mine, before) if a._version != v}
+            wholes = {a._whole.untyped_storage().data_ptr(): a for a in mine}
+            out = pytree.tree_map_only(torch.Tensor, lambda t: _as_view(t, wholes), out)
+        for a in changed.values():  # each edited whole once
+            a._store()
+        return out
+
+    def plain(self) -> torch.Tensor:
+        """A plain tensor of the same values, no longer tied to the model (torch.save, copy.deepcopy give one)."""
+        with torch._C.DisableTorchFunctionSubclass():
+            return self.as_subclass(torch.Tensor).clone()
+
+    def __reduce_ex__(self, protocol):
+        return self.plain().__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo):
+        return self.plain()
+
+
+def _as_view(t: torch.Tensor, wholes: dict) -> torch.Tensor:
+    """t, a WriteThrough where it shares the memory of a copy the operation read (a view of it), else plain."""
+    if isinstance(t, WriteThrough) or t.layout != torch.strided:
+        return t
+    a = wholes.get(t.untyped_storage().data_ptr())
+    return t if a is None else WriteThrough.of(t, a._whole, a._store)
+
+
+def _quantized(module: nn.Module, param: str) -> bool:
+    return param == "weight" and isinstance(module, QuantLinear)
+
+
+def _split(module: nn.Module, param: str) -> tuple[int, int] | None:
+    """The dim of the parameter tensor parallelism splits and its size in the unsplit model (a parallel layer's
+    `split_dims` and `full_size`), or None (held whole, or one process)."""
+    dim = getattr(module, "split_dims", {}).get(param) if parallel.world_size() > 1 else None
+    return None if dim is None else (dim, module.full_size)
+
+
 class Weights(Mapping):
-    """role name -> tensor (a view of the model's parameter); see the module docstring."""
+    """role name -> tensor (a view of the model's parameter, or a WriteThrough copy); see the module docstring."""
 
     def __init__(self, model: nn.Module):
-        if parallel.world_size() > 1:
-            raise NotImplementedError("zoo.weights: the model map under tensor parallelism (each rank holds shards) "
-                                      "is not built yet; use it in one process")
         self.model = model
-        self.views: dict[str, Callable[[], torch.Tensor]] = {}
+        self.entries: dict[str, tuple[nn.Module, str, Callable]] = {}  # name -> (module, parameter, layout)
         c = model.config
         self._add("embed.W_E", model.embed, "weight", lambda w: w)
         self._add("embed.W_proj", getattr(model, "project_in", None), "weight", lambda w: w.T)
@@ -93,31 +164,58 @@ class Weights(Mapping):
         self._add("unembed.b_U", model.output, "bias", lambda b: b)
 
     def _add(self, name: str, module: nn.Module | None, param: str, layout: Callable) -> None:
-        """name -> layout(module.param), where the module has that parameter (a quantized layer: refused on use)."""
-        if module is None:
-            return
-        if param == "weight" and isinstance(module, QuantLinear):  # no float weight to view
-            self.views[name] = lambda: self._quantized(name, module)
-        elif isinstance(getattr(module, param, None), torch.Tensor):
-            self.views[name] = lambda: layout(getattr(module, param))
+        """name -> layout(module.param), a view of the whole tensor, where the module has that parameter."""
+        if module is not None and (_quantized(module, param) or isinstance(getattr(module, param, None), torch.Tensor)):
+            self.entries[name] = (module, param, layout)
 
-    def _quantized(self, name: str, module: nn.Module):
-        raise NotImplementedError(f"zoo.weights: {name} is a quantized layer ({type(module).__name__}); the model map "
-                                  f"of quantized layers (dequantized reads, re-quantized writes) is not built yet: "
-                                  f"read it from the floating-point model")
+    def _read(self, name: str) -> torch.Tensor:
+        module, param, layout = self.entries[name]
+        if parallel.world_size() == 1 and not _quantized(module, param):
+            return layout(getattr(module, param))  # a view: edits reach the parameter
+        whole = self._whole(name, module, param)
+        return WriteThrough.of(layout(whole), whole, lambda: self._store(name, module, param, whole))
+
+    def _whole(self, name: str, module: nn.Module, param: str) -> torch.Tensor:
+        """A copy of the model's tensor behind `name`, whole: dequantized (fp32), gathered from the ranks."""
+        if _quantized(module, param):
+            try:
+                local = module.dequantize()
+            except RuntimeError as e:
+                raise RuntimeError(f"zoo.weights: {name}: {e}") from None
+        else:
+            local = getattr(module, param).detach()
+        split = _split(module, param)
+        return parallel.gather_split(local, *split) if split else local.clone()
+
+    def _store(self, name: str, module: nn.Module, param: str, whole: torch.Tensor) -> None:
+        """Write `whole` (an edited copy from `_whole`) back: each rank its slice, re-quantized where quantized."""
+        if not parallel.same_on_every_rank(whole):
+            raise ValueError(f"zoo.weights: {name} was given different values on different ranks; under tensor "
+                             f"parallelism every rank reads and writes the map together, with the same values")
+        split = _split(module, param)
+        with torch.no_grad():
+            local = module.dequantize() if _quantized(module, param) else getattr(module, param)
+            if split:
+                parallel.write_split(local, whole, split[0])
+            else:
+                local.copy_(whole)
+            if _quantized(module, param):
+                module.requantize(local)
+                whole.copy_(self._whole(name, module, param))  # what the forward now uses
 
     def __getitem__(self, name: str):
         if any(ch in name for ch in "*?["):
-            matched = fnmatch.filter(self.views, name)
+            matched = fnmatch.filter(self.entries, name)
             if not matched:
                 raise KeyError(self._unknown(name))
-            return {n: self.views[n]() for n in matched}
-        if name not in self.views:
+            return {n: self._read(n) for n in matched}
+        if name not in self.entries:
             raise KeyError(self._unknown(name))
-        return self.views[name]()
+        return self._read(name)
 
     def __setitem__(self, name: str, value) -> None:
-        """Copy `value` into the parameter behind `name` (the map's shape; cast to the parameter's dtype)."""
+        """Copy `value` into the tensor behind `name` (the map's shape; cast to its dtype): a view's parameter, or a
+        WriteThrough copy, which writes itself back (scattered to the ranks, re-quantized)."""
         target = self[name]
         if isinstance(target, dict):
             raise KeyError(f"zoo.weights: assign to one name, not to a glob ({name!r})")
@@ -128,14 +226,14 @@ class Weights(Mapping):
             target.copy_(value)
 
     def _unknown(self, name: str) -> str:
-        near = difflib.get_close_matches(name, list(self.views), n=5, cutoff=0.6) or list(self.views)[:5]
+        near = difflib.get_close_matches(name, list(self.entries), n=5, cutoff=0.6) or list(self.entries)[:5]
         return f"zoo.weights: no weight {name!r}; nearest: {', '.join(near)} (see .keys())"
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.views)
+        return iter(self.entries)
 
     def __len__(self) -> int:
-        return len(self.views)
+        return len(self.entries)
 
     def __repr__(self) -> str:
         return f"zoo.weights({type(self.model).__name__}: {len(self)} tensors)"

@@ -50,6 +50,19 @@ def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+def same_on_every_rank(x: torch.Tensor) -> bool:
+    """Whether x is the same, bit for bit, on every rank: rank 0's is broadcast and compared, and every rank
+    gets the same answer (a collective)."""
+    if world_size() == 1:
+        return True
+    theirs = x.detach().clone().contiguous()
+    dist.broadcast(theirs, src=0)
+    same = torch.equal(theirs.reshape(-1).view(torch.uint8), x.detach().contiguous().reshape(-1).view(torch.uint8))
+    agreed = torch.tensor([float(same)], device=x.device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return bool(agreed.item())
+
+
 def _slice_last(x: torch.Tensor) -> torch.Tensor:
     return x.chunk(world_size(), dim=-1)[rank()].contiguous()
 

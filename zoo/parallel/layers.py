@@ -13,14 +13,15 @@ and friends return those when the world size is 1.
 A size the world size w does not divide (a vocabulary of 32001 at w = 2) is padded: each rank holds
 ceil(size / w), the last rank(s) zeros past the end (`split_size`). Zero rows of a column-parallel
 weight give zero outputs, cut after the gather or met by the zero columns of the row-parallel layer
-they feed, so the results are one process's.
+they feed, so the results are one process's. `gather_split` makes a split weight whole and `write_split`
+puts each rank its slice of a whole one back, padding untouched (zoo.weights reads and writes through them).
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from zoo.kernels import linear
-from zoo.parallel.comm import (copy_to_parallel, gather_from_parallel, rank, reduce_from_parallel,
+from zoo.parallel.comm import (all_gather, copy_to_parallel, gather_from_parallel, rank, reduce_from_parallel,
                                scatter_to_parallel, world_size)
 
 
@@ -39,6 +40,22 @@ def scatter_padded(x: torch.Tensor) -> torch.Tensor:
     """This rank's slice of x's last dim, as a row-parallel layer holds its inputs: zero-padded to w * split_size."""
     pad = world_size() * split_size(x.shape[-1]) - x.shape[-1]
     return scatter_to_parallel(F.pad(x, (0, pad)) if pad else x)
+
+
+def gather_split(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """A split weight whole again: every rank's slice of t along `dim` joined in rank order, the padding past
+    `size` cut. A copy, the same on every rank (a collective; no autograd); `write_split` is its inverse."""
+    whole = all_gather(t, dim)
+    return whole if whole.shape[dim] == size else whole.narrow(dim, 0, size)
+
+
+def write_split(local: torch.Tensor, whole: torch.Tensor, dim: int) -> None:
+    """Copy this rank's slice of `whole` (the unpadded tensor, the same on every rank) along `dim` into `local`,
+    which holds split_size of it as the loader reads it; local's padding past the end is left as it is (zeros)."""
+    step, size = local.shape[dim], whole.shape[dim]
+    start = min(rank() * step, size)
+    n = min(step, size - start)
+    local.narrow(dim, 0, n).copy_(whole.narrow(dim, start, n))
 
 
 def column_parallel(x: torch.Tensor, matmul, gather_output: bool, full_size: int) -> torch.Tensor:

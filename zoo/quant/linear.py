@@ -1,6 +1,8 @@
 """QuantLinear: a linear layer whose weight is quantized by one of zoo.quant's schemes, standing in for
 nn.Linear or a tensor-parallel Column/RowParallelLinear with the same split and the same collectives
 (zoo/parallel/layers.py's column_parallel / row_parallel)."""
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -27,7 +29,8 @@ class QuantLinear(nn.Module):
         self.group_size = scheme.group_size(weight)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.parallel, self.gather_output, self.input_is_parallel = parallel, gather_output, input_is_parallel
-        self.split_dims = {"bias": 0} if parallel == "column" else {}  # for the loader, as the parallel layers'
+        # as the parallel layers': the loader reads the bias's (the only parameter); zoo.weights the weight's
+        self.split_dims = {"column": {"weight": 0, "bias": 0}, "row": {"weight": 1}}.get(parallel, {})
         self.full_size = full_size  # the split dim's size without padding, as the parallel layers'
         self.out_features, self.in_features = weight.shape
 
@@ -48,6 +51,28 @@ class QuantLinear(nn.Module):
             self.quantized = self.prepared.stored()  # the same weight in the layout's memory, or None
         if self.quantized is None:
             release_freed_memory()  # the stored copy and the repacking's temporaries (glibc would keep them)
+
+    def dequantize(self) -> torch.Tensor:
+        """The stored weight in fp32 [N, K] (this rank's shard under TP), as zoo/kernels/reference.py defines it."""
+        if self.quantized is None:
+            raise RuntimeError(f"this {self.scheme.name} layer's stored weight was let go at its first forward (the "
+                               f"layout its matmul reads on {self.prepared.device} holds the weight in another form), "
+                               f"so it cannot be dequantized: read or edit it before the model runs, or load it again")
+        return self.scheme.dequantize(self.quantized)
+
+    def requantize(self, w: torch.Tensor) -> None:
+        """Make w [N, K] (this rank's shard) the layer's weight: the rows that differ from the stored weight's
+        dequantization are quantized anew by the scheme at the layer's group size (every stored tensor is indexed
+        by row first, and each row is quantized on its own), the others keep their codes. The matmul's layout is
+        made again at the next forward."""
+        rows = (w.float() != self.dequantize()).any(dim=1).nonzero().flatten()
+        if len(rows) == 0:
+            return
+        new = self.scheme.quantize(w.float()[rows], self.group_size)
+        fields = {name: getattr(self.quantized, name).clone() for name in self.scheme.tensors}
+        for name, t in fields.items():
+            t[rows] = getattr(new, name).to(t.dtype)
+        self.quantized, self.prepared = dataclasses.replace(self.quantized, **fields), None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.prepared is None:
