@@ -11,6 +11,10 @@ A family is one `Family`, defined at the end of its file and registered once, in
   hf_to_zoo        a Hugging Face tensor name -> zoo's name(s) ([]: skip it; several: a fused tensor)
   zoo_to_hf        the other way, to name a missing tensor in the checkpoint's own words
   hf_tensor_to_zoo (name, tensor or a slice of whole heads of it, config) -> the tensor in zoo's layout
+  to_hf_config     config -> config.json's contents (a dict), the inverse of from_hf_config (zoo.save)
+  zoo_tensors_to_hf (Hugging Face key, [zoo's tensors of the names hf_to_zoo(key) gives, in that order], config)
+                   -> the tensor in Hugging Face's layout, the inverse of hf_tensor_to_zoo (a fused tensor
+                   from its parts); without these two a family loads but zoo.save cannot write it as HF
   chat             the chat formats (zoo/chat.py) its instruct checkpoints use, the first its tokenizer
                    can write is taken (default: none)
 Other formats (Meta's, gpt-neox's, metaseq's: zoo/formats/) map their names onto a family's Hugging Face
@@ -71,6 +75,8 @@ class Family(NamedTuple):
     hf_to_zoo: Callable
     zoo_to_hf: Callable
     hf_tensor_to_zoo: Callable
+    to_hf_config: Callable | None = None
+    zoo_tensors_to_hf: Callable | None = None
     chat: tuple[str, ...] = ()
 
 

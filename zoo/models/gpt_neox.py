@@ -171,6 +171,17 @@ def hf_tensor_to_zoo(name: str, t: torch.Tensor, cfg: GPTNeoXConfig) -> torch.Te
     return t.reshape(heads, 3, cfg.head_dim, *t.shape[1:])[:, part].reshape(heads * cfg.head_dim, *t.shape[1:])
 
 
+def zoo_tensors_to_hf(key: str, tensors: list[torch.Tensor], cfg: GPTNeoXConfig) -> torch.Tensor:
+    """The Hugging Face tensor `key` from zoo's tensors of the names hf_to_zoo(key): wq, wk and wv fused back
+    into query_key_value, head by head (the inverse of hf_tensor_to_zoo); any other tensor as it is."""
+    if len(tensors) == 1:
+        return tensors[0]
+    q = tensors[0]
+    heads = q.shape[0] // cfg.head_dim
+    fused = torch.stack([t.reshape(heads, cfg.head_dim, *t.shape[1:]) for t in tensors], dim=1)  # (heads, 3, hd, ...)
+    return fused.reshape(3 * q.shape[0], *q.shape[1:])
+
+
 # ---- config.json, and the family's registration (zoo/models/__init__.py) ---------------------------
 
 def from_hf_config(cfg: dict) -> GPTNeoXConfig:
@@ -191,4 +202,16 @@ def from_hf_config(cfg: dict) -> GPTNeoXConfig:
         tie_embeddings=key(cfg, "tie_word_embeddings", FLAG, default=False))
 
 
-FAMILY = Family("gpt_neox", GPTNeoXConfig, from_hf_config, GPTNeoX, hf_to_zoo, zoo_to_hf, hf_tensor_to_zoo)
+def to_hf_config(cfg: GPTNeoXConfig) -> dict:
+    """config.json's contents for `cfg`, the inverse of from_hf_config; the rotary settings as rotary_pct and
+    rotary_emb_base, which transformers 4 and 5 both read."""
+    return {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "hidden_size": cfg.dim,
+            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+            "intermediate_size": cfg.hidden_dim, "vocab_size": cfg.vocab_size,
+            "max_position_embeddings": cfg.max_seq_len, "rotary_pct": cfg.rotary_pct, "rotary_emb_base": cfg.rope_theta,
+            "layer_norm_eps": cfg.norm_eps, "use_parallel_residual": cfg.parallel_residual,
+            "attention_bias": cfg.bias, "hidden_act": cfg.activation, "tie_word_embeddings": cfg.tie_embeddings}
+
+
+FAMILY = Family("gpt_neox", GPTNeoXConfig, from_hf_config, GPTNeoX, hf_to_zoo, zoo_to_hf, hf_tensor_to_zoo,
+                to_hf_config, zoo_tensors_to_hf)

@@ -186,6 +186,12 @@ def zoo_tensor_to_hf(name: str, t: torch.Tensor, cfg: LlamaConfig) -> torch.Tens
     return t.reshape(heads, cfg.head_dim // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
 
+def zoo_tensors_to_hf(key: str, tensors: list[torch.Tensor], cfg: LlamaConfig) -> torch.Tensor:
+    """The Hugging Face tensor `key` from zoo's tensor of the one name hf_to_zoo(key) gives (zoo.save)."""
+    (name,), (t,) = hf_to_zoo(key), tensors
+    return zoo_tensor_to_hf(name, t, cfg)
+
+
 # ---- config.json, and the family's registration (zoo/models/__init__.py) ---------------------------
 
 def from_hf_config(cfg: dict) -> LlamaConfig:
@@ -212,5 +218,17 @@ def from_hf_config(cfg: dict) -> LlamaConfig:
     )
 
 
-FAMILY = Family("llama", LlamaConfig, from_hf_config, Llama, hf_to_zoo, zoo_to_hf, hf_tensor_to_zoo,
-                chat=("llama3", "llama2"))
+def to_hf_config(cfg: LlamaConfig) -> dict:
+    """config.json's contents for `cfg`, the inverse of from_hf_config. The rope settings in the v4 layout
+    (rope_theta, rope_scaling), which transformers 5 reads too; its own rope_parameters, v4 would ignore."""
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": cfg.dim,
+            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.hidden_dim,
+            "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+            "rope_theta": cfg.rope_theta, "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
+            "hidden_act": "silu", "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": cfg.attention_bias,
+            "mlp_bias": cfg.mlp_bias}
+
+
+FAMILY = Family("llama", LlamaConfig, from_hf_config, Llama, hf_to_zoo, zoo_to_hf, hf_tensor_to_zoo, to_hf_config,
+                zoo_tensors_to_hf, chat=("llama3", "llama2"))

@@ -151,6 +151,11 @@ def hf_tensor_to_zoo(name: str, t: torch.Tensor, cfg: OPTConfig) -> torch.Tensor
     return t  # same layout
 
 
+def zoo_tensors_to_hf(key: str, tensors: list[torch.Tensor], cfg: OPTConfig) -> torch.Tensor:
+    (t,) = tensors
+    return t  # same layout
+
+
 # ---- config.json, and the family's registration (zoo/models/__init__.py) ---------------------------
 
 def from_hf_config(cfg: dict) -> OPTConfig:
@@ -168,4 +173,19 @@ def from_hf_config(cfg: dict) -> OPTConfig:
                  tie_embeddings=key(cfg, "tie_word_embeddings", FLAG, default=True))
 
 
-FAMILY = Family("opt", OPTConfig, from_hf_config, OPT, hf_to_zoo, zoo_to_hf, hf_tensor_to_zoo)
+def to_hf_config(cfg: OPTConfig) -> dict:
+    """config.json's contents for `cfg`, the inverse of from_hf_config (max_position_embeddings: the learned
+    positions, whatever max_seq_len a load asked for)."""
+    if cfg.final_norm and not cfg.pre_norm:
+        raise ValueError("a post-LN OPT (pre_norm False) with a final norm has no Hugging Face config")
+    return {"model_type": "opt", "architectures": ["OPTForCausalLM"], "hidden_size": cfg.dim,
+            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "ffn_dim": cfg.hidden_dim,
+            "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.positions,
+            "word_embed_proj_dim": cfg.embed_dim,
+            "do_layer_norm_before": cfg.pre_norm, "_remove_final_layer_norm": cfg.pre_norm and not cfg.final_norm,
+            "layer_norm_elementwise_affine": cfg.norm_affine, "enable_bias": cfg.bias,
+            "activation_function": cfg.activation, "tie_word_embeddings": cfg.tie_embeddings}
+
+
+FAMILY = Family("opt", OPTConfig, from_hf_config, OPT, hf_to_zoo, zoo_to_hf, hf_tensor_to_zoo, to_hf_config,
+                zoo_tensors_to_hf)
