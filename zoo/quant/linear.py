@@ -62,9 +62,10 @@ class QuantLinear(nn.Module):
 
     def requantize(self, w: torch.Tensor) -> None:
         """Make w [N, K] (this rank's shard) the layer's weight: the rows that differ from the stored weight's
-        dequantization are quantized anew by the scheme at the layer's group size (every stored tensor is indexed
-        by row first, and each row is quantized on its own), the others keep their codes. The matmul's layout is
-        made again at the next forward."""
+        dequantization are quantized anew by the scheme at the layer's group size, with its default options (a
+        layer made symmetric or refined gets min/max rows where edited: the stored weight does not say), the
+        others keep their codes (every stored tensor is indexed by row first, and each row is quantized on its
+        own). The matmul's layout is made again at the next forward."""
         rows = (w.float() != self.dequantize()).any(dim=1).nonzero().flatten()
         if len(rows) == 0:
             return
