@@ -22,15 +22,18 @@ layer with no bias gets one through its family's config flag (LLaMA's mlp_bias /
 on the other projections of that kind too), so the config a saved checkpoint carries builds the same model.
 """
 import dataclasses
+import json
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo import parallel
 from zoo import stats as zstats
-from zoo.checks import require
+from zoo.checks import integer, require
 from zoo.loader import build
 from zoo.models import family_of
 from zoo.weights import weights
@@ -175,3 +178,124 @@ def split(windows: list[list[int]], held_out: float) -> tuple[list[list[int]], l
         out[math.floor((i + 1) * held_out) > math.floor(i * held_out)].append(w)
     require(all(out), "windows", len(windows), "enough windows for both statistics and evaluation (2 or more)")
     return out
+
+
+def prune(model: nn.Module, focus: tuple[list, list], cripple: tuple[list, list], ff_frac: float = 0.02,
+          attn_frac: float = 0.0, scoring: str = "abs", steps: int = 1, offset: str | None = None,
+          recollect: bool = True, heads_by: str = "mean", eps: float = EPS, batch: int = 8, seed: int = 0,
+          report: Callable[[str], None] | None = None) -> list[dict]:
+    """Prune `model` in place for `steps` steps. focus, cripple: (windows for statistics, held-out windows) each
+    (`split`). Each step collects both sets' statistics (on the model as pruned so far; only before the first
+    step without `recollect`), scores, deletes the top ff_frac of the model's neurons and attn_frac of its heads
+    (offset "mean": focus means folded in), and evaluates both held-out sets. Returns one record per step, step
+    0 the model as it came: units deleted so far (in all and per layer) and each set's `evaluate`. report(text)
+    is told the table so far and the counts per layer after each step."""
+    require(scoring in SCORINGS, "scoring", scoring, f"one of {', '.join(SCORINGS)}")
+    require(offset in (None, "mean"), "offset", offset, "None or 'mean' (the focus mean folded into the bias)")
+    require(heads_by in HEADS_BY, "heads_by", heads_by, "'mean' or 'median'")
+    for name, frac in (("ff_frac", ff_frac), ("attn_frac", attn_frac)):
+        require(isinstance(frac, (int, float)) and 0 <= frac <= 1, name, frac, "a fraction in 0..1")
+    integer("steps", steps, low=1)
+    c = model.config
+    deleted = {"neurons": torch.zeros(c.n_layers, c.d_mlp, dtype=torch.bool),
+               "heads": torch.zeros(c.n_layers, c.n_heads, dtype=torch.bool)}
+    points = [p for p, frac in (("mlp_post", ff_frac), ("z", attn_frac)) if frac > 0]
+    generator, stats, records = torch.Generator().manual_seed(seed), None, []
+    for step in range(steps + 1):
+        if step > 0:
+            if (scoring != "rand" or offset == "mean") and points and (stats is None or recollect):
+                stats = [zstats.collect_stats(model, windows, points, batch) for windows, _ in (focus, cripple)]
+            f, cr = stats or (None, None)
+            new = {"neurons": torch.zeros_like(deleted["neurons"]), "heads": torch.zeros_like(deleted["heads"])}
+            if ff_frac > 0:
+                s = score(f, cr, "mlp_post", scoring, eps, generator, (c.n_layers, c.d_mlp))
+                new["neurons"] = select(s, ff_frac, deleted["neurons"])
+            if attn_frac > 0:
+                s = score(f, cr, "z", scoring, eps, generator, (c.n_layers, c.n_heads, c.d_head))
+                new["heads"] = select(head_scores(s, heads_by), attn_frac, deleted["heads"])
+            delete(model, new["neurons"], new["heads"], means=f if offset == "mean" else None)
+            deleted = {k: deleted[k] | new[k] for k in deleted}
+        records.append({"step": step, **{k: int(v.sum()) for k, v in deleted.items()},
+                        **{f"{k}_per_layer": v.sum(1).tolist() for k, v in deleted.items()},
+                        "focus": evaluate(model, focus[1], batch), "cripple": evaluate(model, cripple[1], batch)})
+        if report is not None:
+            r = records[-1]
+            report(f"{table(records)}\n  deleted per layer: neurons {r['neurons_per_layer']}, heads "
+                   f"{r['heads_per_layer']}")
+    return records
+
+
+def table(records: list[dict]) -> str:
+    """One row per step: units deleted so far, then each set's top-1, top-10, loss and perplexity, and the
+    change of top-1 from step 0."""
+    header = ["step", "neurons", "heads"] + [f"{s} {m}" for s in ("focus", "cripple")
+                                             for m in ("top1", "top10", "loss", "ppl", "dtop1")]
+    rows = [header]
+    for r in records:
+        row = [str(r["step"]), f"{r['neurons']:,}", f"{r['heads']:,}"]
+        for s in ("focus", "cripple"):
+            e, base = r[s], records[0][s]["top1"]
+            row += [f"{e['top1']:.4f}", f"{e['top10']:.4f}", f"{e['loss']:.4f}", f"{e['ppl']:.2f}",
+                    f"{e['top1'] - base:+.4f}"]
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+# ---- python -m zoo prune -------------------------------------------------------------------------
+
+def add_arguments(p) -> None:
+    p.add_argument("ckpt")
+    p.add_argument("--focus", required=True, help="texts to keep (a text file, or .jsonl of {\"text\": ...})")
+    p.add_argument("--cripple", required=True, help="texts to lose (the same kinds of file)")
+    p.add_argument("--ff-frac", type=float, default=0.02, help="fraction of all MLP neurons deleted per step "
+                                                               "(default: %(default)s)")
+    p.add_argument("--attn-frac", type=float, default=0.0, help="fraction of all heads per step (default: 0)")
+    p.add_argument("--scoring", choices=SCORINGS, default="abs", help="(default: %(default)s)")
+    p.add_argument("--heads-by", choices=HEADS_BY, default="mean", help="a head's score from its dimensions'")
+    p.add_argument("--steps", type=int, default=1, help="(default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=100_000, help="tokens per set for statistics (default: %(default)s)")
+    p.add_argument("--eval-tokens", type=int, default=20_000, help="held-out tokens per set (default: %(default)s)")
+    p.add_argument("--offset", choices=("none", "mean"), default="none", help="mean: fold the focus mean of each "
+                                                                              "deleted unit into the output bias")
+    p.add_argument("--no-recollect", action="store_true", help="statistics once, before the first step")
+    p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="windows per forward (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="for --scoring rand (default: %(default)s)")
+    p.add_argument("--json", default="prune.json", help="the steps' records (default: %(default)s)")
+    p.add_argument("--out", help="write the pruned model here as a checkpoint (zoo.save); never over its source")
+    p.add_argument("--force", action="store_true", help="replace a checkpoint zoo wrote in --out")
+    p.add_argument("--dtype", default="bfloat16", help="the model's dtype (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def command(args) -> int:
+    """python -m zoo prune: the prune loop on --focus and --cripple, its table, its JSON and the pruned model."""
+    import importlib.util
+
+    import zoo
+    import zoo.quant
+    for flag in ("tokens", "eval_tokens", "ctx", "batch", "steps"):
+        integer("--" + flag.replace("_", "-"), getattr(args, flag), low=1)
+    source = zoo.find_checkpoint(args.ckpt)
+    if args.out is not None:
+        if importlib.util.find_spec("zoo.save") is None:  # TODO(zoo.save): written in zoo/save.py by another change
+            raise ValueError("--out needs zoo.save (zoo/save.py), which this zoo does not have yet")
+        zoo.quant.check_output(args.out, source, args.force)  # before any work: never the source, nor inside it
+    model = zoo.load(args.ckpt, dtype=args.dtype, device=args.device)
+    ctx, held_out = min(args.ctx, model.config.max_seq_len), args.eval_tokens / (args.tokens + args.eval_tokens)
+    sets = [split(zstats.text_windows(model, path, args.tokens + args.eval_tokens, ctx), held_out)
+            for path in (args.focus, args.cripple)]
+    records = prune(model, *sets, ff_frac=args.ff_frac, attn_frac=args.attn_frac, scoring=args.scoring,
+                    steps=args.steps, offset=None if args.offset == "none" else args.offset,
+                    recollect=not args.no_recollect, heads_by=args.heads_by, batch=args.batch, seed=args.seed,
+                    report=zstats.say)
+    settings = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+    settings["checkpoint"] = str(source.resolve())
+    if parallel.rank() == 0:
+        Path(args.json).write_text(json.dumps({"settings": settings, "steps": records}, indent=1) + "\n")
+    if args.out is not None:
+        from zoo.save import save
+        save(model, args.out, force=args.force, source=source)
+    zstats.say(f"wrote {args.json}" + (f" and the pruned model to {args.out}" if args.out else ""))
+    return 0

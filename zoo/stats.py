@@ -185,7 +185,7 @@ def load(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 # ---- python -m zoo stats -------------------------------------------------------------------------
 
-def _say(*args, **kwargs) -> None:
+def say(*args, **kwargs) -> None:
     if parallel.rank() == 0:
         print(*args, **kwargs)
 
@@ -193,7 +193,7 @@ def _say(*args, **kwargs) -> None:
 def progress_line(label: str) -> Callable[[int, int], None]:
     """progress(done, total): `label: done/total tokens` on stderr, redrawn in place, rank 0 only."""
     def progress(done: int, total: int) -> None:
-        _say(f"\r{label}: {done:,}/{total:,} tokens", end="\n" if done >= total else "", file=sys.stderr, flush=True)
+        say(f"\r{label}: {done:,}/{total:,} tokens", end="\n" if done >= total else "", file=sys.stderr, flush=True)
     return progress
 
 
@@ -228,5 +228,5 @@ def command(args) -> int:
                           "texts_sha256": hashlib.sha256(Path(args.texts).read_bytes()).hexdigest(),
                           "tokens": tokens, "ctx": ctx, "points": json.dumps(list(args.points))})
     shapes = ", ".join(f"{p} {tuple(stats[p + '.mean'].shape)}" for p in args.points)
-    _say(f"wrote {out}: {len(STATS)} statistics of {shapes} over {tokens:,} tokens in {len(windows):,} windows")
+    say(f"wrote {out}: {len(STATS)} statistics of {shapes} over {tokens:,} tokens in {len(windows):,} windows")
     return 0
