@@ -185,7 +185,7 @@ def test_quantize_command(tiny_dir, tmp_path):
     same = subprocess.run([sys.executable, "-m", "zoo", "quantize", str(tiny_dir), str(tiny_dir), "--quant", "int8"],
                           capture_output=True, text=True, timeout=120)
     assert (same.returncode, same.stderr) == (2, f"error: {tiny_dir}: the output is the source checkpoint; write the "
-                                                 f"quantized copy to a new directory\n")
+                                                 f"new copy to a new directory\n")
 
 
 def _files(directory):

@@ -242,9 +242,9 @@ MUTANTS = [
     # ---- quant/ and kernels/ (behaviour any rewrite keeps; extend the list as the modules settle) -----------
     Mutant("quant-int8-odd-k-not-padded", "zoo/kernels/cpu.py", "CPU_INT8_K_MULTIPLE = 16", "CPU_INT8_K_MULTIPLE = 1",
            t("test_quant_widths")),
-    Mutant("quant-output-may-be-the-source", "zoo/quant/save.py", "        if out == src:", "        if False:",
+    Mutant("quant-output-may-be-the-source", "zoo/output.py", "        if out == src:", "        if False:",
            t("test_quant", "test_quantize_command_refuses_outputs_that_lose_data")),
-    Mutant("quant-force-replaces-any-directory", "zoo/quant/save.py", "    ours = written_by_zoo(out)\n",
+    Mutant("quant-force-replaces-any-directory", "zoo/output.py", "    ours = written_by_zoo(out)\n",
            "    ours = set(held) if force else written_by_zoo(out)\n",
            t("test_quant", "test_force_never_removes_a_file_zoo_did_not_write")),
     Mutant("quant-model-forgets-its-source", "zoo/loader.py", "    model.source = directory.resolve()",

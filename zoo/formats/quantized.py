@@ -16,7 +16,7 @@ once), and a model that has run can no longer be saved.
 A quantized checkpoint loads under tensor parallelism too, each rank reading its slice of the
 stored tensors (a stored int4 layer whose groups would straddle two ranks is dequantized to
 floating point there: the same weights); saving is single-process. `save` never writes into a
-checkpoint it could damage (`check_output`, zoo/quant/save.py) and writes into a temporary directory
+checkpoint it could damage (`check_output`, zoo/output.py) and writes into a temporary directory
 beside the output, renamed into place at the end: an interrupted save leaves no half-written checkpoint.
 """
 import json

@@ -3,94 +3,25 @@
     zoo.quant.save(model, "llama-int4")                           # a quantized checkpoint...
     model = zoo.load("llama-int4")                                 # ...that loads as any other
 
-`check_output` refuses, before anything is read, an output where writing could damage a checkpoint or a
-file zoo did not write; `save` writes into a temporary directory beside the output, renamed into place
-when complete, and its metadata lists the files it wrote: a later force=True replaces only those.
+The rule is zoo/output.py's, shared with zoo.save: `check_output` refuses, before anything is read, an
+output where writing could damage a checkpoint or a file zoo did not write; `save` writes into a
+temporary directory beside the output, renamed into place when complete, and its metadata lists the
+files it wrote: a later force=True replaces only those.
 """
 import dataclasses
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 from torch import nn
 
-from zoo import checks
-from zoo.formats.files import CheckpointError, safetensors_metadata
 from zoo.formats.quantized import FORMAT, VERSION
 from zoo.models import family_of
+from zoo.output import check_output, output_for, tokenizer_files, writing
 from zoo.parallel import world_size
 from zoo.quant.linear import QuantLinear
-from zoo.tokenizer import TOKENIZER_FILES
 
-
-def check_output(directory: str | Path, source: str | Path | None = None, force: bool = False) -> Path:
-    """The output directory of a quantized checkpoint, resolved; refuses one where writing could lose data.
-
-    Refused, with a ValueError naming the path, whatever `force`: the source checkpoint directory, a
-    directory inside it (a second checkpoint beside the first, which loading would not pick), one
-    that contains it, a file, and a directory holding anything zoo did not write (named in the
-    error). A directory holding only a checkpoint zoo wrote (`written_by_zoo`) is replaced with
-    `force` and refused without it. Reads nothing but directory listings and safetensors headers.
-    """
-    for name, path in (("directory", directory), ("source", source)):
-        checks.require(path is None and name == "source" or isinstance(path, (str, os.PathLike)), name, path,
-                       "a path (str or os.PathLike)", TypeError)
-    out = Path(directory).expanduser().resolve()
-    if source is not None:
-        src = Path(source).expanduser().resolve()
-        if out == src:
-            raise ValueError(f"{out}: the output is the source checkpoint; write the quantized copy to a new directory")
-        if src in out.parents:
-            raise ValueError(f"{out}: the output lies inside the source checkpoint {src}; write it outside")
-        if out in src.parents:
-            raise ValueError(f"{out}: the output contains the source checkpoint {src}; write it elsewhere")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a directory; the output is a directory")
-    held = _listing(out)
-    if not held:
-        return out
-    ours = written_by_zoo(out)
-    others = [name for name in held if name not in ours]
-    if others:
-        raise ValueError(f"{out}: holds files zoo did not write ({_names(others)}); choose a new or empty directory "
-                         f"(--force, force=True, replaces only a checkpoint zoo wrote and removes no other file)")
-    if not force:
-        raise ValueError(f"{out}: already holds a checkpoint zoo wrote ({_names(held)}); choose a new directory, or "
-                         f"pass --force (force=True) to replace those files")
-    return out
-
-
-def written_by_zoo(directory: Path) -> set[str]:
-    """The names of the files a zoo-quantized checkpoint in `directory` consists of, as its metadata lists
-    them (files written before the list was kept: model.safetensors and the tokenizer files zoo copies);
-    empty when the directory holds no checkpoint zoo wrote."""
-    path = directory / "model.safetensors"
-    try:
-        meta = safetensors_metadata(path) if path.is_file() else {}
-    except CheckpointError:  # not a safetensors file: not ours
-        return set()
-    if meta.get("format") != FORMAT:
-        return set()
-    try:
-        files = json.loads(meta["files"]) if "files" in meta else ["model.safetensors", *TOKENIZER_FILES]
-    except ValueError:
-        return set()
-    if not isinstance(files, list):
-        return set()
-    return {name for name in files if isinstance(name, str) and "/" not in name} | {"model.safetensors"}
-
-
-def _listing(directory: Path) -> list[str]:
-    """The entries of a directory (sub-directories with a trailing /), or [] if it does not exist."""
-    if not directory.is_dir():
-        return []
-    return sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir())
-
-
-def _names(names: list[str]) -> str:
-    return ", ".join(names[:5]) + (f", and {len(names) - 5} more" if len(names) > 5 else "")
+__all__ = ["check_output", "save"]
 
 
 def save(model: nn.Module, directory: str | Path, force: bool = False, source: str | Path | None = None) -> Path:
@@ -106,10 +37,7 @@ def save(model: nn.Module, directory: str | Path, force: bool = False, source: s
     if world_size() > 1:
         raise NotImplementedError("saving a quantized model under tensor parallelism is not supported")
     model_type = family_of(model)
-    loaded_from = getattr(model, "source", None)
-    if loaded_from is not None and source is not None:
-        check_output(directory, loaded_from)  # neither may be overwritten
-    directory = check_output(directory, source if source is not None else loaded_from, force)
+    directory = output_for(model, directory, source, force)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("the model has no quantized layers: zoo.quant.quantize(model, ...) or zoo.load(..., quant=...)")
@@ -133,37 +61,11 @@ def save(model: nn.Module, directory: str | Path, force: bool = False, source: s
                 "layout": scheme.layout, "model_type": model_type, "config": json.dumps(config),
                 "tokenizer": json.dumps(special)}  # the ids a config.json would give (it is not copied)
     from safetensors.torch import save_file
-    files = {name: path for name, path in (tokenizer.files if tokenizer is not None else {}).items() if path.exists()}
+    files = tokenizer_files(model)
     metadata["files"] = json.dumps(["model.safetensors", *files])
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    partial = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:8]}"  # renamed when complete
-    partial.mkdir()
-    try:
+    with writing(directory) as partial:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, partial / "model.safetensors",
                   metadata=metadata)
         for name, path in files.items():
             shutil.copyfile(path, partial / name)
-        _replace_directory(partial, directory)
-    except BaseException:  # interrupted or failed: no half-written checkpoint stays behind
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return directory
-
-
-def _replace_directory(new: Path, directory: Path) -> None:
-    """Rename `new` to `directory`. A checkpoint zoo wrote there (check_output let it through) is moved
-    aside first, checked again, and its files removed one by one once `new` is in its place: nothing
-    zoo did not write is ever removed, even if it appeared after check_output."""
-    held = _listing(directory)
-    if not held:
-        os.replace(new, directory)  # onto an empty directory, or a new name
-        return
-    ours = written_by_zoo(directory)
-    if any(name not in ours for name in held):
-        raise ValueError(f"{directory}: files zoo did not write appeared while saving; nothing was replaced")
-    old = directory.parent / f".{directory.name}.replaced-{uuid.uuid4().hex[:8]}"
-    directory.rename(old)
-    new.rename(directory)
-    for name in held:
-        (old / name).unlink()
-    old.rmdir()
