@@ -12,8 +12,9 @@ from zoo.chat import Chat, chat
 from zoo.compile import compile
 from zoo.generate import generate, steps, stream
 from zoo.loader import find_checkpoint, load
+from zoo.save import save
 from zoo.weights import weights
 
-__all__ = ["load", "generate", "stream", "steps", "chat", "Chat", "compile", "find_checkpoint", "CheckpointError", "hooks",
-           "weights"]
+__all__ = ["load", "save", "generate", "stream", "steps", "chat", "Chat", "compile", "find_checkpoint", "CheckpointError",
+           "hooks", "weights"]
 __version__ = "0.1.0"

@@ -1,6 +1,7 @@
 """Command line: `python -m zoo inspect <ckpt> [--prompt TEXT]`, `python -m zoo quantize <ckpt> <outdir> --quant int4`,
 `python -m zoo perplexity <ckpt> <file> [--quant none int8 int4] [--compare <ckpt2>]`,
-`python -m zoo collect <ckpt> --points "blocks.*.resid_post" --prompts prompts.jsonl --out <dir>`.
+`python -m zoo collect <ckpt> --points "blocks.*.resid_post" --prompts prompts.jsonl --out <dir>`,
+`python -m zoo save <ckpt> <outdir> [--format hf|zoo]`, `python -m zoo convert <ckpt> <outdir>`.
 
 quantize loads a checkpoint quantized layer by layer and writes it as a zoo-quantized checkpoint
 (zoo/quant), which zoo.load and run.py then take like any other. Before reading anything it refuses
@@ -25,6 +26,11 @@ collect writes an activation dataset (zoo/activations.py): the activations of th
 at the chosen positions of every prompt of a JSON-lines file, in safetensors shards with an index,
 resumable after an interruption (the same command again). Under torchrun rank 0 writes.
 
+save (and convert, which is save --format hf) loads a checkpoint of any layout zoo reads and writes it as a
+Hugging Face checkpoint (zoo.save): config.json, safetensors shards with an index, the tokenizer's files. The
+output is checked first, as for quantize. The weights keep the dtype the checkpoint stores its embedding in
+(--dtype to change it); under torchrun each rank loads its shards and rank 0 writes.
+
 User errors (a bad argument, a missing file) are one line on stderr and exit status 2.
 """
 import dataclasses
@@ -42,6 +48,7 @@ from zoo import formats, parallel
 from zoo.checks import DTYPES, Parser, integer, require
 from zoo.formats.files import safetensors_metadata, safetensors_tensors
 from zoo.loader import build_empty
+from zoo.save import FORMATS, QUANTIZED, shard_size
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -152,6 +159,29 @@ def quantize(args) -> int:
     size = (out / "model.safetensors").stat().st_size
     label = zoo.quant.SCHEMES[args.quant].label(args.group_size, "{name}, group {group_size}")
     print(f"wrote {out / 'model.safetensors'} ({size / 2**20:.1f} MiB, {label})")
+    return 0
+
+
+def save(args) -> int:
+    source = zoo.find_checkpoint(args.ckpt)
+    zoo.quant.check_output(args.outdir, source, args.force)  # before reading anything
+    shard_size(args.max_shard_size)
+    checkpoint = formats.open(source)  # headers only: is it quantized, and its stored dtype
+    if args.format == "hf" and checkpoint.quantized:
+        raise ValueError(f"{source} is a zoo-quantized checkpoint: {QUANTIZED}")
+    if args.format == "zoo" and not checkpoint.quantized:
+        raise ValueError(f"{source} is not quantized: zoo's format holds quantized checkpoints (python -m zoo quantize "
+                         f"writes one); --format hf writes this one as Hugging Face's")
+    if args.format == "zoo" and parallel.world_size() > 1:
+        raise ValueError("--format zoo is written by one process (zoo.quant.save): run without torchrun")
+    embed = checkpoint.tensors.get("embed.weight")  # missing: zoo.load names it
+    dtype = DTYPES[args.dtype] if args.dtype else embed.dtype if embed is not None else torch.float32
+    device = args.device or ("cuda" if parallel.world_size() > 1 and torch.cuda.is_available() else "cpu")
+    model = zoo.load(source, dtype=dtype, device=device)
+    out = zoo.save(model, args.outdir, format=args.format, force=args.force, max_shard_size=args.max_shard_size)
+    files = list(out.iterdir()) if parallel.rank() == 0 else []
+    say(f"wrote {out}: {len(files)} files, {sum(f.stat().st_size for f in files) / 2**20:.1f} MiB ({args.format}, "
+        f"{str(dtype).removeprefix('torch.')})")
     return 0
 
 
@@ -315,8 +345,28 @@ def main(argv=None) -> int:
     c.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="the model's and the stored dtype")
     c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     c.add_argument("--force", action="store_true", help="replace a finished dataset, or start an unfinished one over")
+    for name, text in (("save", "write a checkpoint as Hugging Face's (or a quantized one as zoo's), from any layout"),
+                       ("convert", "write a checkpoint of any layout zoo reads as Hugging Face's (save --format hf)")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("ckpt")
+        s.add_argument("outdir")
+        if name == "save":
+            s.add_argument("--format", choices=list(FORMATS), default="hf",
+                           help="hf: config.json + safetensors + tokenizer files; zoo: zoo's quantized format "
+                                "(a quantized checkpoint) (default: %(default)s)")
+        s.add_argument("--max-shard-size", default="50GB", help="bytes per safetensors file, e.g. 5GB, 500MB, 2GiB "
+                                                                 "(default: %(default)s)")
+        s.add_argument("--dtype", choices=sorted(DTYPES), help="the weights' dtype (default: the checkpoint's own, "
+                                                               "that of its embedding)")
+        s.add_argument("--device", default=None, help="where to load it (default: cpu; under torchrun, cuda if "
+                                                      "available)")
+        s.add_argument("--force", action="store_true", help="replace a checkpoint zoo wrote in the output directory "
+                                                            "(never other files)")
     args = p.parse_args(argv)
-    command = {"inspect": inspect, "quantize": quantize, "perplexity": perplexity, "collect": collect}[args.command]
+    if args.command == "convert":
+        args.format = "hf"
+    command = {"inspect": inspect, "quantize": quantize, "perplexity": perplexity, "collect": collect, "save": save,
+               "convert": save}[args.command]
     try:
         parallel.setup()
         return command(args)
