@@ -25,6 +25,7 @@ TOKENS = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(
 VARIANTS = {**{f"llama-{v}": ("llama", v, {}) for v in LLAMA_VARIANTS},
             **{v: (family, v, {}) for v, (family, _) in FAMILY_VARIANTS.items()},
             "opt-untied": ("opt", "opt-pre-ln", dict(tie_word_embeddings=False)),
+            "opt-no-final-norm": ("opt", "opt-pre-ln", dict(_remove_final_layer_norm=True)),
             "neox-tied": ("gpt_neox", "neox-rotary-0.25-parallel", dict(tie_word_embeddings=True))}
 
 

@@ -70,6 +70,10 @@ MUTANTS = [
     Mutant("llama-meta-hidden-dim-rounds-down", "zoo/models/llama.py",
            "self.multiple_of * math.ceil(hidden / self.multiple_of)", "self.multiple_of * (hidden // self.multiple_of)",
            t("test_inspect")),
+    Mutant("save-llama-qk-left-in-metas-order", "zoo/models/llama.py",
+           "    (name,), (t,) = hf_to_zoo(key), tensors\n    return zoo_tensor_to_hf(name, t, cfg)",
+           "    (name,), (t,) = hf_to_zoo(key), tensors\n    return t",
+           t("test_save", "test_saved_checkpoint_loads_in_transformers_with_the_same_logits")),
     # ---- models/opt.py ---------------------------------------------------------------------------------
     Mutant("opt-positions-without-offset", "zoo/models/opt.py",
            "h + self.pos_embed(step.positions + POSITION_OFFSET)", "h + self.pos_embed(step.positions)", FAMILIES),
@@ -80,6 +84,10 @@ MUTANTS = [
     Mutant("opt-metaseq-qkv-order", "zoo/formats/metaseq.py",
            'QKV = ("k_proj", "v_proj", "q_proj")', 'QKV = ("q_proj", "k_proj", "v_proj")',
            t("test_original", "test_metaseq_checkpoint_matches_hf")),
+    Mutant("save-opt-final-norm-flag-inverted", "zoo/models/opt.py",
+           '"_remove_final_layer_norm": cfg.pre_norm and not cfg.final_norm',
+           '"_remove_final_layer_norm": not cfg.pre_norm and not cfg.final_norm',
+           t("test_save", "test_to_hf_config_inverts_from_hf_config")),
     # ---- models/gpt_neox.py ----------------------------------------------------------------------------
     Mutant("neox-qkv-split-as-blocks", "zoo/models/gpt_neox.py",
            "return t.reshape(heads, 3, cfg.head_dim, *t.shape[1:])[:, part].reshape(heads * cfg.head_dim, *t.shape[1:])",
@@ -93,6 +101,9 @@ MUTANTS = [
            "self.rotary_dim = int(self.head_dim * self.rotary_pct)", "self.rotary_dim = self.head_dim", FAMILIES),
     Mutant("neox-row-bias-always-summed", "zoo/formats/gpt_neox.py",
            '"sum" if parallel_residual else "one"', '"sum"', t("test_original", "test_neox_checkpoint_matches_hf")),
+    Mutant("save-neox-qkv-fused-by-part-not-head", "zoo/models/gpt_neox.py",
+           "for t in tensors], dim=1)  # (heads, 3, hd, ...)", "for t in tensors], dim=0)  # (heads, 3, hd, ...)",
+           t("test_save", "test_saved_checkpoint_loads_in_transformers_with_the_same_logits")),
     # ---- forward.py, cache.py, kernels/attention.py: positions, masks, KV cache, scale ----------------
     # (rotary attention depends only on relative positions: OPT's learned positions are what see this one)
     Mutant("attention-left-pad-shifts-positions", "zoo/forward.py",
@@ -163,6 +174,9 @@ MUTANTS = [
     Mutant("parallel-kv-heads-not-checked", "zoo/attention.py",
            "if n_heads % world or n_kv_heads % world:", "if n_heads % world:",
            t("test_parallel", "test_world_size_that_does_not_divide_heads")),
+    Mutant("save-tp-shards-gathered-with-padding", "zoo/save.py",
+           "torch.cat(parts, dim).narrow(dim, 0, module.full_size)", "torch.cat(parts, dim)",
+           t("test_save", "test_tensor_parallel_save_equals_one_process_byte_for_byte")),
     # ---- loader.py, original.py, checkpoint.py: merge and slice rules ------------------------------------
     Mutant("loader-meta-shards-merged-in-reverse", "zoo/formats/lazy.py",
            "            for p in self.parts:\n                lo, hi", "            for p in reversed(self.parts):\n                lo, hi",
@@ -249,6 +263,8 @@ MUTANTS = [
            t("test_quant", "test_force_never_removes_a_file_zoo_did_not_write")),
     Mutant("quant-model-forgets-its-source", "zoo/loader.py", "    model.source = directory.resolve()",
            "    model.source = None", t("test_quant", "test_save_refuses_the_directory_the_model_came_from")),
+    Mutant("save-shards-past-the-limit", "zoo/save.py", "if groups[-1] and size + e.nbytes > limit:",
+           "if groups[-1] and size > limit:", t("test_save", "test_sharded_with_hugging_faces_index")),
     Mutant("quant-int8-one-scale-per-tensor", "zoo/quant/int8.py",
            "scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127",
            "scales = w.abs().amax().clamp(min=1e-12).expand(w.shape[0]) / 127", t("test_quant")),
