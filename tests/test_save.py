@@ -268,13 +268,18 @@ def test_quantized_model_is_refused_for_hf_and_kept_in_zoos_format(tiny_dir, tmp
     again = zoo.load(out)
     assert isinstance(again.blocks[0].attn.wq, QuantLinear)
     assert torch.equal(logits(again), logits(model))
+    assert main(["save", str(out), str(tmp_path / "q-copy"), "--format", "zoo"]) == 0  # a quantized copy, re-checked
+    copy, first = tmp_path / "q-copy" / "model.safetensors", out / "model.safetensors"
+    assert safe_open(copy, "pt").metadata() == safe_open(first, "pt").metadata()  # (safetensors orders it at random)
+    assert load_file(copy).keys() == load_file(first).keys()
+    assert all(torch.equal(load_file(copy)[k], t) for k, t in load_file(first).items())
     for command, why in ((["convert", str(out), str(tmp_path / "hf")], "is a zoo-quantized checkpoint: a Hugging "
                           "Face checkpoint holds floating-point weights"),
                          (["save", str(tiny_dir), str(tmp_path / "z"), "--format", "zoo"], "is not quantized")):
         assert main(command) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and why in err and err.count("\n") == 1, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "q-copy"]
 
 
 # ---- the command: any layout zoo reads, written as Hugging Face's ----------------------------------------
