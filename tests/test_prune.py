@@ -152,10 +152,13 @@ def test_split_and_evaluate(tiny_dir):
 
 
 def test_prune_command(tiny_dir, tmp_path, capsys):
-    out = tmp_path / "prune.json"
+    """Two steps of neurons and heads with means folded in; the JSON; the pruned model saved as a Hugging Face
+    checkpoint (LLaMA gains mlp_bias and attention_bias) that zoo and transformers load with the same logits."""
+    out, saved = tmp_path / "prune.json", tmp_path / "pruned"
     args = prune_args(str(tiny_dir), "--focus", str(SKILLS / "prose.txt"), "--cripple", str(SKILLS / "code.txt"),
                       "--tokens", "300", "--eval-tokens", "200", "--ctx", "64", "--steps", "2", "--ff-frac", "0.01",
-                      "--attn-frac", "0.05", "--offset", "mean", "--dtype", "float32", "--json", str(out))
+                      "--attn-frac", "0.05", "--offset", "mean", "--dtype", "float32", "--json", str(out),
+                      "--out", str(saved))
     assert zp.command(args) == 0
     printed = capsys.readouterr().out
     assert "focus top1" in printed and "deleted per layer: neurons [" in printed
@@ -163,6 +166,15 @@ def test_prune_command(tiny_dir, tmp_path, capsys):
     assert [s["step"] for s in steps] == [0, 1, 2]
     assert [s["neurons"] for s in steps] == [0, 46, 92] and [s["heads"] for s in steps] == [0, 2, 4]  # of 4608, 48
     assert sum(steps[2]["neurons_per_layer"]) == 92 and steps[1]["focus"]["tokens"] == steps[0]["focus"]["tokens"]
+    model = zoo.load(saved, dtype=torch.float32)
+    W = zoo.weights(model)
+    assert sum(int((W[f"blocks.{i}.mlp.W_out"] == 0).all(1).sum()) for i in range(6)) == 92
+    assert sum(int((W[f"blocks.{i}.attn.W_O"] == 0).flatten(1).all(1).sum()) for i in range(6)) == 4
+    assert model.config.mlp_bias and model.config.attention_bias
+    hf = transformers.AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
+    tokens = torch.tensor([model.tokenizer.encode("The for statement", bos=True)])
+    with torch.no_grad():
+        assert (hf(tokens).logits - model(tokens)).abs().max() < 1e-4
     with pytest.raises(ValueError, match="the output is the source checkpoint"):
         zp.command(prune_args(str(tiny_dir), "--focus", "f", "--cripple", "c", "--out", str(tiny_dir)))
 

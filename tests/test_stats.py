@@ -1,6 +1,7 @@
 """zoo.stats: streaming per-unit activation statistics, against the same numbers computed from a plain `collect`
 of the same tokens (float64), padding never counted, the same under tensor parallelism, saved and loaded."""
 import argparse
+import json
 
 import pytest
 import torch
@@ -59,8 +60,10 @@ def assert_close(got, want, tol):
         assert (got[key] - want[key]).abs().max() <= tol * (1 + want[key].abs().max()), key
 
 
-@pytest.mark.parametrize("batch", [3, 1])
-def test_stats_equal_a_collect_of_the_same_batches_in_float64(directory, batch):
+@pytest.mark.parametrize("batch, chunk", [(3, 5), (1, zs.CHUNK)])
+def test_stats_equal_a_collect_of_the_same_batches_in_float64(directory, batch, chunk, monkeypatch):
+    """Summed `chunk` rows at a time (5: several chunks per batch, the last one short)."""
+    monkeypatch.setattr(zs, "CHUNK", chunk)
     model = zoo.load(directory, dtype=torch.float32)
     got = zs.collect_stats(model, WINDOWS, batch=batch)
     assert got["mlp_post.mean"].shape == (model.config.n_layers, model.config.d_mlp)
@@ -80,21 +83,54 @@ def test_padding_is_never_counted(directory):
     assert torch.allclose(got["z.pos_mass"] - got["z.neg_mass"], got["z.mean_abs"], atol=1e-12)
 
 
-def _check_tensor_parallel(rank, directory, want):
+def _check_stats(rank, directory, want):
     assert parallel.world_size() == 2
     model = zoo.load(directory, dtype=torch.float32)
     assert model.blocks[0].mlp.w_out.weight.shape[1] == 88  # 175 hidden units: 88 + 87 and one of padding
     assert_close(zs.collect_stats(model, WINDOWS, batch=3), want, 1e-5)
 
 
-def test_tensor_parallel_stats_equal_one_process(tmp_path):
-    """World size 2 (gloo): each rank's heads and neurons, gathered to global indices, the MLP's padding cut
-    (175 hidden units do not split in two)."""
-    directory = save_hf(hf_llama("gqa", intermediate_size=175), tmp_path / "llama")
-    want = zs.collect_stats(zoo.load(directory, dtype=torch.float32), WINDOWS, batch=3)
-    assert want["mlp_post.mean"].shape[1] == 175
-    spawn_checks({"stats": (_check_tensor_parallel, (directory, want))}, 2, tmp_path)
-    check_outcome(tmp_path, "stats", 2)
+def pruned(directory):
+    """Two steps of zoo.prune (neurons and heads, means folded in) on WINDOWS: the records and the final logits."""
+    from zoo import prune as zp
+    model = zoo.load(directory, dtype=torch.float32)
+    sets = (WINDOWS[:5], WINDOWS[5:]), (WINDOWS[2:], WINDOWS[:2])
+    records = zp.prune(model, *sets, ff_frac=0.05, attn_frac=0.125, steps=2, offset="mean", batch=3)
+    with torch.no_grad():
+        return records, model(torch.tensor([WINDOWS[0]]))
+
+
+def _check_prune(rank, directory, want):
+    records, logits = pruned(directory)
+    for got, expected in zip(records, want[0]):
+        assert {k: v for k, v in got.items() if k not in ("focus", "cripple")} == \
+            {k: v for k, v in expected.items() if k not in ("focus", "cripple")}
+        assert abs(got["cripple"]["loss"] - expected["cripple"]["loss"]) < 1e-5
+    assert (logits - want[1]).abs().max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def world_2(tmp_path_factory):
+    """The tensor-parallel checks, in one group of 2 ranks (gloo) started once: a LLaMA of 175 hidden units, which
+    do not split in two (88 + 87 and one of padding)."""
+    root = tmp_path_factory.mktemp("stats-tp")
+    directory = save_hf(hf_llama("gqa", intermediate_size=175), root / "llama")
+    stats = zs.collect_stats(zoo.load(directory, dtype=torch.float32), WINDOWS, batch=3)
+    assert stats["mlp_post.mean"].shape[1] == 175
+    spawn_checks({"stats": (_check_stats, (directory, stats)), "prune": (_check_prune, (directory, pruned(directory)))},
+                 2, root)
+    return root
+
+
+def test_tensor_parallel_stats_equal_one_process(world_2):
+    """Each rank's heads and neurons, gathered to global indices, the MLP's padding cut."""
+    check_outcome(world_2, "stats", 2)
+
+
+def test_tensor_parallel_pruning_equals_one_process(world_2):
+    """zoo.prune under TP (deletion through zoo.weights' write-through copies, biases added per rank's shard):
+    the same units deleted, the same evaluation, the same logits."""
+    check_outcome(world_2, "prune", 2)
 
 
 def test_save_and_load(tmp_path, tiny_dir):
@@ -140,3 +176,13 @@ def test_command_writes_the_statistics(tiny_dir, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"exists \(--force replaces it\)"):
         zs.command(args)
+
+
+def test_benchmark_quick(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_stats", zs.__file__.replace("zoo/stats.py", "benchmarks/stats.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--quick", "--threads", "2", "--out", str(tmp_path / "stats.json")])
+    assert sorted(rows) == sorted(bench.CASES) and rows["plain"]["ratio_best"] == 1.0
+    assert json.loads((tmp_path / "stats.json").read_text())["cases"]["both"]["tokens_per_s_best"] > 0

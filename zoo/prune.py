@@ -263,7 +263,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=8, help="windows per forward (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="for --scoring rand (default: %(default)s)")
     p.add_argument("--json", default="prune.json", help="the steps' records (default: %(default)s)")
-    p.add_argument("--out", help="write the pruned model here as a checkpoint (zoo.save); never over its source")
+    p.add_argument("--out", help="write the pruned model here as a Hugging Face checkpoint (zoo.save), never over "
+                                 "its source")
     p.add_argument("--force", action="store_true", help="replace a checkpoint zoo wrote in --out")
     p.add_argument("--dtype", default="bfloat16", help="the model's dtype (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -271,17 +272,13 @@ def add_arguments(p) -> None:
 
 def command(args) -> int:
     """python -m zoo prune: the prune loop on --focus and --cripple, its table, its JSON and the pruned model."""
-    import importlib.util
-
     import zoo
-    import zoo.quant
+    from zoo.output import check_output
     for flag in ("tokens", "eval_tokens", "ctx", "batch", "steps"):
         integer("--" + flag.replace("_", "-"), getattr(args, flag), low=1)
     source = zoo.find_checkpoint(args.ckpt)
     if args.out is not None:
-        if importlib.util.find_spec("zoo.save") is None:  # TODO(zoo.save): written in zoo/save.py by another change
-            raise ValueError("--out needs zoo.save (zoo/save.py), which this zoo does not have yet")
-        zoo.quant.check_output(args.out, source, args.force)  # before any work: never the source, nor inside it
+        check_output(args.out, source, args.force)  # before any work: never the source, nor in or around it
     model = zoo.load(args.ckpt, dtype=args.dtype, device=args.device)
     ctx, held_out = min(args.ctx, model.config.max_seq_len), args.eval_tokens / (args.tokens + args.eval_tokens)
     sets = [split(zstats.text_windows(model, path, args.tokens + args.eval_tokens, ctx), held_out)
@@ -295,7 +292,6 @@ def command(args) -> int:
     if parallel.rank() == 0:
         Path(args.json).write_text(json.dumps({"settings": settings, "steps": records}, indent=1) + "\n")
     if args.out is not None:
-        from zoo.save import save
-        save(model, args.out, force=args.force, source=source)
+        zoo.save(model, args.out, force=args.force, source=source)
     zstats.say(f"wrote {args.json}" + (f" and the pruned model to {args.out}" if args.out else ""))
     return 0

@@ -37,6 +37,7 @@ from zoo.generate import left_padded
 
 FORMAT, VERSION = "zoo-stats", 1
 POINTS = ("mlp_post", "z")  # the units: neurons (batch, seq, d_mlp) and head dims (batch, seq, n_heads, d_head)
+CHUNK = 256  # rows summed at a time (benchmarks/stats.py measures the cost)
 STATS = ("count", "mean", "std", "mean_abs", "mean_sqrt", "pos_mass", "neg_mass", "freq_pos")
 
 
@@ -99,6 +100,7 @@ class Accumulator:
         self.points = tuple(points)
         self.sums: dict[tuple[str, int], list[torch.Tensor]] = {}  # (point, layer) -> sums of [1, x, x^2, |x|, x > 0, sqrt|x|]
         self.shards: dict[str, tuple[int, int]] = {}  # point -> (unit dim of the sums, full size) under TP
+        self.buffers: dict[tuple, torch.Tensor] = {}  # (units' shape, device) -> (CHUNK, *units) float64
 
     def as_hooks(self) -> dict:
         return {f"blocks.*.{p}": self._add for p in self.points}
@@ -108,18 +110,29 @@ class Accumulator:
             rows = x.flatten(0, 1)  # (batch * seq, *units)
         else:
             rows = x[(ctx.positions >= 0).expand(x.shape[0], -1)]  # the real positions only
-        a = rows.to(torch.float64)  # (rows, *units)
-        norm = torch.linalg.vector_norm  # one pass each, where x.square().sum(0) would be two
-        parts = [torch.full(a.shape[1:], a.shape[0], dtype=torch.float64, device=a.device), a.sum(0),
-                 norm(a, 2, dim=0).square(), norm(a, 1, dim=0), (rows > 0).sum(0), a.abs_().sqrt_().sum(0)]
         key = (ctx.point, ctx.layer)
-        if key in self.sums:
-            for total, part in zip(self.sums[key], parts):
-                total += part
-        else:
-            self.sums[key] = parts
+        if key not in self.sums:
+            self.sums[key] = [torch.zeros(rows.shape[1:], dtype=torch.float64, device=rows.device) for _ in range(6)]
+        n, s1, s2, s_abs, npos, sqrt = self.sums[key]
+        n += rows.shape[0]
+        norm = torch.linalg.vector_norm  # one pass each, where x.square().sum(0) would be two
+        for chunk in rows.split(CHUNK):
+            a = self._float64(chunk)  # (rows, *units)
+            s1 += a.sum(0)
+            s2 += norm(a, 2, dim=0).square_()
+            s_abs += norm(a, 1, dim=0)
+            npos += (chunk > 0).sum(0)
+            sqrt += a.abs_().sqrt_().sum(0)
         if ctx.shard is not None:
             self.shards[ctx.point] = (ctx.shard[0] - 2, ctx.shard[3])
+
+    def _float64(self, chunk: torch.Tensor) -> torch.Tensor:
+        """chunk in float64, in a buffer kept for the next (a fresh allocation of this size would fault its pages in)."""
+        buffer = self.buffers.get((chunk.shape[1:], chunk.device))
+        if buffer is None:
+            buffer = self.buffers[chunk.shape[1:], chunk.device] = torch.empty(CHUNK, *chunk.shape[1:],
+                                                                               dtype=torch.float64, device=chunk.device)
+        return buffer[:chunk.shape[0]].copy_(chunk)
 
     def result(self) -> dict[str, torch.Tensor]:
         """{"{point}.{stat}": (n_layers, *units) float64 on the CPU}, every rank's units gathered."""
@@ -131,7 +144,7 @@ class Accumulator:
             if point in self.shards and parallel.world_size() > 1:
                 dim, full = self.shards[point]
                 totals = [parallel.all_gather(t, dim=dim + 1).narrow(dim + 1, 0, full) for t in totals]
-            n, s1, s2, s_abs, npos, sqrt = [t.cpu().to(torch.float64) for t in totals]
+            n, s1, s2, s_abs, npos, sqrt = [t.cpu() for t in totals]
             count, pos = n.clamp(min=1), (s_abs + s1) / 2  # sum max(x, 0) = (sum |x| + sum x) / 2
             mean = s1 / count
             derived = {"count": n, "mean": mean, "std": (s2 / count - mean.square()).clamp(min=0).sqrt(),
