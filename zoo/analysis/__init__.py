@@ -1,0 +1,5 @@
+"""Research instruments on the hook points: the logit lens, the residual stream decomposed and direct logit
+attribution (lens.py); pictures of them in one self-contained HTML page (show.py)."""
+from zoo.analysis.lens import Attribution, Decomposition, Lens, decompose, logit_attribution, logit_lens
+
+__all__ = ["logit_lens", "decompose", "logit_attribution", "Lens", "Decomposition", "Attribution"]
