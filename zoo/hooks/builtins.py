@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from zoo.hooks.grads import Gradients, joined
 from zoo.hooks.points import HEAD_POINTS, NEURON_POINTS, POINTS, Context, _seq_dim
 
 
@@ -197,9 +198,11 @@ class collect:
     b's first real token at `left_pad[b]`); from the first position it saw for one that began
     partway through a run. gather=True keeps full tensors under tensor parallelism. Recorded tensors
     are detached copies. Reads like a dict: `cache[name]`, `in`, keys(), values(), items(), len().
+    grads=True also records d(metric)/d(activation) once `metric.backward()` has run: `cache.grads[name]`,
+    in the same layout (zoo/hooks/grads.py).
     """
 
-    def __init__(self, *patterns: str, gather: bool = False):
+    def __init__(self, *patterns: str, gather: bool = False, grads: bool = False):
         for p in patterns:
             if not isinstance(p, str):
                 raise TypeError(f"collect takes hook point names (globs allowed), not {p!r}")
@@ -207,6 +210,7 @@ class collect:
         self.store: dict[str, list[torch.Tensor]] = {}
         self.where: dict[str, list[torch.Tensor]] = {}  # name -> the positions of each recorded part
         self.run, self.left_pad = None, None
+        self.grads = Gradients(self) if grads else None  # filled by metric.backward() (zoo/hooks/grads.py)
 
     def as_hooks(self) -> dict:
         return {p: self._record for p in self.patterns}
@@ -215,9 +219,12 @@ class collect:
         if ctx.run != self.run:
             self.store, self.where, self.run = {}, {}, ctx.run
             self.left_pad = None if ctx.left_pad is None else ctx.left_pad.clone()
-        x = (ctx.gather(x) if self.gather else x).detach().clone()
-        self.store.setdefault(ctx.name, []).append(x)
+            if self.grads is not None:
+                self.grads.clear()
+        kept = (ctx.gather(x) if self.gather else x).detach().clone()
+        self.store.setdefault(ctx.name, []).append(kept)
         self.where.setdefault(ctx.name, []).append(ctx.positions)
+        return None if self.grads is None else self.grads.watch(x, ctx, kept.shape)
 
     def positions(self, name: str) -> torch.Tensor:
         """(batch or 1, recorded length) int64: the token position of each recorded index along the sequence
@@ -234,14 +241,9 @@ class collect:
             raise KeyError(f"{name!r} was not recorded; this collect holds {', '.join(self.store) or 'nothing yet'} "
                            f"(it records {', '.join(map(repr, self.patterns))})")
         parts = self.store[name]
-        if len(parts) == 1:
-            return parts[0]
-        if name.endswith(".pattern"):  # (b, h, q, S): pad the key dim to the longest before joining
-            longest = max(p.shape[-1] for p in parts)
-            parts = [torch.nn.functional.pad(p, (0, longest - p.shape[-1])) for p in parts]
-        joined = torch.cat(parts, dim=_seq_dim(name))
-        self.store[name] = [joined]
-        return joined
+        if len(parts) > 1:
+            self.store[name] = [joined(parts, name)]
+        return self.store[name][0]
 
     def __contains__(self, name) -> bool:
         return name in self.store
@@ -266,6 +268,8 @@ class collect:
 
     def clear(self) -> None:
         self.store, self.where, self.run, self.left_pad = {}, {}, None, None
+        if self.grads is not None:
+            self.grads.clear()
 
     def __repr__(self):
         return f"zoo.hooks.collect({', '.join(map(repr, self.patterns))})"

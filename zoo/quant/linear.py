@@ -85,13 +85,45 @@ class QuantLinear(nn.Module):
         return self._matmul_bias(x)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():  # a gradient wanted through x (zoo.hooks.collect(grads=True))
+            return ThroughDequantized.apply(x, self)
         return self.scheme.linear(x, self.prepared)
 
     def _matmul_bias(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.scheme.linear(x, self.prepared)
+        y = ThroughDequantized.apply(x, self) if x.requires_grad and torch.is_grad_enabled() else \
+            self.scheme.linear(x, self.prepared)
         return y if self.bias is None else y + self.bias
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight the matmul multiplies by, fp32 [N, K] (this rank's shard): the stored weight dequantized,
+        else the layout's own dequantization; a layout with neither (torch's CPU int4 one) is read back through
+        its matmul, x = I, in the bf16 it computes in."""
+        if self.quantized is not None:
+            return self.dequantize()
+        if hasattr(self.prepared, "dequantize"):
+            return self.prepared.dequantize()
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.prepared.device)
+        return self.scheme.linear(eye, self.prepared).float().T
 
     def extra_repr(self) -> str:
         split = f", {self.parallel}-parallel" if self.parallel else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"{self.scheme.label(self.group_size, '{name}, group {group_size}')}{split}")
+
+
+class ThroughDequantized(torch.autograd.Function):
+    """y = the scheme's matmul of x (the forward unchanged), with the gradient wrt x through the dense weight the
+    matmul stands for: grad_x = grad_y W (fp32, cast to x's dtype). The weight is frozen: no gradient for it.
+    Taken only where autograd records through x, so a forward without gradients pays nothing."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+        return layer.scheme.linear(x, layer.prepared)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.layer = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (grad.float() @ ctx.layer.dense_weight().to(grad.device)).to(grad.dtype), None
