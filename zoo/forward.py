@@ -32,6 +32,23 @@ class Decoder(nn.Module):
     def hook_points(self, tokens: torch.Tensor | None = None) -> dict[str, tuple]:
         return hook_points(self, tokens)
 
+    def forward_from(self, layer: int, h: torch.Tensor, tokens: torch.Tensor, cache: KVCache | None = None, *,
+                     hooks=None) -> torch.Tensor:
+        """The forward from block `layer` on, given h (batch, seq, dim), the residual stream entering it, for
+        `tokens` (whose positions, mask and checks it takes; with a cache, written after its `pos` slots): the
+        blocks before `layer` are not run (patching sweeps share them between runs, zoo/analysis/sweep.py).
+        The hooks of blocks `layer`.. and of ln_final and logits fire as in a forward; the logits are the
+        forward's when h is what blocks 0..layer-1 would give (tests/test_sweep.py, every family)."""
+        step = begin(self, tokens, cache, hooks, None, False, getattr(self, "inv_freq", None))
+        for block in self.blocks[layer:]:
+            h = block(h, step)
+        return step.finish(h, self.final_norm, self.output)
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """The residual stream through the final norm (and OPT's project_out): what the ln_final point sees."""
+        project_out = getattr(self, "project_out", None)
+        return self.norm(h) if project_out is None else project_out(self.norm(h))
+
 
 def _unhooked(layer: int | None, point: str, x: torch.Tensor) -> torch.Tensor:
     return x

@@ -1,5 +1,8 @@
 """Research instruments on the hook points: the logit lens, the residual stream decomposed and direct logit
 attribution (lens.py); pictures of them in one self-contained HTML page (show.py)."""
+from zoo.analysis.attribution import attribute
 from zoo.analysis.lens import Attribution, Decomposition, Lens, decompose, logit_attribution, logit_lens
+from zoo.analysis.sweep import patch_sweep
 
-__all__ = ["logit_lens", "decompose", "logit_attribution", "Lens", "Decomposition", "Attribution"]
+__all__ = ["logit_lens", "decompose", "logit_attribution", "Lens", "Decomposition", "Attribution",
+           "attribute", "patch_sweep"]
