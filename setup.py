@@ -12,5 +12,7 @@ setup(
     package_data={"zoo.kernels": ["native.cpp"]},
     # transformers: numerical reference only (models built from configs, never downloaded);
     # fairscale: reference for the tensor-parallel layers; tokenizers: reference BPE encoders
-    extras_require={"test": ["pytest", "transformers>=4.45", "fairscale==0.4.13", "tokenizers", "psutil", "hypothesis"]},
+    extras_require={"test": ["pytest", "transformers>=4.45", "fairscale==0.4.13", "tokenizers", "psutil", "hypothesis"],
+                    # benchmarks/research.py's peers, never imported by zoo
+                    "bench": ["transformer-lens>=4,<5", "nnsight>=0.8,<0.9"]},
 )
