@@ -14,6 +14,7 @@ from helpers import spawn
 import zoo
 from zoo import activations, hooks
 from zoo.__main__ import main
+from zoo.generate import left_padded
 
 TEXTS = ["The for statement", "def f(x):\n    return x * 2", "A", "Lists are mutable sequences, typically used to "
          "store collections of homogeneous items.", "import os", "The with statement is used to wrap the execution "
@@ -44,8 +45,9 @@ def files(directory) -> dict:
     ("1:9:3", lambda n: [p for p in (1, 4, 7) if p < n]), ("5", lambda n: [5] if n > 5 else []),
     ("3:", lambda n: list(range(3, n))),
 ])
-def test_rows_equal_each_prompt_alone(model, tmp_path, positions, kept):
-    """Batches of 1 (no padding): the very same values. Batches of 3, left-padded: within 1e-6 of the prompt's
+def test_rows_equal_each_prompt_alone(model, tmp_path, monkeypatch, positions, kept):
+    """Batches of 1 without padding (PAD_MULTIPLE 1): the very same values. Batches of 1 and 3, left-padded (to
+    a multiple of PAD_MULTIPLE, as collect runs them): within 1e-6 of the prompt's
     largest |activation| (fp32 rounding: a padded batch runs other matmul shapes, and a residual stream of
     values up to 37, whose fp32 spacing is 4e-6, carries its rounding into every later point; measured 1.2e-5
     at most, 3e-7 of the scale)."""
@@ -58,9 +60,11 @@ def test_rows_equal_each_prompt_alone(model, tmp_path, positions, kept):
         alone.append(hooks.collect(*POINTS))
         with torch.no_grad():
             model(torch.tensor([ids]), hooks=alone[-1])
-    for batch, tolerance in ((1, 0.0), (3, 1e-6)):
-        out = activations.write(model, prompts, tmp_path / f"acts{batch}", POINTS, positions=positions, batch=batch,
-                                dtype=torch.float32, shard_size="256K")
+    padded = activations.PAD_MULTIPLE
+    for batch, multiple, tolerance in ((1, 1, 0.0), (1, padded, 1e-6), (3, padded, 1e-6)):
+        monkeypatch.setattr(activations, "PAD_MULTIPLE", multiple)
+        out = activations.write(model, prompts, tmp_path / f"acts{batch}-{multiple}", POINTS, positions=positions,
+                                batch=batch, dtype=torch.float32, shard_size="256K")
         index = activations.read_index(out)
         assert list(index["points"]) == names
         assert index["complete"] and index["dtype"] == "float32" and len(index["shards"]) > 1
@@ -256,4 +260,20 @@ def test_two_ranks_store_what_one_process_stores(model, tiny_dir, tmp_path):
     assert index["points"]["blocks.1.z"]["shape"] == [8, 32] and index["points"]["blocks.2.mlp_post"]["shape"] == [768]
     for entry in index["prompts"]:
         for name, x in activations.rows(one, entry).items():
-            assert torch.allclose(activations.rows(tmp_path / "tp", entry)[name], x, atol=1e-5, rtol=0), name
+            # fp32 rounding of the split sums, carried by a residual stream of values up to 42 (spacing 4e-6) into
+            # every later point: measured 1.7e-5 at most (batches padded to a multiple of PAD_MULTIPLE)
+            assert torch.allclose(activations.rows(tmp_path / "tp", entry)[name], x, atol=4e-5, rtol=0), name
+
+
+def test_batches_run_at_lengths_of_a_multiple_of_pad_multiple(model, tmp_path, monkeypatch):
+    """Every forward of a collect is padded to a multiple of PAD_MULTIPLE tokens, and never past the context."""
+    assert left_padded([[1, 2, 3]], "cpu", 16)[0].shape == (1, 16)
+    assert left_padded([[1, 2, 3], [4]], "cpu", 16, limit=10)[1].tolist() == [7, 9]
+    assert left_padded([[1] * 17], "cpu", 16, limit=20)[0].shape == (1, 20)
+    assert left_padded([[1] * 17], "cpu", 1)[0].shape == (1, 17)
+    lengths = []
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, tokens, *a, **k: lengths.append(tokens.shape[1])
+                        or forward(self, tokens, *a, **k))
+    activations.write(model, write_prompts(tmp_path / "prompts.jsonl"), tmp_path / "acts", ["embed"], batch=2)
+    assert lengths and all(n % activations.PAD_MULTIPLE == 0 for n in lengths), lengths

@@ -25,6 +25,12 @@ so an interrupted run leaves whole shards and an index listing them: the same ca
 settings, same prompts file) goes on after the last listed shard, and yields the same files as a run
 never interrupted. Other settings are refused, naming what differs; a finished dataset is refused
 unless force=True (which starts over). Under torchrun every rank runs the model and rank 0 writes.
+
+Each batch is left-padded to a multiple of PAD_MULTIPLE tokens (the padding is masked and never stored),
+so that thousands of prompts of varied lengths run at a few shapes: with a new length for every batch, a
+bf16 forward on the CPU compiles and caches a GEMM kernel for each, and those long-lived allocations,
+made between the forward's short-lived ones, fragment glibc's heap, whose peak then grows for hundreds of
+batches (`python benchmarks/memory_shapes.py`; the README's Activation datasets has the figures).
 """
 import fnmatch
 import hashlib
@@ -45,6 +51,7 @@ from zoo.generate import left_padded
 FORMAT, VERSION = "zoo-activations", 1
 INDEX = "index.json"
 SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+PAD_MULTIPLE = 16  # tokens: each batch's length is rounded up to a multiple of it (above)
 
 
 class Prompt(NamedTuple):
@@ -158,7 +165,7 @@ def write(model, prompts: str | os.PathLike, out: str | os.PathLike, points: lis
     start, written = len(index["prompts"]), 0
     for first in range(start, len(items), batch):
         group = range(first, min(first + batch, len(items)))
-        tokens, left_pad = left_padded([ids[i] for i in group], device)
+        tokens, left_pad = left_padded([ids[i] for i in group], device, PAD_MULTIPLE, model.config.max_seq_len)
         record = hooks.collect(*names, gather=True)  # full width under tensor parallelism
         with torch.inference_mode():
             model(tokens, left_pad=left_pad if left_pad.any() else None, hooks=record)

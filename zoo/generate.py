@@ -36,9 +36,15 @@ def steps(model, prompts: list[list[int]], max_new_tokens: int = 128, temperatur
                   hooks)
 
 
-def left_padded(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(batch, longest) tokens, each row's padding (id 0, masked) before its tokens, and left_pad (batch,)."""
+def left_padded(prompts: list[list[int]], device, multiple: int = 1,
+                limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, length) tokens, each row's padding (id 0, masked) before its tokens, and left_pad (batch,).
+
+    length: the longest prompt's, rounded up to a multiple of `multiple` but not past `limit` (fewer
+    shapes over many batches: zoo/activations.py says why)."""
     longest = max(len(p) for p in prompts)
+    rounded = -(-longest // multiple) * multiple
+    longest = max(longest, rounded if limit is None else min(rounded, limit))
     left_pad = torch.tensor([longest - len(p) for p in prompts], device=device)
     tokens = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
     for row, p in enumerate(prompts):
