@@ -154,3 +154,25 @@ def test_gradients_at_world_size_2_equal_one_process(tmp_path):
     logits = model(tokens, hooks=cache)
     (logits[:, -1, 5] - logits[:, -1, 9]).sum().backward()
     spawn(_check_world_2, 2, directory, {"tokens": tokens, "grads": dict(cache.grads.items())})
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_gradients_flow_through_kernels_without_a_backward(tiny_dir, scheme):
+    """In bf16 the CPU's quantized matmuls are zoo's native kernels and torch's int8/int4 operators, which have
+    no backward of their own: the gradient goes through the dequantized weight, near the bf16 float model's."""
+    quantized = zoo.load(tiny_dir, dtype=torch.bfloat16, quant=scheme, group_size=64)
+    dense = zoo.load(tiny_dir, dtype=torch.bfloat16)
+    modules = dict(dense.named_modules())
+    with torch.no_grad():
+        for name, layer in quantized.named_modules():
+            if isinstance(layer, QuantLinear):
+                modules[name].weight.copy_(layer.dense_weight())
+    got = []
+    for model in (quantized, dense):
+        cache = hooks.collect("blocks.*.resid_pre", grads=True)
+        logits = model(TOKENS[:1, :6], hooks=cache)  # 6 rows: the kernels' small-M paths
+        (logits[:, -1, 5] - logits[:, -1, 9]).sum().backward()
+        got.append(cache.grads)
+    for name in got[1]:
+        want = got[1][name].float()
+        assert (got[0][name].float() - want).abs().max() < 0.1 * want.abs().max(), name

@@ -287,6 +287,23 @@ MUTANTS = [
     Mutant("kernels-native-one-row-path-skips-a-row", "zoo/kernels/native.cpp",
            "for (int64_t r = begin; r < end; ++r) tile(", "for (int64_t r = begin; r + 1 < end; ++r) tile(",
            t("test_native", "test_one_row_of_x_gives_the_rows_of_a_batch_bit_for_bit")),
+    # ---- research instruments (#31): gradients, the quantized backward, sweeps, attribution -----------------
+    Mutant("grads-every-point-a-new-leaf", "zoo/hooks/grads.py",
+           "        if not x.requires_grad:\n            x = x.detach().requires_grad_()",
+           "        x = x.detach().requires_grad_()",
+           t("test_gradients", "test_gradients_equal_finite_differences")),
+    Mutant("quant-backward-not-taken-in-one-process", "zoo/quant/linear.py",
+           "y = ThroughDequantized.apply(x, self) if x.requires_grad and torch.is_grad_enabled() else",
+           "y = ThroughDequantized.apply(x, self) if False else",
+           t("test_gradients", "test_quantized_gradients_flow_through_kernels_without_a_backward")),
+    Mutant("sweep-prefix-keys-from-the-patched-layer", "zoo/analysis/sweep.py",
+           "cache.keys[i][:, :, :start] = kv.keys[i][:, :, :start].repeat(n, 1, 1, 1)",
+           "cache.keys[i][:, :, :start] = kv.keys[layer][:, :, :start].repeat(n, 1, 1, 1)",
+           t("test_sweep", "test_layer_position_sweep_equals_patching_by_hand")),
+    Mutant("attribution-gradient-of-the-clean-run", "zoo/analysis/attribution.py",
+           "metric(model(corrupted, hooks=corrupted_acts)).backward()",
+           "metric(model(clean, hooks=corrupted_acts)).backward()",
+           t("test_attribution", "test_attribution_is_the_first_order_term_by_hand")),
 ]
 
 
