@@ -8,8 +8,9 @@ import zoo
 from zoo import hooks
 from zoo.analysis import attribute, patch_sweep
 
-# A prompt pair on what the bundled model read (Python's help topics): "integer" -> "string" moves its
-# next-token guess from "." to "of".
+# A prompt pair on what the bundled model read (Python's help topics): "integer" -> "string" (the last token)
+# moves its next-token guess from "." to "of". The residual stream differs only at the last position, so
+# resid_pre's real effects live there; heads and MLPs differ at every layer.
 CLEAN = "Raise an exception if the argument is not an integer"
 CORRUPTED = "Raise an exception if the argument is not an string"
 
@@ -65,8 +66,9 @@ def test_attribution_tracks_activation_patching_on_the_bundled_model(tiny_dir):
     real["z"], est["z"] = patch_sweep(model, clean, corrupted, metric, by="head") - base, est["z"].sum(1)
     for point, floor in [("resid_pre", 0.95), ("attn_out", 0.95), ("mlp_out", 0.95), ("z", 0.95)]:
         r = torch.corrcoef(torch.stack([real[point].flatten(), est[point].flatten()]))[0, 1]
-        top = [set(t.flatten().abs().topk(5).indices.tolist()) for t in (real[point], est[point])]
-        assert r >= floor and len(top[0] & top[1]) >= 4, (point, r, top)
+        k = min(5, int((real[point].abs() > 1e-4).sum()))  # units the patch moves at all (ties at 0 say nothing)
+        top = [set(t.flatten().abs().topk(k).indices.tolist()) for t in (real[point], est[point])]
+        assert r >= floor and len(top[0] & top[1]) >= k - 1, (point, r, k, top)
         assert real[point].flatten().abs().argmax() == est[point].flatten().abs().argmax(), point
 
 
