@@ -9,7 +9,7 @@ setup(
     install_requires=["torch>=2.4,<2.15", "sentencepiece", "tiktoken", "safetensors", "numpy", "pyyaml",
                       "triton>=3.2; platform_system == 'Linux'",  # the CUDA kernels (tested on CPU by its interpreter, 3.9)
                       "ninja"],  # builds zoo/kernels/native.cpp on first use (with the system's g++)
-    package_data={"zoo.kernels": ["native.cpp"]},
+    package_data={"zoo.kernels": ["native.cpp"], "zoo.analysis": ["show.html"]},
     # transformers: numerical reference only (models built from configs, never downloaded);
     # fairscale: reference for the tensor-parallel layers; tokenizers: reference BPE encoders
     extras_require={"test": ["pytest", "transformers>=4.45", "fairscale==0.4.13", "tokenizers", "psutil", "hypothesis"],

@@ -197,9 +197,9 @@ def test_post_ln_opt_is_refused_and_bad_arguments_are_named(dirs):
         logit_attribution(model, TOKENS, 320)
     with pytest.raises(ValueError, match=r"wrong \[1, 2, 3\]: a token id, or a list of 2"):
         logit_attribution(model, TOKENS, 1, [1, 2, 3])
-    with pytest.raises(ValueError, match=r"position 12: an index into the 12 tokens"):
+    with pytest.raises(ValueError, match=r"position=12 is not accepted: an int in -12..11"):
         logit_attribution(model, TOKENS, 1, position=12)
-    with pytest.raises(ValueError, match=r"k 0: a whole number from 1 to 320"):
+    with pytest.raises(ValueError, match=r"k=0 is not accepted: an int in 1..320"):
         logit_lens(model, TOKENS, k=0)
 
 

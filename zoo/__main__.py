@@ -1,7 +1,8 @@
 """Command line: `python -m zoo inspect <ckpt> [--prompt TEXT]`, `python -m zoo quantize <ckpt> <outdir> --quant int4`,
 `python -m zoo perplexity <ckpt> <file> [--quant none int8 int4] [--compare <ckpt2>]`,
 `python -m zoo collect <ckpt> --points "blocks.*.resid_post" --prompts prompts.jsonl --out <dir>`,
-`python -m zoo save <ckpt> <outdir> [--format hf|zoo]`, `python -m zoo convert <ckpt> <outdir>`.
+`python -m zoo save <ckpt> <outdir> [--format hf|zoo]`, `python -m zoo convert <ckpt> <outdir>`,
+`python -m zoo show <ckpt> --prompt TEXT --out report.html`.
 
 quantize loads a checkpoint quantized layer by layer and writes it as a zoo-quantized checkpoint
 (zoo/quant), which zoo.load and run.py then take like any other. Before reading anything it refuses
@@ -31,6 +32,9 @@ Hugging Face checkpoint (zoo.save): config.json, safetensors shards with an inde
 output is checked first, as for quantize. The weights keep the dtype the checkpoint stores its embedding in
 (--dtype to change it); under torchrun each rank loads its shards and rank 0 writes.
 
+show writes one self-contained HTML page of a prompt (zoo/analysis/show.py): its tokens, every head's attention
+pattern, the logit lens and direct logit attribution, each figure exportable as PNG.
+
 User errors (a bad argument, a missing file) are one line on stderr and exit status 2.
 """
 import dataclasses
@@ -45,6 +49,7 @@ import zoo.activations
 import zoo.perplexity
 import zoo.quant
 from zoo import formats, parallel
+from zoo.analysis.show import add_arguments as show_arguments, command as show_command
 from zoo.checks import DTYPES, Parser, integer, require
 from zoo.formats.files import safetensors_metadata, safetensors_tensors
 from zoo.loader import build_empty
@@ -362,11 +367,12 @@ def main(argv=None) -> int:
                                                       "available)")
         s.add_argument("--force", action="store_true", help="replace a checkpoint zoo wrote in the output directory "
                                                             "(never other files)")
+    show_arguments(sub.add_parser("show", help="one HTML page of a prompt: tokens, attention, logit lens, attribution"))
     args = p.parse_args(argv)
     if args.command == "convert":
         args.format = "hf"
     command = {"inspect": inspect, "quantize": quantize, "perplexity": perplexity, "collect": collect, "save": save,
-               "convert": save}[args.command]
+               "convert": save, "show": show_command}[args.command]
     try:
         parallel.setup()
         return command(args)

@@ -2,7 +2,8 @@
 attribution (lens.py); pictures of them in one self-contained HTML page (show.py)."""
 from zoo.analysis.attribution import attribute
 from zoo.analysis.lens import Attribution, Decomposition, Lens, decompose, logit_attribution, logit_lens
+from zoo.analysis.show import save_html, show
 from zoo.analysis.sweep import patch_sweep
 
-__all__ = ["logit_lens", "decompose", "logit_attribution", "Lens", "Decomposition", "Attribution",
+__all__ = ["logit_lens", "decompose", "logit_attribution", "Lens", "Decomposition", "Attribution", "show", "save_html",
            "attribute", "patch_sweep"]

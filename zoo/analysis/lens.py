@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from zoo import hooks
+from zoo.checks import integer
 from zoo.norm import RMSNorm
 from zoo.weights import weights
 
@@ -92,7 +93,7 @@ def logit_lens(model: nn.Module, tokens: torch.Tensor, k: int = 5, left_pad: tor
     """Each block's resid_pre and the final residual through the model's own final norm and unembedding (in the
     model's dtype, so the last row is the model's own prediction): the top-k tokens and their probabilities."""
     n = len(model.blocks)
-    _check_count("k", k, model.config.vocab_size)
+    integer("k", k, 1, model.config.vocab_size)
     names = [f"blocks.{i}.resid_pre" for i in range(n)] + [f"blocks.{n - 1}.resid_post"]
     cache = hooks.collect(*names)
     top_tokens, top_probs = [], []
@@ -175,8 +176,7 @@ def logit_attribution(model: nn.Module, tokens: torch.Tensor, answer, wrong=None
     row (an index into tokens' sequence dim; -1, the last, by default), the final norm's scale frozen (the module
     docstring). answer and wrong: a token id for every row, or one per row."""
     batch, seq = tokens.shape if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 else (1, 1)
-    if isinstance(position, bool) or not isinstance(position, int) or not -seq <= position < seq:
-        raise ValueError(f"position {position!r}: an index into the {seq} tokens of each row (negative from the end)")
+    integer("position", position, -seq, seq - 1)  # an index into each row's tokens, negative from the end
     answer = _token_ids("answer", answer, batch, model.config.vocab_size)
     wrong = None if wrong is None else _token_ids("wrong", wrong, batch, model.config.vocab_size)
     parts, cache = _decompose(model, tokens, heads, left_pad, also=("ln_final",))
@@ -228,7 +228,3 @@ def _token_ids(what: str, ids, batch: int, vocab: int) -> torch.Tensor:
         raise ValueError(f"{what} {ids!r}: token ids are 0..{vocab - 1}")
     return t.to(torch.long).expand(batch).clone()
 
-
-def _check_count(what: str, value, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-        raise ValueError(f"{what} {value!r}: a whole number from 1 to {high}")
