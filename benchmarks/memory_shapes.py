@@ -9,8 +9,9 @@ The bundled tiny model in bf16 on the CPU, each case in a fresh subprocess, unde
   zoo     zoo's own: zoo.kernels sets oneDNN's primitive cache and ideep's cache to ONEDNN_CACHE_CAPACITY
           kernels, and linear() gives glibc's freed memory back every TRIM_EVERY CPU GEMMs;
   caches  zoo's cache capacity only (ZOO_TRIM_EVERY=10**12: no trims);
+  unpadded  zoo's, but collect's batches not padded to a multiple of zoo.activations.PAD_MULTIPLE tokens;
   torch   what torch does without zoo: ONEDNN_PRIMITIVE_CACHE_CAPACITY=1024 LRU_CACHE_CAPACITY=1024 (oneDNN's
-          and ideep's defaults; zoo keeps a value set before it is imported), no trims.
+          and ideep's defaults; zoo keeps a value set before it is imported), no trims, batches unpadded.
 Cases:
   forwards  N plain forwards (no hooks, no cache), each of a random batch (1..--max-batch) and length
             (1..--max-len) of random tokens;
@@ -49,8 +50,9 @@ from load_memory import status_mb  # noqa: E402  (/proc/self/status fields in MB
 
 CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 NO_TRIMS = {"ZOO_TRIM_EVERY": str(10**12)}
-SETTINGS = {"zoo": {}, "caches": NO_TRIMS,  # the environment of each setting's subprocess
-            "torch": {**{name: "1024" for name in CACHES}, **NO_TRIMS}}
+UNPADDED = {"BENCH_PAD_MULTIPLE": "1"}  # read by run_collect below: zoo.activations.PAD_MULTIPLE
+SETTINGS = {"zoo": {}, "caches": NO_TRIMS, "unpadded": UNPADDED,  # the environment of each setting's subprocess
+            "torch": {**{name: "1024" for name in CACHES}, **NO_TRIMS, **UNPADDED}}
 COLLECT = ["--points", "blocks.*.resid_post", "--positions", "last", "--batch", "8", "--shard-size", "1M",
            "--dtype", "bfloat16"]
 
@@ -65,8 +67,8 @@ def parse_args():
     p.add_argument("--max-batch", type=int, help="forwards' largest batch (default 8; --quick 4)")
     p.add_argument("--max-len", type=int, help="forwards' longest sequence (default 256; --quick 64)")
     p.add_argument("--max-words", type=int, help="collect's longest prompt in words (default 150; --quick 30)")
-    p.add_argument("--settings", default="zoo,caches,torch", help="comma-separated, of: zoo, caches, torch (default: "
-                   "%(default)s)")
+    p.add_argument("--settings", default="zoo,caches,unpadded,torch",
+                   help="comma-separated, of: zoo, caches, unpadded, torch (default: %(default)s)")
     p.add_argument("--cases", default="forwards,collect", help="comma-separated (default: %(default)s)")
     p.add_argument("--speed-rounds", type=int, help="rounds of the speed check (default 3; --quick 0)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: %(default)s)")
@@ -92,7 +94,9 @@ def load_model(threads: int):
 
 def in_effect() -> dict:
     import zoo.kernels
-    return {**{name: os.environ.get(name) for name in CACHES}, "trim_every": zoo.kernels.TRIM_EVERY}
+    import zoo.activations
+    return {**{name: os.environ.get(name) for name in CACHES}, "trim_every": zoo.kernels.TRIM_EVERY,
+            "pad_multiple": zoo.activations.PAD_MULTIPLE}
 
 
 def run_forwards(job: dict) -> dict:
@@ -137,6 +141,7 @@ def run_collect(job: dict) -> dict:
         return write(*args, progress=note, **kwargs)
 
     zoo.activations.write = write_noting_peak
+    zoo.activations.PAD_MULTIPLE = int(os.environ.get("BENCH_PAD_MULTIPLE", zoo.activations.PAD_MULTIPLE))
     with tempfile.TemporaryDirectory(prefix="zoo-memory-shapes-") as tmp:
         prompts = Path(tmp) / "prompts.jsonl"
         prompts_file(prompts, job["n"], job["max_words"], job["seed"])
@@ -200,7 +205,7 @@ def main():
         print(json.dumps({**result, "in_effect": in_effect()}))
         return
     settings, cases = args.settings.split(","), args.cases.split(",")
-    for name in (*CACHES, "ZOO_TRIM_EVERY"):
+    for name in (*CACHES, "ZOO_TRIM_EVERY", "BENCH_PAD_MULTIPLE"):
         os.environ.pop(name, None)  # the zoo setting's subprocess gets zoo's values, not the caller's
     common = {"threads": args.threads, "seed": args.seed, "first": args.first}
     jobs = {"forwards": {"case": "forwards", "n": args.forwards, "max_batch": args.max_batch, "max_len": args.max_len},

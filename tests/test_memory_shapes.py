@@ -31,7 +31,7 @@ def test_zoo_bounds_onednn_caches(quick):
     for row in quick.values():
         assert row["in_effect"] == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(zoo.kernels.ONEDNN_CACHE_CAPACITY),
                                     "LRU_CACHE_CAPACITY": str(zoo.kernels.ONEDNN_CACHE_CAPACITY),
-                                    "trim_every": zoo.kernels.TRIM_EVERY}
+                                    "trim_every": zoo.kernels.TRIM_EVERY, "pad_multiple": 16}
 
 
 @pytest.mark.parametrize("case", ["forwards", "collect"])

@@ -57,6 +57,7 @@ def scratch(root: Path) -> Path:
     import pydoc_data.topics
     (root / "checkpoints").symlink_to(REPO / "checkpoints")
     (root / "run.py").symlink_to(REPO / "run.py")
+    (root / "tests").symlink_to(REPO / "tests")  # the README's text sets, tests/data/skills
     topics = pydoc_data.topics.topics
     (root / "text.txt").write_text("\n\n".join(topics[k] for k in ("for", "if", "while", "try", "with")))
     (root / "prompts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in

@@ -48,7 +48,7 @@ import zoo
 import zoo.activations
 import zoo.perplexity
 import zoo.quant
-from zoo import formats, parallel
+from zoo import formats, parallel, prune, stats
 from zoo.analysis.show import add_arguments as show_arguments, command as show_command
 from zoo.checks import DTYPES, Parser, integer, require
 from zoo.formats.files import safetensors_metadata, safetensors_tensors
@@ -368,11 +368,13 @@ def main(argv=None) -> int:
         s.add_argument("--force", action="store_true", help="replace a checkpoint zoo wrote in the output directory "
                                                             "(never other files)")
     show_arguments(sub.add_parser("show", help="one HTML page of a prompt: tokens, attention, logit lens, attribution"))
+    stats.add_arguments(sub.add_parser("stats", help="per-neuron and per-head-dimension activation statistics of texts"))
+    prune.add_arguments(sub.add_parser("prune", help="prune the units a cripple text set uses more than a focus set"))
     args = p.parse_args(argv)
     if args.command == "convert":
         args.format = "hf"
     command = {"inspect": inspect, "quantize": quantize, "perplexity": perplexity, "collect": collect, "save": save,
-               "convert": save, "show": show_command}[args.command]
+               "convert": save, "show": show_command, "stats": stats.command, "prune": prune.command}[args.command]
     try:
         parallel.setup()
         return command(args)
