@@ -39,7 +39,6 @@ User errors (a bad argument, a missing file) are one line on stderr and exit sta
 """
 import dataclasses
 import sys
-import time
 
 import torch
 from torch import nn
@@ -50,7 +49,8 @@ import zoo.perplexity
 import zoo.quant
 from zoo import formats, parallel, prune, stats
 from zoo.analysis.show import add_arguments as show_arguments, command as show_command
-from zoo.checks import DTYPES, Parser, integer, require
+from zoo.checks import DTYPES, Parser, integer, read_text, require
+from zoo.console import Progress, say
 from zoo.formats.files import safetensors_metadata, safetensors_tensors
 from zoo.loader import build_empty
 from zoo.save import FORMATS, QUANTIZED, shard_size
@@ -190,46 +190,11 @@ def save(args) -> int:
     return 0
 
 
-def say(*args, **kwargs) -> None:
-    if parallel.rank() == 0:
-        print(*args, **kwargs)
-
-
-class Progress:
-    """One line on stderr, redrawn in place (\\r) at most 10 times a second, rank 0 only: done/total and a rate."""
-
-    def __init__(self, label: str, unit: str):
-        self.label, self.unit, self.start, self.drawn, self.length = label, unit, time.perf_counter(), 0.0, 0
-
-    def __call__(self, done: int, total: int, note: str = "") -> None:
-        now = time.perf_counter()
-        if now - self.drawn < 0.1 and done < total:
-            return
-        self.drawn, width = now, 24
-        bar = "#" * (width * done // max(total, 1))
-        rate = done / (now - self.start) if now > self.start else 0.0
-        line = f"{self.label} [{bar:<{width}}] {done:,}/{total:,} {self.unit} {rate:,.0f} {self.unit}/s{note}"
-        say(f"\r{line:<{self.length}}", end="\n" if done >= total else "", file=sys.stderr, flush=True)
-        self.length = len(line)  # a shorter line next time is padded over this one
-
-
-def read_text(path: str) -> str:
-    """A text file's contents, UTF-8; an error naming the file when it cannot be read or holds no text."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not text.strip():
-        raise ValueError(f"{path}: {'empty' if not text else 'only whitespace'}: there is no text to score")
-    return text
-
-
 def perplexity(args) -> int:
     for flag, value, low in (("--ctx", args.ctx, 2), ("--stride", args.stride, 1), ("--max-tokens", args.max_tokens, 2)):
         if value is not None:
             integer(flag, value, low=low)
-    text = read_text(args.file)
+    text = read_text(args.file, "score")
     checkpoints = [args.ckpt] + (args.compare or [])
     opened = {ckpt: formats.open(zoo.find_checkpoint(ckpt)) for ckpt in checkpoints}  # no weights read
     ids = tokens_of(opened, text, args.file)[: args.max_tokens]  # checked for every checkpoint before loading any

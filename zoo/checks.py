@@ -13,6 +13,19 @@ class CheckpointError(ValueError):
     zoo.tokenizer for a tokenizer's files: defined here, where both can import it)."""
 
 
+def read_text(path: str | os.PathLike, purpose: str = "read") -> str:
+    """A text file's contents, UTF-8; an error naming the file when it cannot be read or holds no text (to
+    `purpose`: "there is no text to score")."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise ValueError(f"{path}: {'empty' if not text else 'only whitespace'}: there is no text to {purpose}")
+    return text
+
+
 def shown(value) -> str:
     """A value as an error message shows it: tensors by dtype and shape, long things cut short."""
     if isinstance(value, torch.Tensor):

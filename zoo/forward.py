@@ -45,9 +45,8 @@ class Decoder(nn.Module):
         return step.finish(h, self.final_norm, self.output)
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
-        """The residual stream through the final norm (and OPT's project_out): what the ln_final point sees."""
-        project_out = getattr(self, "project_out", None)
-        return self.norm(h) if project_out is None else project_out(self.norm(h))
+        """The residual stream through the final norm: what the ln_final point sees (OPT adds its project_out)."""
+        return self.norm(h)
 
 
 def _unhooked(layer: int | None, point: str, x: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from torch import nn
 from zoo import parallel
 from zoo import stats as zstats
 from zoo.checks import integer, require
+from zoo.console import say
 from zoo.loader import build
 from zoo.models import family_of
 from zoo.weights import weights
@@ -286,12 +287,12 @@ def command(args) -> int:
     records = prune(model, *sets, ff_frac=args.ff_frac, attn_frac=args.attn_frac, scoring=args.scoring,
                     steps=args.steps, offset=None if args.offset == "none" else args.offset,
                     recollect=not args.no_recollect, heads_by=args.heads_by, batch=args.batch, seed=args.seed,
-                    report=zstats.say)
+                    report=say)
     settings = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
     settings["checkpoint"] = str(source.resolve())
     if parallel.rank() == 0:
         Path(args.json).write_text(json.dumps({"settings": settings, "steps": records}, indent=1) + "\n")
     if args.out is not None:
         zoo.save(model, args.out, force=args.force, source=source)
-    zstats.say(f"wrote {args.json}" + (f" and the pruned model to {args.out}" if args.out else ""))
+    say(f"wrote {args.json}" + (f" and the pruned model to {args.out}" if args.out else ""))
     return 0

@@ -25,14 +25,14 @@ taken in order until `tokens` tokens are in, and run in left-padded batches.
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from zoo import parallel
-from zoo.checks import integer, require
+from zoo.checks import integer, read_text, require
+from zoo.console import Progress, say
 from zoo.generate import left_padded
 
 FORMAT, VERSION = "zoo-stats", 1
@@ -46,13 +46,7 @@ def read_texts(path: str | os.PathLike) -> list[str]:
     if str(path).endswith(".jsonl"):
         from zoo.activations import read_prompts
         return [p.text for p in read_prompts(path)]
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not text.strip():
-        raise ValueError(f"{path}: {'empty' if not text else 'only whitespace'}: there is no text to read")
-    return [text]
+    return [read_text(path)]
 
 
 def text_windows(model, path: str | os.PathLike, tokens: int | None = None, ctx: int | None = None) -> list[list[int]]:
@@ -198,18 +192,6 @@ def load(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 # ---- python -m zoo stats -------------------------------------------------------------------------
 
-def say(*args, **kwargs) -> None:
-    if parallel.rank() == 0:
-        print(*args, **kwargs)
-
-
-def progress_line(label: str) -> Callable[[int, int], None]:
-    """progress(done, total): `label: done/total tokens` on stderr, redrawn in place, rank 0 only."""
-    def progress(done: int, total: int) -> None:
-        say(f"\r{label}: {done:,}/{total:,} tokens", end="\n" if done >= total else "", file=sys.stderr, flush=True)
-    return progress
-
-
 def add_arguments(p) -> None:
     p.add_argument("ckpt")
     p.add_argument("--texts", required=True, help="a text file (one text) or .jsonl ({\"text\": ...} per line)")
@@ -234,7 +216,7 @@ def command(args) -> int:
     model = zoo.load(args.ckpt, dtype=args.dtype, device=args.device)
     ctx = min(args.ctx, model.config.max_seq_len)
     windows = text_windows(model, args.texts, args.tokens, ctx)
-    stats = collect_stats(model, windows, args.points, args.batch, progress_line("stats"))
+    stats = collect_stats(model, windows, args.points, args.batch, Progress("stats", "tokens"))
     tokens = sum(map(len, windows))
     if parallel.rank() == 0:
         save(stats, out, {"checkpoint": str(zoo.find_checkpoint(args.ckpt).resolve()), "texts": str(args.texts),

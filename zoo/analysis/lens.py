@@ -82,13 +82,6 @@ class Attribution:
         return self.shares[self.names.index(name)]
 
 
-def final(model: nn.Module):
-    """The residual stream (..., d_model) -> the unembedding's input (..., E): the final norm, and OPT's
-    project_out where it has one (the ln_final hook point's value)."""
-    project_out = getattr(model, "project_out", None)
-    return model.norm if project_out is None else lambda h: project_out(model.norm(h))
-
-
 def logit_lens(model: nn.Module, tokens: torch.Tensor, k: int = 5, left_pad: torch.Tensor | None = None) -> Lens:
     """Each block's resid_pre and the final residual through the model's own final norm and unembedding (in the
     model's dtype, so the last row is the model's own prediction): the top-k tokens and their probabilities."""
@@ -100,7 +93,7 @@ def logit_lens(model: nn.Module, tokens: torch.Tensor, k: int = 5, left_pad: tor
     with torch.no_grad():
         model(tokens, hooks=cache, left_pad=left_pad)
         for name in names:  # one row at a time: (batch, seq, vocab) logits, never all rows'
-            probs, ids = model.output(final(model)(cache[name])).float().softmax(-1).topk(k, dim=-1)
+            probs, ids = model.output(model.final_norm(cache[name])).float().softmax(-1).topk(k, dim=-1)
             top_tokens.append(ids)
             top_probs.append(probs)
     return Lens(names, torch.stack(top_tokens), torch.stack(top_probs))

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from zoo import hooks, parallel
+from zoo import hooks
+from zoo.checks import shown
+from zoo.console import say
 from zoo.hooks.points import HEAD_POINTS, LAYER_POINTS, NEURON_POINTS
 
 BYS = ("layer,position", "layer", "head", "head,position", "neuron", "block")
@@ -58,14 +60,10 @@ def patch_sweep(model, clean: torch.Tensor, corrupted: torch.Tensor, metric, poi
 def check_pair(model, clean, corrupted) -> None:
     for name, t in (("clean", clean), ("corrupted", corrupted)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.is_floating_point():
-            raise TypeError(f"{name} must be a (batch, seq) tensor of token ids, not {_described(t)}")
+            raise TypeError(f"{name} must be a (batch, seq) tensor of token ids, not {shown(t)}")
     if clean.shape != corrupted.shape:
         raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} must have the same shape: "
                          f"patching takes each position's activation from the same position of the other run")
-
-
-def _described(t) -> str:
-    return f"a {t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
 
 
 def plan(model, point: str | None, by: str, seq: int) -> tuple[list[Run], tuple]:
@@ -132,9 +130,9 @@ def sweep(model, clean, corrupted, metric, runs: list[Run], shape: tuple, batch:
             mine = logits[j * rows:(j + 1) * rows]
             out[r.where] = float(metric(torch.cat([base[:, :start], mine], dim=1) if start else mine))
         done += n
-        if progress and parallel.rank() == 0:
-            print(f"\rpatch_sweep: {done}/{total} patched runs", end="\n" if done == total else "", file=sys.stderr,
-                  flush=True)
+        if progress:
+            say(f"\rpatch_sweep: {done}/{total} patched runs", end="\n" if done == total else "", file=sys.stderr,
+                flush=True)
     return out
 
 

@@ -107,7 +107,10 @@ class OPT(Decoder):
         h = step.hook(None, "embed", h + self.pos_embed(step.positions + POSITION_OFFSET))
         for block in self.blocks:
             h = block(h, step)
-        return step.finish(h, lambda h: self.project_out(self.norm(h)), self.output)  # (batch, seq, vocab)
+        return step.finish(h, self.final_norm, self.output)  # (batch, seq, vocab)
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.project_out(self.norm(h))  # what the ln_final point sees (zoo/forward.py)
 
 
 # ---- checkpoint names -------------------------------------------------------------------------

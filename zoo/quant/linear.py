@@ -90,8 +90,7 @@ class QuantLinear(nn.Module):
         return self.scheme.linear(x, self.prepared)
 
     def _matmul_bias(self, x: torch.Tensor) -> torch.Tensor:
-        y = ThroughDequantized.apply(x, self) if x.requires_grad and torch.is_grad_enabled() else \
-            self.scheme.linear(x, self.prepared)
+        y = self._matmul(x)
         return y if self.bias is None else y + self.bias
 
     def dense_weight(self) -> torch.Tensor:
