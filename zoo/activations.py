@@ -168,7 +168,8 @@ def write(model, prompts: str | os.PathLike, out: str | os.PathLike, points: lis
         tokens, left_pad = left_padded([ids[i] for i in group], device, PAD_MULTIPLE, model.config.max_seq_len)
         record = hooks.collect(*names, gather=True)  # full width under tensor parallelism
         with torch.inference_mode():
-            model(tokens, left_pad=left_pad if left_pad.any() else None, hooks=record)
+            # last_only: the logits of every position are not needed (unless hooked: then they are computed)
+            model(tokens, left_pad=left_pad if left_pad.any() else None, hooks=record, last_only=True)
         if writer is not None:
             for row, i in enumerate(group):
                 kept = keep(len(ids[i]))

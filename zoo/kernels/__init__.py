@@ -42,8 +42,9 @@ two caches (oneDNN's primitive cache and ideep's, 1,024 kernels each by default)
 length) of a forward adds one per layer shape. zoo sets both to ONEDNN_CACHE_CAPACITY at import, enough
 for the shapes of one forward, or of one prefill and its decode steps; a shape beyond them is compiled
 again when it comes back. linear() also calls malloc_trim every TRIM_EVERY CPU GEMMs. Neither keeps a
-long `collect` flat: there glibc's heap fragments once its mmap threshold has risen to the largest
-block freed (the README's Activation datasets has the measurements).
+`collect` flat by themselves: a forward's large blocks of new sizes (once the logits of every position)
+fragment glibc's heap once its mmap threshold has risen to the largest block freed, which collect avoids
+with last_only and padded lengths (the README's Activation datasets has the measurements).
 """
 import itertools
 import os
