@@ -69,7 +69,10 @@ def test_attribution_tracks_activation_patching_on_the_bundled_model(tiny_dir):
         k = min(5, int((real[point].abs() > 1e-4).sum()))  # units the patch moves at all (ties at 0 say nothing)
         top = [set(t.flatten().abs().topk(k).indices.tolist()) for t in (real[point], est[point])]
         assert r >= floor and len(top[0] & top[1]) >= k - 1, (point, r, k, top)
-        assert real[point].flatten().abs().argmax() == est[point].flatten().abs().argmax(), point
+        # the estimate's largest unit is one of the real patch's largest: patching the whole residual at the one
+        # changed position has the same effect in every layer up to where it is read, ties to fp32 rounding
+        largest = real[point].flatten().abs()
+        assert largest[est[point].flatten().abs().argmax()] >= largest.max() * (1 - 1e-5), point
 
 
 def test_attribution_errors(tiny_dir):

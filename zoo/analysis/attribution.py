@@ -33,7 +33,7 @@ def attribute(model, clean: torch.Tensor, corrupted: torch.Tensor, metric, point
     names = [f"blocks.*.{p}" for p in points]
     with torch.no_grad():
         clean_acts = hooks.collect(*names, gather=True)
-        model(clean, hooks=clean_acts)
+        model(clean, hooks=clean_acts, last_only=True)  # block points only: the clean logits are not needed
     corrupted_acts = hooks.collect(*names, gather=True, grads=True)
     with torch.enable_grad():
         metric(model(corrupted, hooks=corrupted_acts)).backward()
