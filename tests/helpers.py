@@ -196,32 +196,38 @@ def check_outcome(out: Path, name: str, world: int) -> None:
             pytest.fail(f"check {name!r} failed on rank {rank}:\n{path.read_text()}", pytrace=False)
 
 
-# OPT and GPT-NeoX variants, as Hugging Face config keyword arguments.
+# OPT, GPT-NeoX and GPT-2 variants, as Hugging Face config keyword arguments.
 FAMILY_VARIANTS = {
     "opt-pre-ln": ("opt", dict()),
     "opt-post-ln-proj": ("opt", dict(do_layer_norm_before=False, word_embed_proj_dim=32)),
     "neox-rotary-0.25-parallel": ("gpt_neox", dict(rotary_pct=0.25)),
     "neox-rotary-1.0-sequential": ("gpt_neox", dict(rotary_pct=1.0, use_parallel_residual=False)),
+    "gpt2": ("gpt2", dict()),
 }
 
 
 FAMILY_SMALL = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+GPT2_SMALL = dict(vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=128, n_inner=160, bos_token_id=0,
+                  eos_token_id=0)  # GPT2Config's own names; its default ids (50256) lie past this vocabulary
 
 
 def hf_family(variant: str, seed: int = 0, **more):
-    """A Hugging Face OPTForCausalLM / GPTNeoXForCausalLM with random weights (as `hf_llama`)."""
+    """A Hugging Face OPTForCausalLM / GPTNeoXForCausalLM / GPT2LMHeadModel with random weights (as `hf_llama`)."""
     family, overrides = FAMILY_VARIANTS[variant]
     overrides = {**overrides, **more}
     torch.manual_seed(seed)
     if family == "opt":
         cfg = transformers.OPTConfig(**{**FAMILY_SMALL, "ffn_dim": 160, **overrides})
         model = transformers.OPTForCausalLM(cfg)
+    elif family == "gpt2":
+        cfg = transformers.GPT2Config(**{**GPT2_SMALL, **overrides})
+        model = transformers.GPT2LMHeadModel(cfg)
     else:
         cfg = transformers.GPTNeoXConfig(**{**FAMILY_SMALL, "intermediate_size": 160, **overrides})
         model = transformers.GPTNeoXForCausalLM(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.15)
+            p.normal_(1.0, 0.1) if "norm" in name or ".ln_" in name else p.normal_(0.0, 0.15)
     return model.eval()
 
 

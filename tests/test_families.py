@@ -1,8 +1,10 @@
-"""OPT and GPT-NeoX against Hugging Face's OPTForCausalLM and GPTNeoXForCausalLM on the same weights."""
+"""OPT, GPT-NeoX and GPT-2 against Hugging Face's OPTForCausalLM, GPTNeoXForCausalLM and GPT2LMHeadModel on the
+same weights."""
 import json
 
 import pytest
 import torch
+import transformers
 from helpers import FAMILY_VARIANTS, hf_family, run_py, save_hf, spawn, torchrun
 
 import zoo
@@ -51,14 +53,16 @@ def test_left_padded_batch_matches_hf(pair):
     tokens = torch.randint(3, 320, (3, 20), generator=torch.Generator().manual_seed(2))
     left_pad = torch.tensor([0, 6, 13])
     mask = (torch.arange(20)[None] >= left_pad[:, None]).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens from 0 (GPT-2 would count the padding)
     with torch.no_grad():
-        want, got = hf(tokens, attention_mask=mask).logits, model(tokens, left_pad=left_pad)
+        want = hf(tokens, attention_mask=mask, position_ids=positions).logits
+        got = model(tokens, left_pad=left_pad)
     assert (got - want)[mask.bool()].abs().max() < FP32_TOL
 
 
 def test_left_padded_generation_equals_each_row_alone(pair):
     """Prompts of 3, 14 and 8 tokens in one left-padded batch: each row's tokens are those it gets alone
-    (OPT's learned positions and NeoX's rotary ones must both skip the padding)."""
+    (OPT's and GPT-2's learned positions and NeoX's rotary ones must all skip the padding)."""
     _, _, model, _ = pair
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (3, 14, 8)]
@@ -88,6 +92,36 @@ def test_opt_without_model_prefix_and_with_bin(tmp_path):
         assert (zoo.load(tmp_path, dtype=torch.float32)(tokens) - hf(tokens).logits).abs().max() < FP32_TOL
 
 
+@pytest.mark.parametrize("options", [dict(scale_attn_weights=False), dict(scale_attn_by_inverse_layer_idx=True),
+                                     dict(scale_attn_weights=False, scale_attn_by_inverse_layer_idx=True,
+                                          activation_function="gelu", tie_word_embeddings=False, n_inner=None)])
+def test_gpt2_options_match_hf(options, tmp_path):
+    """GPT-2's other attention scales (unscaled, and / (layer + 1)), exact GELU, an untied lm_head, n_inner
+    null: the logits of a prefill and of KV-cached steps as HF's, and zoo.save writes HF's checkpoint back."""
+    hf = hf_family("gpt2", **options)
+    model = zoo.load(save_hf(hf, tmp_path / "hf"), dtype=torch.float32)
+    tokens = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = hf(tokens).logits
+        cache = model.new_cache(2, 16)
+        stepped = torch.cat([model(tokens[:, :9], cache=cache)] + [model(tokens[:, i:i + 1], cache=cache)
+                                                                   for i in range(9, 16)], dim=1)
+        again = transformers.GPT2LMHeadModel.from_pretrained(zoo.save(model, tmp_path / "saved")).eval()(tokens).logits
+    assert (model(tokens) - want).abs().max() < FP32_TOL
+    assert (stepped - want).abs().max() < FP32_TOL
+    assert (again - want).abs().max() < FP32_TOL
+
+
+@pytest.mark.parametrize("options, refused", [(dict(add_cross_attention=True), "add_cross_attention"),
+                                              (dict(activation_function="relu"), "activation_function 'relu'")])
+def test_gpt2_options_zoo_cannot_run_are_refused(options, refused, tmp_path):
+    directory = save_hf(hf_family("gpt2"), tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **options}))
+    with pytest.raises(zoo.CheckpointError, match=refused):
+        zoo.load(directory)
+
+
 def _check_tp(rank, directories, tokens, want):
     for name, directory in directories.items():
         model = zoo.load(directory, dtype=torch.float32)
@@ -102,8 +136,11 @@ def _check_tp(rank, directories, tokens, want):
 
 
 def test_tensor_parallel_world_2_equals_single_process(tmp_path):
-    """NeoX's fused qkv must be split per head (not by rows) for the ranks' slices to be right."""
+    """NeoX's fused qkv must be split per head (not by rows) for the ranks' slices to be right, GPT-2's
+    transposed weights and q|k|v columns cut from the whole tensor (FAMILY.whole_tensors), also where the world
+    size does not divide the vocabulary and MLP width (GPT-2's own 50257)."""
     directories = {v: save_hf(hf_family(v), tmp_path / v) for v in FAMILY_VARIANTS}
+    directories["gpt2-321-170"] = save_hf(hf_family("gpt2", vocab_size=321, n_inner=170), tmp_path / "gpt2-321-170")
     tokens = torch.randint(0, 320, (2, 14), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         want = {v: zoo.load(d, dtype=torch.float32)(tokens) for v, d in directories.items()}
@@ -116,18 +153,19 @@ def test_unknown_model_type_lists_every_family(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["model_type"] = "bloom"
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(zoo.CheckpointError, match="unknown model_type 'bloom'; supported: llama, opt, gpt_neox"):
+    with pytest.raises(zoo.CheckpointError, match="unknown model_type 'bloom'; supported: llama, opt, gpt_neox, gpt2"):
         zoo.load(tmp_path)
 
 
 def _with_tokenizer(variant, directory):
-    """Give a test checkpoint a byte-level BPE trained here: vocab.json + merges.txt for OPT, tokenizer.json for NeoX."""
+    """Give a test checkpoint a byte-level BPE trained here: vocab.json + merges.txt for OPT and GPT-2,
+    tokenizer.json for NeoX."""
     import tokenizers
     from pydoc_data.topics import topics
     tok = tokenizers.ByteLevelBPETokenizer()
     tok.train_from_iterator([topics[k] for k in sorted(topics)][:40], vocab_size=300,
                             special_tokens=["<|endoftext|>"], show_progress=False)
-    if variant.startswith("opt"):
+    if variant.startswith(("opt", "gpt2")):
         tok.save_model(str(directory))
     else:
         tok.save(str(directory / "tokenizer.json"))
@@ -137,7 +175,7 @@ def _with_tokenizer(variant, directory):
     return directory
 
 
-@pytest.mark.parametrize("variant", ["opt-post-ln-proj", "neox-rotary-0.25-parallel"])
+@pytest.mark.parametrize("variant", ["opt-post-ln-proj", "neox-rotary-0.25-parallel", "gpt2"])
 def test_run_py_single_and_torchrun(variant, tmp_path):
     directory = _with_tokenizer(variant, save_hf(hf_family(variant), tmp_path))
     args = ("--ckpt", str(directory), "--prompt", "The for statement", "--max-new-tokens", "12",
@@ -185,5 +223,5 @@ def test_a_new_family_needs_only_its_file_and_a_registration(tmp_path, monkeypat
     from zoo.formats.files import safetensors_metadata
     assert safetensors_metadata(saved / "model.safetensors")["model_type"] == "tinker"
     with pytest.raises(ValueError, match=r"a Tinker2 is not a model of a registered family \(llama, opt, gpt_neox, "
-                                         r"tinker\)"):
+                                         r"gpt2, tinker\)"):
         models.family_of(type("Tinker2", (Tinker,), {})(model.config))

@@ -95,12 +95,15 @@ def test_a_model_rebuilt_from_the_map_alone_gives_the_same_logits(pair):
 
 def test_circuits_equal_those_from_hugging_faces_projections(pair):
     """Per head, W_Q[h] @ W_K[g].T and W_V[g] @ W_O[h], g = h's kv head, from HF's q/k/v/o_proj (or NeoX's fused
-    query_key_value, OPT's out_proj): the rotary basis does not enter; half_split gives HF's W_Q itself."""
+    query_key_value, OPT's out_proj, GPT-2's Conv1D c_attn and c_proj): the rotary basis does not enter;
+    half_split gives HF's W_Q itself."""
     hf, directory = pair
     model = fresh(directory)
     c, W = model.config, zoo.weights(model)
-    attn = next(m for n, m in hf.named_modules() if n.endswith("layers.1.self_attn") or n.endswith("layers.1.attention"))
-    if hasattr(attn, "query_key_value"):  # NeoX: per head, q, k, v rows in turn
+    attn = next(m for n, m in hf.named_modules() if n.endswith(("layers.1.self_attn", "layers.1.attention", "h.1.attn")))
+    if hasattr(attn, "c_attn"):  # GPT-2: weights stored [in, out]; c_attn's columns all of q, then k, then v
+        (q, k, v), o = attn.c_attn.weight.T.chunk(3), attn.c_proj.weight.T
+    elif hasattr(attn, "query_key_value"):  # NeoX: per head, q, k, v rows in turn
         qkv = attn.query_key_value.weight.view(c.n_heads, 3, c.d_head, c.d_model)
         q, k, v, o = qkv[:, 0].reshape(-1, c.d_model), qkv[:, 1].reshape(-1, c.d_model), qkv[:, 2].reshape(-1, c.d_model), \
             attn.dense.weight

@@ -1,11 +1,14 @@
 """Causal self-attention, shared by every family.
 
 One `Attention` module covers LLaMA (grouped-query heads, interleaved rotary, no biases),
-GPT-NeoX (half-split partial rotary, biases) and OPT (learned positions, so no rotary, biases).
+GPT-NeoX (half-split partial rotary, biases), OPT and GPT-2 (learned positions, so no rotary, biases;
+GPT-2 may scale the scores otherwise: `scale`).
 The weights are always four separate projections wq/wk/wv/wo, whatever the checkpoint fuses. The
 arithmetic (which kernel for which case) is zoo/kernels/attention.py's `attend`; the KV cache is
 zoo/cache.py; positions and masks are made once per forward (zoo/forward.py).
 """
+import math
+
 import torch
 from torch import nn
 
@@ -32,10 +35,12 @@ def check_heads_split(n_heads: int, n_kv_heads: int) -> None:
 # head; the KV cache keeps every layer's k and v so that a new token attends without recomputing them.
 class Attention(nn.Module):
     """Under tensor parallelism each rank holds n_heads/w query heads and n_kv_heads/w kv heads:
-    wq/wk/wv are column-parallel (split by heads), wo row-parallel (its partial sums all-reduced)."""
+    wq/wk/wv are column-parallel (split by heads), wo row-parallel (its partial sums all-reduced).
+    scale: the factor of the scores q . k, default 1/sqrt(head_dim) (attend's); another one is carried by q,
+    multiplied after the q hook point."""
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, layer: int = 0, bias: bool = False,
-                 rotary: str | None = "interleaved"):
+                 rotary: str | None = "interleaved", scale: float | None = None):
         super().__init__()
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
@@ -43,6 +48,7 @@ class Attention(nn.Module):
         world = world_size()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads // world, n_kv_heads // world, head_dim  # this rank's
         self.layer, self.rotary, self.interleaved = layer, rotary is not None, rotary == "interleaved"
+        self.q_factor = None if scale is None else scale * math.sqrt(head_dim)  # attend divides by sqrt(head_dim)
         self.wq = column_parallel_linear(dim, n_heads * head_dim, bias=bias, gather_output=False)
         self.wk = column_parallel_linear(dim, n_kv_heads * head_dim, bias=bias, gather_output=False)
         self.wv = column_parallel_linear(dim, n_kv_heads * head_dim, bias=bias, gather_output=False)
@@ -57,6 +63,7 @@ class Attention(nn.Module):
         v = hook(i, "v", self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim))
         if self.rotary:
             q, k = [apply_rotary(t, *step.rope, interleaved=self.interleaved) for t in (q, k)]
+        q = q if self.q_factor is None else q * self.q_factor
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (batch, heads, seq, head_dim)
         if step.cache is not None:
             k, v = step.cache.update(i, k, v)  # (batch, n_kv_heads, every slot so far, head_dim)

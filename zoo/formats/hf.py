@@ -4,7 +4,8 @@
 config.json's model_type names the family (zoo/models/__init__.py), whose `from_hf_config` reads its keys
 into the family's config, each checked (zoo.checks.key). The tensors keep HF's names in the files; the
 family's name table (`hf_to_zoo`) gives zoo's, and `hf_tensor_to_zoo` its layout (LLaMA's q/k rows
-permuted back to Meta's rotary pairs, GPT-NeoX's fused query_key_value cut into wq, wk, wv).
+permuted back to Meta's rotary pairs, GPT-NeoX's fused query_key_value cut into wq, wk, wv, GPT-2's
+transposed Conv1D weights, read whole: `whole_tensors`).
 gpt-neox's and metaseq's own formats come here too (`zoo_tensors`), once under HF's names.
 """
 from functools import partial
@@ -58,11 +59,11 @@ def open(directory: Path) -> Checkpoint:
 
 def zoo_tensors(family: str, cfg, tensors: dict) -> dict:
     """Lazy tensors under Hugging Face's names -> under zoo's, in zoo's layout (a fused tensor gives several)."""
-    names, layout = FAMILIES[family].hf_to_zoo, FAMILIES[family].hf_tensor_to_zoo
+    family = FAMILIES[family]
     out = {}
     for hf_key, t in tensors.items():
-        for name in names(hf_key):  # one name, none (a key to skip), or several (a fused tensor)
-            out[name] = Mapped(t, partial(layout, name, cfg=cfg), name)
+        for name in family.hf_to_zoo(hf_key):  # one name, none (a key to skip), or several (a fused tensor)
+            out[name] = Mapped(t, partial(family.hf_tensor_to_zoo, name, cfg=cfg), name, family.whole_tensors)
     return out
 
 

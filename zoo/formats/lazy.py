@@ -15,7 +15,9 @@ and reads nothing before `read`. Formats build one from these, and the loader ne
     Reduce                   model-parallel copies of one tensor: their "sum", "mean" (in fp32), or "one"
     Chunk                    one of equal parts of another lazy tensor (a third of metaseq's fused qkv)
     Mapped                   f(another lazy tensor), for an f that acts on whole heads (HF's q/k
-                             permutation, a fused query_key_value's q, k or v), so f(shard) = shard of f
+                             permutation, a fused query_key_value's q, k or v), so f(shard) = shard of f;
+                             or (whole=True) an f that moves the split dim (GPT-2's transposed weights):
+                             a shard is then cut from f of the whole tensor
 
 `read_split(t, dim, index, parts)` is what the tensor-parallel rank `index` of `parts` holds: a shard,
 zero-padded when `parts` does not divide the size (zoo/parallel/layers.py).
@@ -114,7 +116,12 @@ class Reduce:
             return self.parts[0].read(shard, dtype)
         t = sum(p.read(None, torch.float32) for p in self.parts)
         t = (t / len(self.parts) if self.how == "mean" else t).to(dtype or self.dtype)
-        return t if shard is None else t.chunk(shard.parts, shard.dim)[shard.index].clone()
+        return _cut(t, shard)
+
+
+def _cut(t: torch.Tensor, shard: Shard | None) -> torch.Tensor:
+    """A whole tensor's shard (a copy), or the tensor itself for none."""
+    return t if shard is None else t.chunk(shard.parts, shard.dim)[shard.index].clone()
 
 
 class Chunk:
@@ -131,16 +138,16 @@ class Chunk:
     def read(self, shard: Shard | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         if shard is not None and shard.dim == self.dim:  # part j of part i is part i * n + j of the whole
             return self.of.read(Shard(self.dim, self.index * shard.parts + shard.index, self.parts * shard.parts), dtype)
-        t = self.of.read(Shard(self.dim, self.index, self.parts), dtype)
-        return t if shard is None else t.chunk(shard.parts, shard.dim)[shard.index].clone()
+        return _cut(self.of.read(Shard(self.dim, self.index, self.parts), dtype), shard)
 
 
 class Mapped:
-    """f(another lazy tensor), for an f that takes any slice of whole heads (so f of a shard is a shard of f).
+    """f(another lazy tensor), for an f that takes any slice of whole heads (so f of a shard is a shard of f);
+    whole: f takes only the whole tensor (it moves the split dim), and a shard is cut from its result.
     The shape is f's on a tensor without data."""
 
-    def __init__(self, of, f: Callable[[torch.Tensor], torch.Tensor], name: str):
-        self.of, self.f = of, f
+    def __init__(self, of, f: Callable[[torch.Tensor], torch.Tensor], name: str, whole: bool = False):
+        self.of, self.f, self.whole = of, f, whole
         self.path, self.key, self.dtype, self.where = of.path, of.key, of.dtype, of.where
         try:
             self.shape = tuple(f(torch.empty(of.shape, device="meta")).shape)
@@ -149,6 +156,8 @@ class Mapped:
                                   f"make zoo's {name} of it") from None
 
     def read(self, shard: Shard | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.whole:
+            return _cut(self.f(self.of.read(None, dtype)), shard)
         return self.f(self.of.read(shard, dtype))
 
 

@@ -1,5 +1,5 @@
 """The model families, one file each, read top to bottom: llama.py (LLaMA 1, 2, 3), opt.py (OPT),
-gpt_neox.py (GPT-NeoX, Pythia). This file is the protocol between a family and the rest of zoo.
+gpt_neox.py (GPT-NeoX, Pythia), gpt2.py (GPT-2). This file is the protocol between a family and the rest of zoo.
 
 A family is one `Family`, defined at the end of its file and registered once, in FAMILIES below:
   name             config.json's model_type ("llama"), and the name zoo's own checkpoints record
@@ -17,6 +17,9 @@ A family is one `Family`, defined at the end of its file and registered once, in
                    from its parts); without these two a family loads but zoo.save cannot write it as HF
   chat             the chat formats (zoo/chat.py) its instruct checkpoints use, the first its tokenizer
                    can write is taken (default: none)
+  whole_tensors    True where hf_tensor_to_zoo takes only whole tensors (it moves the dim tensor parallelism
+                   splits: GPT-2's weights, stored transposed): each rank reads a tensor whole and keeps its
+                   slice (default False: it takes a slice of whole heads, and a rank reads only that)
 Other formats (Meta's, gpt-neox's, metaseq's: zoo/formats/) map their names onto a family's Hugging Face
 names, so a family needs nothing more to load from them.
 
@@ -78,11 +81,12 @@ class Family(NamedTuple):
     to_hf_config: Callable | None = None
     zoo_tensors_to_hf: Callable | None = None
     chat: tuple[str, ...] = ()
+    whole_tensors: bool = False
 
 
-from zoo.models import gpt_neox, llama, opt  # noqa: E402  (each file ends with its Family, defined above)
+from zoo.models import gpt2, gpt_neox, llama, opt  # noqa: E402  (each file ends with its Family, defined above)
 
-FAMILIES = {family.name: family for family in (llama.FAMILY, opt.FAMILY, gpt_neox.FAMILY)}
+FAMILIES = {family.name: family for family in (llama.FAMILY, opt.FAMILY, gpt_neox.FAMILY, gpt2.FAMILY)}
 
 
 def family_of(model: nn.Module) -> str:
