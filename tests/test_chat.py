@@ -120,7 +120,7 @@ def test_llama3_format_from_a_hf_tokenizer_json(tmp_path):
 
 def test_tokenizers_without_a_chat_format_are_refused(tmp_path):
     hf_tokenizer_json(tmp_path / "neox", ["<|endoftext|>", "<|padding|>"])  # GPT-NeoX / OPT style: no chat tokens
-    with pytest.raises(ValueError, match=r"tokenizer \(BPETokenizer\) has no chat format: .* this one lacks "
+    with pytest.raises(ValueError, match=r"tokenizer \(HFTokenizer\) has no chat format: .* this one lacks "
                                          r"<\|begin_of_text\|>, <\|start_header_id\|>, <\|end_header_id\|>, <\|eot_id\|>"):
         chat_format(load_tokenizer(tmp_path / "neox"))
     hf_tokenizer_json(tmp_path / "half", ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"])
@@ -342,6 +342,6 @@ def test_run_py_chat_bad_use_is_one_line(tmp_path, capsys):
     hf_tokenizer_json(directory, ["</s>", "<pad>"])
     status, out, err = run_py("--ckpt", str(directory), "--chat", stdin="Hi\n")
     assert status == 2 and out == "" and err.count("\n") == 1
-    assert err.startswith("error: this model's tokenizer (BPETokenizer) has no chat format")
+    assert err.startswith("error: this model's tokenizer (HFTokenizer) has no chat format")
     status, out, err = run_py("--ckpt", str(directory), "--max-new-tokens", "2", stdin="Hi")  # it still completes
     assert status == 0, err

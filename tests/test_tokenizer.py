@@ -1,10 +1,12 @@
-"""The three tokenizer formats against the reference encoders of the same vocabularies."""
+"""The tokenizer formats against the reference encoders of the same vocabularies (every kind of tokenizer.json:
+test_tokenizer_json.py)."""
 import base64
 import json
 
 import pytest
 
-from zoo.tokenizer import LLAMA3_PATTERN, BPETokenizer, SentencePieceTokenizer, TiktokenTokenizer, load_tokenizer
+from zoo.tokenizer import (LLAMA3_PATTERN, BPETokenizer, HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer,
+                           _byte_decoder, load_tokenizer)
 
 TEXTS = [
     "Hello world", "  leading spaces and trailing   ", "tabs\tand\nnewlines\n\n\nmany", "digits 1234567 3.14159 1e-5",
@@ -37,7 +39,7 @@ def hf_bpe(tmp_path_factory):
 def test_bpe_tokenizer_json_matches_hf(hf_bpe):
     reference, directory = hf_bpe
     tok = load_tokenizer(directory)
-    assert isinstance(tok, BPETokenizer)
+    assert isinstance(tok, HFTokenizer)
     assert tok.bos_id == reference.token_to_id("<|begin_of_text|>") and tok.eos_id == reference.token_to_id("<|end_of_text|>")
     for text in TEXTS:
         assert tok.encode(text) == reference.encode(text).ids, text
@@ -49,10 +51,11 @@ def test_bpe_tokenizer_json_matches_hf(hf_bpe):
 def test_llama3_tiktoken_file_matches_same_vocab(hf_bpe, tmp_path):
     """The same vocabulary written as LLaMA 3's tokenizer.model (base64 token, rank): ids shift by the 2 specials."""
     reference, directory = hf_bpe
-    bpe = BPETokenizer.from_tokenizer_json(directory / "tokenizer.json")
+    to_byte = _byte_decoder()
     specials = {reference.token_to_id("<|begin_of_text|>"), reference.token_to_id("<|end_of_text|>")}
-    lines = [f"{base64.b64encode(bpe.id_to_bytes[i]).decode()} {rank}"
-             for rank, i in enumerate(sorted(set(bpe.id_to_bytes) - specials))]
+    token_of = {i: t for t, i in reference.get_vocab().items() if i not in specials}
+    lines = [f"{base64.b64encode(bytes(to_byte[c] for c in token_of[i])).decode()} {rank}"
+             for rank, i in enumerate(sorted(token_of))]
     (tmp_path / "tokenizer.model").write_text("\n".join(lines) + "\n")
     tok = load_tokenizer(tmp_path)
     assert isinstance(tok, TiktokenTokenizer)

@@ -3,14 +3,16 @@
 - SentencePiece `tokenizer.model` (LLaMA 1 and 2, and the tiny bundled model).
 - LLaMA 3's `tokenizer.model`: a tiktoken ranks file (base64 token, rank per line) plus 256
   special tokens numbered after the ranks.
-- A byte-level BPE, from a Hugging Face `tokenizer.json` (LLaMA 3 on the Hub, GPT-NeoX/Pythia) or
-  GPT-2's `vocab.json` + `merges.txt` (OPT), run on tiktoken: its mergeable ranks are built from
-  the merges.
+- A Hugging Face `tokenizer.json` of any kind (LLaMA 2 and 3 on the Hub, GPT-NeoX/Pythia), run by the
+  `tokenizers` library exactly as transformers runs it (normalizers, added tokens and all).
+- A byte-level BPE from GPT-2's `vocab.json` + `merges.txt` (OPT; metaseq's with fairseq's
+  `dict.txt`), run on tiktoken: its mergeable ranks are built from the merges.
 
 Each tokenizer knows the files it was made from (`files`: name -> path), so that a checkpoint
 written from a model (zoo.quant.save) can take them along.
 """
 import base64
+import json
 import re
 from pathlib import Path
 
@@ -33,10 +35,11 @@ class Tokenizer:
     eos_id: int | None
     stop_ids: set[int]
     n_words: int
+    add_bos = True  # False: encode(bos=True) adds no bos (a tokenizer_config.json's add_bos_token: false)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self._encode(text)
-        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + \
+        return ([self.bos_id] if bos and self.add_bos and self.bos_id is not None else []) + ids + \
                ([self.eos_id] if eos and self.eos_id is not None else [])
 
     def _encode(self, text: str) -> list[int]:
@@ -113,6 +116,86 @@ class TiktokenTokenizer(Tokenizer):
         return self.model.decode(list(ids))
 
 
+class HFTokenizer(Tokenizer):
+    """Any Hugging Face tokenizer.json (BPE, byte-level or SentencePiece-style with byte fallback, Unigram,
+    WordPiece, WordLevel; its normalizer, pre-tokenizer, added and special tokens, decoder), run by the
+    `tokenizers` library as transformers runs it. encode leaves out the file's post-processor (zoo's
+    bos/eos flags add those); added tokens in the text are recognised; decode keeps special tokens, as
+    transformers' decode does by default. bos/eos: names or ids; end_of_text: as BPETokenizer's.
+    add_bos False (tokenizer_config.json's add_bos_token): encode(bos=True) adds none, as transformers.
+    """
+
+    def __init__(self, path: Path, bos: str | int | None = None, eos: str | int | list | None = None,
+                 files: dict[str, Path] | None = None, end_of_text: str | None = None, add_bos: bool = True):
+        import tokenizers
+        self.files = files or {path.name: path}
+        spec = read_json(path)
+        model = spec.get("model")
+        vocab = model.get("vocab") if isinstance(model, dict) else None
+        if isinstance(model, dict) and model.get("type") in ("BPE", "WordPiece", "WordLevel") and not (
+                isinstance(vocab, dict) and all(is_int(i) and i >= 0 for i in vocab.values())):  # serde's says less
+            raise CheckpointError(f"{path}: the vocabulary should map tokens (strings) to ids (ints >= 0), found "
+                                  f"{shown(vocab)}")
+        try:
+            self.model = tokenizers.Tokenizer.from_str(json.dumps(_with_defaults(spec)))
+        except BaseException as e:  # "data did not match any variant of ...", "missing field ...", or a panic
+            if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+                raise  # KeyboardInterrupt, SystemExit
+            raise CheckpointError(f"{path}: not a tokenizer.json that Hugging Face tokenizers reads "
+                                  f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        vocab = self.model.get_vocab(with_added_tokens=True)
+        self.added = {t.content: i for i, t in self.model.get_added_tokens_decoder().items()}
+        self.n_words = max(vocab.values(), default=-1) + 1
+        try:
+            self.bos_id, self.eos_id, self.stop_ids = _specials(bos, eos, end_of_text, vocab.get)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        self.add_bos = add_bos
+
+    def _encode(self, text):
+        return self.model.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        # an id past the vocabulary (a model's padded embedding) decodes to nothing, as in Hugging Face
+        return self.model.decode([int(i) for i in ids if 0 <= int(i) < self.n_words], skip_special_tokens=False)
+
+
+def _with_defaults(spec):
+    """spec with the flags that a hand-written tokenizer.json may leave out and tokenizers' serde requires given
+    the defaults of tokenizers' constructors: an added token's (not single_word, lstrip, rstrip; normalized
+    unless special) and ByteLevel's (add_prefix_space, trim_offsets, use_regex)."""
+    if isinstance(spec, list):
+        return [_with_defaults(v) for v in spec]
+    if not isinstance(spec, dict):
+        return spec
+    spec = {k: v if k == "model" else _with_defaults(v) for k, v in spec.items()}  # (not the vocabulary)
+    if spec.get("type") == "ByteLevel":
+        spec = {"add_prefix_space": True, "trim_offsets": True, "use_regex": True, **spec}
+    if isinstance(spec.get("added_tokens"), list):
+        spec["added_tokens"] = [{"single_word": False, "lstrip": False, "rstrip": False,
+                                 "normalized": not t.get("special"), **t} if isinstance(t, dict) else t
+                                for t in spec["added_tokens"]]
+    return spec
+
+
+def _specials(bos, eos, end_of_text, token_id) -> tuple[int | None, int | None, set[int]]:
+    """bos_id, eos_id and stop_ids from bos and eos (tokens or ids; eos: or a list of them); token_id: a token's
+    id or None. end_of_text, when the vocabulary has it, is the eos and the one stop id."""
+    def id_of(token):
+        if token is None or is_int(token):
+            return token
+        if not isinstance(token, str):
+            raise ValueError(f"special token {shown(token)} is neither a token (a string) nor an id (an int)")
+        if token_id(token) is None:
+            raise ValueError(f"special token {token!r} is not in the tokenizer's vocabulary")
+        return token_id(token)
+
+    eos_all = eos if isinstance(eos, list) else [eos]
+    if end_of_text is not None and token_id(end_of_text) is not None:
+        eos_all = [end_of_text]
+    return id_of(bos), id_of(eos_all[0]), {id_of(e) for e in eos_all} - {None}
+
+
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest for chr(256 + n)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -132,7 +215,7 @@ class BPETokenizer(Tokenizer):
     tiktoken merges the adjacent pair whose concatenation has the lowest rank, so a token's rank is
     the position of the merge that first makes it (bytes come first); `rank_to_id` maps back to the
     file's ids. Added tokens (special or not) are recognised in the text, as Hugging Face does.
-    Built from a `tokenizer.json` (`from_tokenizer_json`) or GPT-2's `vocab.json` + `merges.txt`.
+    Built from GPT-2's `vocab.json` + `merges.txt` (a `tokenizer.json` is HFTokenizer's).
     end_of_text: a token that, when the vocabulary has it, is the eos and the one stop id (gpt-neox's
     <|endoftext|>), whatever `eos` says.
     """
@@ -176,12 +259,7 @@ class BPETokenizer(Tokenizer):
         self.prefix_space = prefix_space
         self.model = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
         self.n_words = max(self.id_to_bytes) + 1
-        eos_all = eos if isinstance(eos, list) else [eos]
-        if end_of_text is not None and end_of_text in self.token_ids:
-            eos_all = [end_of_text]
-        self.bos_id = self._id(bos)
-        self.eos_id = self._id(eos_all[0])
-        self.stop_ids = {self._id(e) for e in eos_all} - {None}
+        self.bos_id, self.eos_id, self.stop_ids = _specials(bos, eos, end_of_text, self.token_ids.get)
 
     @classmethod
     def read(cls, sources: list[Path], *args, **kwargs) -> "BPETokenizer":
@@ -194,22 +272,9 @@ class BPETokenizer(Tokenizer):
             raise CheckpointError(f"{' and '.join(map(str, sources))}: {e}") from None
 
     @classmethod
-    def from_tokenizer_json(cls, path: Path, bos=None, eos=None, **kwargs) -> "BPETokenizer":
-        spec = read_json(path)
-        model = spec.get("model")
-        model = model if isinstance(model, dict) else {}
-        steps = _pre_tokenizers(spec, path)
-        if model.get("type") != "BPE" or not any(p.get("type") == "ByteLevel" for p in steps):
-            raise CheckpointError(f"{path}: only byte-level BPE tokenizer.json files are supported "
-                                  f"(found model type {shown(model.get('type'))})")
-        pattern, prefix_space = _pre_tokenizer(steps, path)
-        added = spec.get("added_tokens") or []
-        if not isinstance(added, list) or not all(isinstance(t, dict) and isinstance(t.get("content"), str)
-                                                  and is_int(t.get("id")) for t in added):
-            raise CheckpointError(f"{path}: added_tokens should be a list of objects with a \"content\" string and an "
-                                  f"\"id\" int, found {shown(added)}")
-        return cls.read([path], model.get("vocab"), model.get("merges"), {t["content"]: t["id"] for t in added},
-                        pattern, prefix_space, bos, eos, name=path.name, **{"files": {path.name: path}, **kwargs})
+    def from_tokenizer_json(cls, path: Path, bos=None, eos=None, **kwargs) -> "HFTokenizer":
+        """A tokenizer.json, of any kind: HFTokenizer (kept here for zoo.formats.gpt_neox)."""
+        return HFTokenizer(path, bos, eos, **kwargs)
 
     @classmethod
     def from_vocab_merges(cls, vocab: Path, merges: Path, added: dict[str, int], bos=None, eos=None,
@@ -233,15 +298,6 @@ class BPETokenizer(Tokenizer):
                         "</s>", "</s>", name=dictionary.name, unk=3,
                         **{"files": {vocab.name: vocab, merges.name: merges, dictionary.name: dictionary}, **kwargs})
 
-    def _id(self, token: str | int | None) -> int | None:
-        if token is None or is_int(token):
-            return token
-        if not isinstance(token, str):
-            raise ValueError(f"special token {shown(token)} is neither a token (a string) nor an id (an int)")
-        if token not in self.token_ids:
-            raise ValueError(f"special token {token!r} is not in the tokenizer's vocabulary")
-        return self.token_ids[token]
-
     def _encode(self, text):
         if self.prefix_space and not text.startswith(" "):
             text = " " + text
@@ -254,35 +310,6 @@ class BPETokenizer(Tokenizer):
         # Models pad their vocabulary past the tokenizer's (OPT 50272 vs 50265, Pythia 50304 vs 50277):
         # an id with no token decodes to nothing, as in Hugging Face.
         return b"".join(self.id_to_bytes.get(int(i), b"") for i in ids).decode("utf-8", errors="replace")
-
-
-def _pre_tokenizers(spec: dict, path: Path) -> list[dict]:
-    """tokenizer.json's pre-tokenizer, or the steps of its Sequence: objects with a "type"."""
-    pre = spec.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
-    if not isinstance(steps, list) or not all(isinstance(p, dict) for p in steps):
-        raise CheckpointError(f"{path}: pre_tokenizer should be an object (or a Sequence of them), found {shown(pre)}")
-    return steps
-
-
-def _pre_tokenizer(steps: list[dict], path: Path) -> tuple[str, bool]:
-    """The splitting regex and add_prefix_space of a ByteLevel (or Sequence[Split, ByteLevel]) pre-tokenizer."""
-    pattern, prefix_space = None, False
-    for p in steps:
-        if p.get("type") == "Split":
-            given = p.get("pattern") if isinstance(p.get("pattern"), dict) else {}
-            regex, text = given.get("Regex"), given.get("String")
-            if not isinstance(regex, str) and not isinstance(text, str):
-                raise CheckpointError(f"{path}: a Split pre-tokenizer's pattern should be {{\"Regex\": ...}} or "
-                                      f"{{\"String\": ...}}, found {shown(p.get('pattern'))}")
-            pattern = regex if isinstance(regex, str) and regex else re.escape(text or "")
-        elif p.get("type") == "ByteLevel":
-            prefix_space = p.get("add_prefix_space", False)
-            if not isinstance(prefix_space, bool):
-                raise CheckpointError(f"{path}: add_prefix_space {shown(prefix_space)} is not true or false")
-            if p.get("use_regex", True):
-                pattern = GPT2_PATTERN
-    return pattern or r"[\s\S]+", prefix_space
 
 
 def read_text(path: Path) -> str:
@@ -306,9 +333,9 @@ def load_tokenizer(directory: Path, config: dict | None = None, config_file: Pat
     """The tokenizer stored beside a checkpoint, or None if there is none.
 
     `tokenizer.model` comes first (SentencePiece or tiktoken, told apart by its content); else a
-    byte-level BPE `tokenizer.json`, else metaseq's `dict.txt` with GPT-2's files, else GPT-2's
+    `tokenizer.json` of any kind (HFTokenizer), else metaseq's `dict.txt` with GPT-2's files, else GPT-2's
     `vocab.json` + `merges.txt` (OPT), with bos/eos ids from config.json, or their names from
-    tokenizer_config.json. Its `files` are the TOKENIZER_FILES the directory holds. A file that cannot be
+    tokenizer_config.json (and its add_bos_token, for a tokenizer.json). Its `files` are the TOKENIZER_FILES the directory holds. A file that cannot be
     read as its kind is a CheckpointError naming it (config_file: where `config` came from).
     """
     files = {name: directory / name for name in TOKENIZER_FILES if (directory / name).exists()}
@@ -336,8 +363,11 @@ def load_tokenizer(directory: Path, config: dict | None = None, config_file: Pat
         if not (token is None or isinstance(token, (str, int, list))):
             raise CheckpointError(f"{named_file}: {name} {shown(token)} is not a token (a string, or an object with "
                                   f"its \"content\")")
+    add_bos = named.get("add_bos_token", True)
+    if not isinstance(add_bos, bool):
+        raise CheckpointError(f"{named_file}: add_bos_token {shown(add_bos)} is not true or false")
     if (directory / "tokenizer.json").exists():
-        return BPETokenizer.from_tokenizer_json(directory / "tokenizer.json", bos=bos, eos=eos, files=files)
+        return HFTokenizer(directory / "tokenizer.json", bos, eos, files, add_bos=add_bos)
     vocab = next((directory / f for f in ("gpt2-vocab.json", "vocab.json") if (directory / f).exists()), None)
     merges = next((directory / f for f in ("gpt2-merges.txt", "merges.txt") if (directory / f).exists()), None)
     if (directory / "dict.txt").exists() and vocab and merges and (
