@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
-import torch.distributed as dist
 
 from zoo import hooks, parallel
 from zoo.checks import floating_dtype, integer, require
@@ -159,7 +158,13 @@ def write(model, prompts: str | os.PathLike, out: str | os.PathLike, points: lis
     settings = {"checkpoint": checkpoint, "prompts_sha256": hashlib.sha256(Path(prompts).read_bytes()).hexdigest(),
                 "prompts": len(items), "points": list(points), "positions": positions, "batch": batch,
                 "dtype": str(dtype).removeprefix("torch."), "shard_size": shard_size}
-    index = _agreed(lambda: _start(out, settings, force))  # rank 0 decides; every rank raises the same error
+    index, error = None, None
+    if parallel.rank() == 0:  # rank 0 decides; every rank raises the same error
+        try:
+            index = _start(out, settings, force)
+        except (OSError, ValueError) as e:
+            error = e
+    index = parallel.rank0_outcome(index, error)
     writer = _Writer(out, index, dtype, shard_size) if parallel.rank() == 0 else None
     device = next(model.parameters()).device
     start, written = len(index["prompts"]), 0
@@ -198,22 +203,6 @@ def tokenized(model, items: list[Prompt], path) -> list[list[int]]:
                              f"{context}")
         out.append(ids)
     return out
-
-
-def _agreed(decide: Callable[[], dict]) -> dict:
-    """decide() on rank 0, its result (or its ValueError) on every rank."""
-    if parallel.world_size() == 1:
-        return decide()
-    box = [None]
-    if parallel.rank() == 0:
-        try:
-            box = [decide()]
-        except (OSError, ValueError) as e:
-            box = [ValueError(str(e))]
-    dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], Exception):
-        raise box[0]
-    return box[0]
 
 
 def _start(out: Path, settings: dict, force: bool) -> dict:

@@ -90,7 +90,7 @@ def save(model: nn.Module, directory: str | Path, format: str = "hf", force: boo
             out = output_for(model, directory, source, force)
         except (OSError, TypeError, ValueError) as e:
             error = e
-    out = _agreed(out, error)
+    out = parallel.rank0_outcome(out, error)
     tensors = _hf_tensors(model, family, [e for shard in shards.values() for e in shard])
     error = None
     if parallel.rank() == 0:
@@ -102,7 +102,7 @@ def save(model: nn.Module, directory: str | Path, format: str = "hf", force: boo
     if parallel.world_size() > 1:
         for _ in tensors:  # the other ranks gather every tensor; so does rank 0 after a failure, writing nothing
             pass
-    return _agreed(out, error)
+    return parallel.rank0_outcome(out, error)
 
 
 def shard_size(size: int | str) -> int:
@@ -228,17 +228,3 @@ def _write_tensor(f, e: Entry, key: str, t: torch.Tensor) -> None:
         raise RuntimeError(f"{f.name}: {key} {tuple(t.shape)} {t.dtype} came where the plan has {e.key} {e.shape} "
                            f"{e.dtype}")
     f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-
-
-def _agreed(value, error: Exception | None):
-    """Rank 0's value, or its error raised, on every rank (rank 0 raises its own; the others a copy)."""
-    if parallel.world_size() > 1:
-        box = [(value, None if error is None else (type(error), str(error)))]
-        dist.broadcast_object_list(box, src=0)
-        value, theirs = box[0]
-        if error is None and theirs is not None:
-            kind, message = theirs
-            error = kind(message) if issubclass(kind, (OSError, TypeError, ValueError)) else RuntimeError(message)
-    if error is not None:
-        raise error
-    return value

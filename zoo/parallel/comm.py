@@ -63,6 +63,23 @@ def same_on_every_rank(x: torch.Tensor) -> bool:
     return bool(agreed.item())
 
 
+def rank0_outcome(value, error: Exception | None):
+    """Rank 0's value, or its error raised, on every rank (a collective): what rank 0 alone decided or wrote
+    (an output directory, a dataset's index). Rank 0 raises its own error; the others a copy of its type
+    (OSError, TypeError, ValueError; else a RuntimeError) and message. The other ranks' value and error are
+    not read."""
+    if world_size() > 1:
+        box = [(value, None if error is None else (type(error), str(error)))]
+        dist.broadcast_object_list(box, src=0)
+        value, theirs = box[0]
+        if rank() != 0 and theirs is not None:
+            kind, message = theirs
+            error = kind(message) if issubclass(kind, (OSError, TypeError, ValueError)) else RuntimeError(message)
+    if error is not None:
+        raise error
+    return value
+
+
 def _slice_last(x: torch.Tensor) -> torch.Tensor:
     return x.chunk(world_size(), dim=-1)[rank()].contiguous()
 
