@@ -225,8 +225,8 @@ def _linear(weight):
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_quantized_assignments_requantize_and_the_forward_is_the_maps(llama_dir, scheme):
     """An assignment quantizes the layer as the scheme quantizes that float weight; an in-place edit the copy holds
-    afterwards what the model holds; the forward is then that of a float model rebuilt from the map (within the CPU
-    kernels' bf16 rounding). On the CPU an int4 layer lets its stored weight go at its first forward: reading
+    afterwards what the model holds; the forward is then that of a float model rebuilt from the map (within twice the
+    CPU kernels' bf16 rounding, as an unedited quantized model differs from its own rebuild). On the CPU an int4 layer lets its stored weight go at its first forward: reading
     it after that is an error that says so."""
     model = load_quantized(llama_dir, scheme)
     unedited = run(load_quantized(llama_dir, scheme))
@@ -243,7 +243,13 @@ def test_quantized_assignments_requantize_and_the_forward_is_the_maps(llama_dir,
     for name, tensor in W.items():
         R[name] = tensor
     got = run(model)
-    assert (got - run(rebuilt)).abs().max() < 0.05 and (got - unedited).abs().max() > 0.5
+    # within the CPU kernels' own rounding: what an unedited quantized model differs from its float rebuild
+    plain, rebuilt_plain = load_quantized(llama_dir, scheme), fresh(llama_dir)
+    P = zoo.weights(rebuilt_plain)
+    for name, tensor in zoo.weights(plain).items():
+        P[name] = tensor
+    rounding = (run(plain) - run(rebuilt_plain)).abs().max()
+    assert (got - run(rebuilt)).abs().max() < 2 * rounding + 1e-3 and (got - unedited).abs().max() > 0.5
     if scheme == "int4":
         with pytest.raises(RuntimeError, match=r"blocks.0.attn.W_Q: this int4 layer's stored weight was let go at its "
                                                r"first forward .* read or edit it before the model runs"):
