@@ -136,6 +136,10 @@ def run_collect(job: dict) -> dict:
         def note(done, total, text):
             if done >= job["first"] and "first_mb" not in seen:
                 seen["first_mb"] = status_mb("VmHWM")["VmHWM"]
+            if done // 1000 > seen.get("thousands", 0) and "first_mb" in seen:  # the trend, should a long run stop
+                seen["thousands"], peak = done // 1000, status_mb("VmHWM")["VmHWM"]
+                print(f"after {done:,} prompts: peak {peak:,.0f} MB, {peak / seen['first_mb']:.3f}x the first "
+                      f"{job['first']}'s", file=sys.stderr, flush=True)
             if progress is not None:
                 progress(done, total, text)
         return write(*args, progress=note, **kwargs)
