@@ -112,7 +112,7 @@ MORE_TEXTS = TEXTS + ["   x  =  [1,2,3]\r\n\tyield  from  g()", "ﬁ ligatures, 
 
 def test_gpt2_vocab_merges_and_tokenizer_json_match_hf(gpt2_bpe, tmp_path):
     reference, directory = gpt2_bpe
-    from_json = BPETokenizer.from_tokenizer_json(directory / "tokenizer.json", eos="<|endoftext|>")
+    from_json = HFTokenizer(directory / "tokenizer.json", eos="<|endoftext|>")
     for f in ("vocab.json", "merges.txt"):
         (tmp_path / f).write_bytes((directory / f).read_bytes())
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(

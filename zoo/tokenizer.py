@@ -272,11 +272,6 @@ class BPETokenizer(Tokenizer):
             raise CheckpointError(f"{' and '.join(map(str, sources))}: {e}") from None
 
     @classmethod
-    def from_tokenizer_json(cls, path: Path, bos=None, eos=None, **kwargs) -> "HFTokenizer":
-        """A tokenizer.json, of any kind: HFTokenizer (kept here for zoo.formats.gpt_neox)."""
-        return HFTokenizer(path, bos, eos, **kwargs)
-
-    @classmethod
     def from_vocab_merges(cls, vocab: Path, merges: Path, added: dict[str, int], bos=None, eos=None,
                           **kwargs) -> "BPETokenizer":
         """GPT-2's files: vocab.json (token -> id) and merges.txt (a '#version' line, then 'left right' per line)."""
@@ -335,8 +330,9 @@ def load_tokenizer(directory: Path, config: dict | None = None, config_file: Pat
     `tokenizer.model` comes first (SentencePiece or tiktoken, told apart by its content); else a
     `tokenizer.json` of any kind (HFTokenizer), else metaseq's `dict.txt` with GPT-2's files, else GPT-2's
     `vocab.json` + `merges.txt` (OPT), with bos/eos ids from config.json, or their names from
-    tokenizer_config.json (and its add_bos_token, for a tokenizer.json). Its `files` are the TOKENIZER_FILES the directory holds. A file that cannot be
-    read as its kind is a CheckpointError naming it (config_file: where `config` came from).
+    tokenizer_config.json (and its add_bos_token, for a tokenizer.json). Its `files` are the
+    TOKENIZER_FILES the directory holds. A file that cannot be read as its kind is a CheckpointError
+    naming it (config_file: where `config` came from).
     """
     files = {name: directory / name for name in TOKENIZER_FILES if (directory / name).exists()}
     model = directory / "tokenizer.model"

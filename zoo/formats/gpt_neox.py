@@ -21,7 +21,7 @@ from zoo.formats.hf import has_weights, zoo_tensors
 from zoo.formats.lazy import Checkpoint, gathered, merged, ranks
 from zoo.models import gpt_neox
 from zoo.models.gpt_neox import GPTNeoXConfig
-from zoo.tokenizer import BPETokenizer
+from zoo.tokenizer import BPETokenizer, HFTokenizer
 
 PIPELINE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")  # one file per (layer, rank)
 SEQUENTIAL = re.compile(r"mp_rank_(\d+)_model_states\.pt")  # one file per rank
@@ -225,8 +225,7 @@ def _tokenizer(places: list[Path], args: dict, config_file: Path):
         tokenizer_json = find(vocab)
     vocab, merges = (find(vocab) if vocab else None), (find(merges) if merges else None)
     if tokenizer_json is not None:
-        return BPETokenizer.from_tokenizer_json(tokenizer_json, files={"tokenizer.json": tokenizer_json},
-                                                end_of_text="<|endoftext|>")
+        return HFTokenizer(tokenizer_json, files={"tokenizer.json": tokenizer_json}, end_of_text="<|endoftext|>")
     if kind == "GPT2BPETokenizer" and vocab and merges:
         eot = read_json(vocab).get("<|endoftext|>")
         return BPETokenizer.from_vocab_merges(vocab, merges, {} if eot is None else {"<|endoftext|>": eot},
