@@ -200,6 +200,26 @@ def test_dispatch_paths_on_cpu(torch_paths):
         int8_path(torch.zeros(1, 64, device="meta"), int8)
 
 
+def test_torch_cpu_paths_compute_an_fp32_x_in_fp32(torch_paths):
+    """An fp32 x through torch's operators and dequantize paths (any layout: int8 at K % 16 == 0 and padded, int4
+    packed for fp32 by prepare(fp32)) gives the fp32 reference to fp32 rounding, as the native kernels' "cpu-fp32"
+    does: an fp32 model's numbers do not depend on the CPU. An x of another dtype on the fp32 int4 layout is cast."""
+    for k in (64, 72):
+        qweight, scales = random_int8(40, k)
+        weight = Int8Weight(qweight, scales).prepare(torch.float32)
+        for m in (1, 129):  # "cpu-op", "cpu-dequantize"
+            x = random_x((m, k), torch.float32, seed=m)
+            assert rel_err(int8_linear(x, weight), int8_linear_ref(x, qweight, scales)) <= TOL[torch.float32], (k, m)
+    packed, s, z = random_int4(40, 128, 32)
+    int4 = Int4Weight(packed, s, z, group_size=32).prepare(torch.float32)
+    assert int4.dtype == torch.float32
+    for m in (1, 200):
+        x = random_x((m, 128), torch.float32, seed=m)
+        assert rel_err(int4_linear(x, int4), int4_linear_ref(x, packed, s, z, 32)) <= TOL[torch.float32], m
+        y = int4_linear(x.bfloat16(), int4)
+        assert y.dtype == torch.bfloat16 and rel_err(y, int4_linear_ref(x.bfloat16().float(), packed, s, z, 32)) <= 4e-3
+
+
 def test_native_dispatch_paths_on_cpu():
     if native.load() is None:  # not this CPU: test_native.py checks that
         assert not native.cpu_supported()

@@ -23,13 +23,16 @@ Which code runs: the layout prepare() made, then x's dtype and M = rows of x (x.
                                       fp32/fp16  any     "cpu-fp32"               dequantize to fp32, x @ w.T in fp32 (exact,
                                                                                   slow: for checking; bf16 is for speed)
     Int8Weight (cpu, K % 16 == 0),    any        <= 128  "cpu-op"                 torch's _weight_int8pack_mm (cpu.py)
-      cpu.PaddedInt8Weight (cpu)      any        > 128   "cpu-dequantize"         dequantize to bf16, then F.linear
+      cpu.PaddedInt8Weight (cpu)      any        > 128   "cpu-dequantize"         dequantize (bf16; fp32 for fp32 x),
+                                                                                  then F.linear
     cpu.CpuInt4Weight (cpu)           any        any     "cpu-op"                 torch's _weight_int4pack_mm_for_cpu
     Int4Weight (cpu)                  any        any     "cpu-dequantize"         only where torch lacks that operator
                                                                                   (else not prepared: an error)
 
-torch's paths compute in bf16 whatever x's dtype (x cast to bf16, y cast back). The thresholds
-(NATIVE_MAX_M, INT8_CPU_OP_MAX_M, BF16_NATIVE_MAX_M) are where one path overtakes the other in
+torch's paths compute in fp32 for an fp32 x and in bf16 for any other (x cast to it, y cast back): an fp32
+model gives the same numbers, to fp32 rounding, on every CPU. torch's int4 layout is made for the dtype of
+the first x (QuantLinear's first forward: weight.prepare(x.dtype)); x of another dtype is cast to that
+one. The thresholds (NATIVE_MAX_M, INT8_CPU_OP_MAX_M, BF16_NATIVE_MAX_M) are where one path overtakes the other in
 `python benchmarks/kernels.py` (the README's Benchmarks has the figures).
 
 Dense (not quantized) layers call linear() below: F.linear, except for bf16 x of at most
@@ -61,7 +64,7 @@ from zoo.kernels.reference import (dequantize_int4, dequantize_int8, int4_linear
                                    unpack_int4)
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-CPU_DTYPE = torch.bfloat16  # torch's CPU paths compute in bf16 whatever x's dtype
+CPU_DTYPE = torch.bfloat16  # torch's CPU paths compute in bf16 for any x but an fp32 one (compute_dtype)
 INT8_CPU_OP_MAX_M = 128  # rows of x up to which torch's int8 operator beats dequantize-then-F.linear on CPU
 NATIVE_MAX_M = 32  # rows of x up to which the native kernels beat their dequantize-then-F.linear (both formats)
 BF16_NATIVE_MAX_M = 8  # rows of bf16 x up to which native bf16_linear beats F.linear (linear() below)
@@ -73,6 +76,12 @@ for _cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
 TRIM_EVERY = int(os.environ.get("ZOO_TRIM_EVERY", 1024))  # a LLaMA layer's forward is 7 GEMMs
 _cpu_gemms = itertools.count(1)
 CPU_INT4_OP = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")  # torch >= 2.5
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype torch's CPU paths compute in for an x of `dtype`: fp32 for fp32 (the same numbers as the
+    native kernels' "cpu-fp32", to fp32 rounding, whichever CPU runs them), else bf16 (the fast one)."""
+    return torch.float32 if dtype == torch.float32 else CPU_DTYPE
 
 
 @dataclass(frozen=True)
@@ -100,8 +109,9 @@ class Int8Weight:
         return self.qweight.device
 
     @torch.compiler.disable  # layout work, once: run as Python even when a compiled forward reaches it first
-    def prepare(self) -> "Int8Weight | NativeInt8Weight | PaddedInt8Weight":
-        """The layout quantized_linear reads on this weight's device (module docstring); self is unchanged."""
+    def prepare(self, dtype: torch.dtype = CPU_DTYPE) -> "Int8Weight | NativeInt8Weight | PaddedInt8Weight":
+        """The layout quantized_linear reads on this weight's device (module docstring); self is unchanged.
+        Every int8 layout takes x of any dtype, so `dtype` (x's, as Int4Weight.prepare's) changes nothing."""
         if self.device.type != "cpu":
             return self
         if native.load() is not None:
@@ -155,15 +165,16 @@ class Int4Weight:
         return self.packed.device
 
     @torch.compiler.disable  # as Int8Weight.prepare
-    def prepare(self) -> "Int4Weight | NativeInt4Weight | CpuInt4Weight":
+    def prepare(self, dtype: torch.dtype = CPU_DTYPE) -> "Int4Weight | NativeInt4Weight | CpuInt4Weight":
         """The layout quantized_linear reads on this weight's device (module docstring); self is unchanged.
-        The CPU layouts are copies in another form: QuantLinear then lets the stored weight go."""
+        The CPU layouts are copies in another form: QuantLinear then lets the stored weight go. torch's is
+        made for x of `dtype` (its scales are in compute_dtype(dtype)); x of another dtype is cast to it."""
         if self.device.type != "cpu":
             return self
         if native.load() is not None:
             return native.int4_layout(self.packed, self.scales, self.zeros, self.group_size)
         if CPU_INT4_OP:
-            return pack_int4_for_cpu(self.packed, self.scales, self.zeros, self.group_size, CPU_DTYPE)
+            return pack_int4_for_cpu(self.packed, self.scales, self.zeros, self.group_size, compute_dtype(dtype))
         return self
 
     def stored(self) -> "Int4Weight":
@@ -212,10 +223,13 @@ def quantized_linear(x: torch.Tensor, weight: Layout) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
     if path == "cpu-fp32":
         y = x2.float() @ weight.dequantize().T
-    elif path in ("cpu-native", "cpu-op"):
+    elif path == "cpu-native":
         y = weight.mm(x2.to(CPU_DTYPE).contiguous())
-    else:  # "cpu-native-dequantize", "cpu-dequantize"
+    elif path == "cpu-native-dequantize":
         y = weight.dequantize_mm(x2.to(CPU_DTYPE).contiguous())
+    else:  # torch's "cpu-op", "cpu-dequantize": in fp32 for fp32 x, else bf16; torch's int4 layout in its own
+        dtype = weight.dtype if isinstance(weight, CpuInt4Weight) else compute_dtype(x.dtype)
+        y = (weight.mm if path == "cpu-op" else weight.dequantize_mm)(x2.to(dtype).contiguous())
     return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])  # [..., N]
 
 
@@ -248,6 +262,6 @@ def _check_device(x: torch.Tensor, device: torch.device):
 
 
 __all__ = [
-    "Int8Weight", "Int4Weight", "Layout", "quantized_linear", "quantized_path", "linear", "INT4_GROUP_SIZES",
+    "Int8Weight", "Int4Weight", "Layout", "quantized_linear", "compute_dtype", "quantized_path", "linear", "INT4_GROUP_SIZES",
     "pack_int4", "unpack_int4", "dequantize_int8", "dequantize_int4", "int8_linear_ref", "int4_linear_ref",
 ]

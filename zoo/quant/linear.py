@@ -45,8 +45,9 @@ class QuantLinear(nn.Module):
         return cls(scheme, weight, bias)
 
     @torch.compiler.disable  # once: run as Python even when a compiled forward reaches it first
-    def prepare(self) -> None:
-        self.prepared = self.scheme.prepare(self.quantized)
+    def prepare(self, dtype: torch.dtype = torch.bfloat16) -> None:
+        """Make the matmul's layout for x of `dtype` (the first forward's)."""
+        self.prepared = self.scheme.prepare(self.quantized, dtype)
         if self.prepared is not self.quantized:
             self.quantized = self.prepared.stored()  # the same weight in the layout's memory, or None
         if self.quantized is None:
@@ -77,7 +78,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.prepared is None:
-            self.prepare()
+            self.prepare(x.dtype)
         if self.parallel == "row":
             return row_parallel(x, self._matmul, self.input_is_parallel, self.bias)
         if self.parallel == "column":
@@ -96,12 +97,12 @@ class QuantLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The weight the matmul multiplies by, fp32 [N, K] (this rank's shard): the stored weight dequantized,
         else the layout's own dequantization; a layout with neither (torch's CPU int4 one) is read back through
-        its matmul, x = I, in the bf16 it computes in."""
+        its matmul, x = I, in the dtype it computes in (fp32 for an fp32 model: to fp32 rounding)."""
         if self.quantized is not None:
             return self.dequantize()
         if hasattr(self.prepared, "dequantize"):
             return self.prepared.dequantize()
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.prepared.device)
+        eye = torch.eye(self.in_features, dtype=self.prepared.dtype, device=self.prepared.device)
         return self.scheme.linear(eye, self.prepared).float().T
 
     def extra_repr(self) -> str:

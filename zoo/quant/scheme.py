@@ -85,9 +85,9 @@ class Scheme:
         """The stored weight in fp32 [N, K] (zoo/kernels/reference.py)."""
         raise NotImplementedError
 
-    def prepare(self, weight):
-        """The layout the matmul reads on the weight's device, made once (zoo.kernels)."""
-        return weight.prepare()
+    def prepare(self, weight, dtype: torch.dtype = torch.bfloat16):
+        """The layout the matmul reads on the weight's device for x of `dtype`, made once (zoo.kernels)."""
+        return weight.prepare(dtype)
 
     def linear(self, x: torch.Tensor, layout) -> torch.Tensor:
         return quantized_linear(x, layout)
