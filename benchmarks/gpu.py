@@ -13,7 +13,7 @@ skipping what no longer fits --budget seconds:
   decode    a random LLaMA-2-7B-shaped model built on the GPU (no checkpoint): decode tok/s at batch 1 and 8,
             zoo eager, zoo compiled (CUDA graphs), Hugging Face on the same weights; then int8 and int4
             (Triton) eager and compiled
-  kernels   `python benchmarks/kernels.py` on the GPU at M = 1..16 (its table has % of memory bandwidth)
+  kernels   `python benchmarks/matmul.py` on the GPU at M = 1..16 (its table has % of memory bandwidth)
 Prints one table at the end and writes everything to --out (JSON).
 """
 import argparse
@@ -210,9 +210,9 @@ def kernels(report: Report, device: str, smoke: bool) -> dict:
     path = Path(os.environ.get("OUT", "/tmp")) / "kernels.json"
     args = ["--batches", "1,2,4,8,16", "--json", str(path), "--device", device]
     args += ["--shape", "512,256", "--repeats", "3"] if smoke else ["--models", "7b"]
-    r = subprocess.run([sys.executable, "benchmarks/kernels.py", *args], cwd=REPO, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "benchmarks/matmul.py", *args], cwd=REPO, capture_output=True, text=True,
                        timeout=max(30, report.left() - 10), env={**os.environ, "PYTHONPATH": str(REPO)})
-    report.row("kernels", "benchmarks/kernels.py " + " ".join(args[:2]), f"exit {r.returncode} ({path.name})")
+    report.row("kernels", "benchmarks/matmul.py " + " ".join(args[:2]), f"exit {r.returncode} ({path.name})")
     print(r.stdout[-4000:], file=sys.stderr)
     return {"exit": r.returncode, "stdout": r.stdout[-12000:], "stderr": r.stderr[-3000:]}
 
