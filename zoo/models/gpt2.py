@@ -26,6 +26,7 @@ from zoo.checks import FLAG, LAYERS, POSITIVE, SIZE, TEXT, key
 from zoo.forward import Decoder, begin
 from zoo.mlp import MLP
 from zoo.models import Family, SharedNames
+from zoo.models.names import Names
 from zoo.parallel import column_parallel_linear, parallel_embedding
 
 ACTIVATIONS = {"gelu_new": partial(F.gelu, approximate="tanh"), "gelu": F.gelu}
@@ -120,42 +121,15 @@ class GPT2(Decoder):
 #   transformer.h.{i}.attn.c_proj, mlp.c_fc, mlp.c_proj     -> blocks.{i}.attn.wo, mlp.w_in, mlp.w_out
 #   lm_head.weight (usually absent: tied to wte)            -> output
 # Older files also hold the causal-mask buffers h.{i}.attn.bias and h.{i}.attn.masked_bias: skipped.
-TOP_NAMES = {"wte": "embed", "wpe": "pos_embed", "ln_f": "norm", "lm_head": "output"}
-LAYER_NAMES = {"ln_1": "attn_norm", "attn.c_proj": "attn.wo", "ln_2": "mlp_norm", "mlp.c_fc": "mlp.w_in",
-               "mlp.c_proj": "mlp.w_out"}
 QKV = ("wq", "wk", "wv")
-IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+NAMES = Names(prefix="transformer.", layers="h", unprefixed=("lm_head",),
+              top={"wte": "embed", "wpe": "pos_embed", "ln_f": "norm", "lm_head": "output"},
+              layer={"ln_1": "attn_norm", "attn.c_proj": "attn.wo", "ln_2": "mlp_norm", "mlp.c_fc": "mlp.w_in",
+                     "mlp.c_proj": "mlp.w_out"},
+              fused={"attn.c_attn": tuple(f"attn.{w}" for w in QKV)},
+              ignored=r"^h\.\d+\.attn\.(bias|masked_bias)$")
+hf_to_zoo, zoo_to_hf = NAMES.to_zoo, NAMES.to_hf
 CONV1D = re.compile(r"blocks\.\d+\.(attn|mlp)\.\w+\.weight")  # zoo's names of the weights stored [in, out]
-
-
-def hf_to_zoo(key: str) -> list[str]:
-    """Our name(s) for a key of a Hugging Face GPT2LMHeadModel checkpoint (the fused c_attn gives three)."""
-    key = key.removeprefix("transformer.")
-    if IGNORED.fullmatch(key):
-        return []
-    layer = re.fullmatch(r"h\.(\d+)\.(.+)\.(weight|bias)", key)
-    if layer:
-        i, module, param = layer.groups()
-        if module == "attn.c_attn":
-            return [f"blocks.{i}.attn.{w}.{param}" for w in QKV]
-        return [f"blocks.{i}.{LAYER_NAMES.get(module, module)}.{param}"]
-    module, _, param = key.rpartition(".")
-    return [f"{TOP_NAMES.get(module, module)}.{param}"]
-
-
-def zoo_to_hf(name: str) -> str:
-    layer = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", name)
-    if layer:
-        i, module, param = layer.groups()
-        module = "attn.c_attn" if module in ("attn.wq", "attn.wk", "attn.wv") else _LAYER_KEYS.get(module, module)
-        return f"transformer.h.{i}.{module}.{param}"
-    module, _, param = name.rpartition(".")
-    key = _TOP_KEYS.get(module, module)
-    return f"{key}.{param}" if key == "lm_head" else f"transformer.{key}.{param}"
-
-
-_TOP_KEYS = {v: k for k, v in TOP_NAMES.items()}
-_LAYER_KEYS = {v: k for k, v in LAYER_NAMES.items()}
 
 
 def hf_tensor_to_zoo(name: str, t: torch.Tensor, cfg: GPT2Config) -> torch.Tensor:

@@ -24,6 +24,7 @@ from zoo.checks import FLAG, FRACTION, LAYERS, MAPPING, POSITIVE, SIZE, TEXT, ke
 from zoo.forward import Decoder, begin
 from zoo.mlp import MLP
 from zoo.models import Family, SharedNames
+from zoo.models.names import Names
 from zoo.parallel import column_parallel_linear, parallel_embedding
 from zoo.rotary import inv_frequencies
 
@@ -123,39 +124,13 @@ class GPTNeoX(Decoder):
 #   gpt_neox.layers.{i}.mlp.dense_h_to_4h / dense_4h_to_h       -> blocks.{i}.mlp.w_in / w_out
 #   gpt_neox.final_layer_norm, embed_out                        -> norm, output
 # Older files also hold the buffers attention.bias, attention.masked_bias, rotary_emb.inv_freq: skipped.
-LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm", "attention.dense": "attn.wo",
-               "mlp.dense_h_to_4h": "mlp.w_in", "mlp.dense_4h_to_h": "mlp.w_out"}
-TOP_NAMES = {"gpt_neox.embed_in": "embed", "gpt_neox.final_layer_norm": "norm", "embed_out": "output"}
-IGNORED = re.compile(r"attention\.(bias|masked_bias|rotary_emb\.inv_freq)$")
-
-
-def hf_to_zoo(key: str) -> list[str]:
-    """Our name(s) for a key of a Hugging Face GPTNeoXForCausalLM checkpoint (the fused qkv gives three)."""
-    if IGNORED.search(key):
-        return []
-    layer = re.fullmatch(r"gpt_neox\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
-    if layer:
-        i, module, param = layer.groups()
-        if module == "attention.query_key_value":
-            return [f"blocks.{i}.attn.{w}.{param}" for w in ("wq", "wk", "wv")]
-        return [f"blocks.{i}.{LAYER_NAMES.get(module, module)}.{param}"]
-    module, _, param = key.rpartition(".")
-    return [f"{TOP_NAMES.get(module, module)}.{param}"]
-
-
-def zoo_to_hf(name: str) -> str:
-    layer = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", name)
-    if layer:
-        i, module, param = layer.groups()
-        module = "attention.query_key_value" if module in ("attn.wq", "attn.wk", "attn.wv") else \
-            _LAYER_KEYS.get(module, module)
-        return f"gpt_neox.layers.{i}.{module}.{param}"
-    module, _, param = name.rpartition(".")
-    return f"{_TOP_KEYS.get(module, module)}.{param}"
-
-
-_LAYER_KEYS = {v: k for k, v in LAYER_NAMES.items()}
-_TOP_KEYS = {v: k for k, v in TOP_NAMES.items()}
+NAMES = Names(prefix="gpt_neox.", layers="layers", unprefixed=("embed_out",),
+              top={"embed_in": "embed", "final_layer_norm": "norm", "embed_out": "output"},
+              layer={"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
+                     "attention.dense": "attn.wo", "mlp.dense_h_to_4h": "mlp.w_in", "mlp.dense_4h_to_h": "mlp.w_out"},
+              fused={"attention.query_key_value": ("attn.wq", "attn.wk", "attn.wv")},
+              ignored=r"attention\.(bias|masked_bias|rotary_emb\.inv_freq)$")
+hf_to_zoo, zoo_to_hf = NAMES.to_zoo, NAMES.to_hf
 
 
 def hf_tensor_to_zoo(name: str, t: torch.Tensor, cfg: GPTNeoXConfig) -> torch.Tensor:

@@ -10,7 +10,6 @@ Learned positions with an offset of 2 (rows 0 and 1 of the table are never used 
 positions count real tokens only, so left padding does not shift them. ReLU MLP, biases everywhere,
 output tied to the embedding. `word_embed_proj_dim` < hidden (opt-350m) adds project_in/out.
 """
-import re
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,7 @@ from zoo.checks import FLAG, LAYERS, SIZE, TEXT, key
 from zoo.forward import Decoder, begin
 from zoo.mlp import MLP
 from zoo.models import Family, SharedNames
+from zoo.models.names import Names
 from zoo.parallel import column_parallel_linear, parallel_embedding
 
 POSITION_OFFSET = 2
@@ -118,36 +118,13 @@ class OPT(Decoder):
 #   model.decoder.embed_tokens / embed_positions / project_in / project_out / final_layer_norm
 #   model.decoder.layers.{i}.self_attn.{q,k,v,out}_proj, self_attn_layer_norm, fc1, fc2, final_layer_norm
 #   lm_head.weight (usually absent: tied to embed_tokens)
-TOP_NAMES = {"embed_tokens": "embed", "embed_positions": "pos_embed", "project_in": "project_in",
-             "project_out": "project_out", "final_layer_norm": "norm", "lm_head": "output"}
-LAYER_NAMES = {"self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
-               "self_attn.out_proj": "attn.wo", "self_attn_layer_norm": "attn_norm", "fc1": "mlp.w_in",
-               "fc2": "mlp.w_out", "final_layer_norm": "mlp_norm"}
-
-
-def hf_to_zoo(key: str) -> list[str]:
-    """Our name(s) for a key of a Hugging Face OPTForCausalLM checkpoint."""
-    key = re.sub(r"^(model\.)?(decoder\.)?", "", key)
-    layer = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", key)
-    if layer:
-        i, module, param = layer.groups()
-        return [f"blocks.{i}.{LAYER_NAMES.get(module, module)}.{param}"]
-    module, _, param = key.rpartition(".")
-    return [f"{TOP_NAMES.get(module, module)}.{param}"]
-
-
-def zoo_to_hf(name: str) -> str:
-    layer = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", name)
-    if layer:
-        i, module, param = layer.groups()
-        return f"model.decoder.layers.{i}.{_LAYER_KEYS.get(module, module)}.{param}"
-    module, _, param = name.rpartition(".")
-    key = _TOP_KEYS.get(module, module)
-    return f"{key}.{param}" if key == "lm_head" else f"model.decoder.{key}.{param}"
-
-
-_TOP_KEYS = {v: k for k, v in TOP_NAMES.items()}
-_LAYER_KEYS = {v: k for k, v in LAYER_NAMES.items()}
+NAMES = Names(prefix="model.decoder.", layers="layers", unprefixed=("lm_head",),
+              top={"embed_tokens": "embed", "embed_positions": "pos_embed", "project_in": "project_in",
+                   "project_out": "project_out", "final_layer_norm": "norm", "lm_head": "output"},
+              layer={"self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
+                     "self_attn.out_proj": "attn.wo", "self_attn_layer_norm": "attn_norm", "fc1": "mlp.w_in",
+                     "fc2": "mlp.w_out", "final_layer_norm": "mlp_norm"})
+hf_to_zoo, zoo_to_hf = NAMES.to_zoo, NAMES.to_hf
 
 
 def hf_tensor_to_zoo(name: str, t: torch.Tensor, cfg: OPTConfig) -> torch.Tensor:
