@@ -7,6 +7,7 @@ setup(
     packages=find_packages(include=["zoo", "zoo.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4,<2.15", "sentencepiece", "tiktoken", "tokenizers", "safetensors", "numpy", "pyyaml",
+                      "jinja2>=3.1.6",  # chat templates, rendered in its sandbox (older versions have known escapes)
                       "triton>=3.2; platform_system == 'Linux'",  # the CUDA kernels (tested on CPU by its interpreter, 3.9)
                       "ninja"],  # builds zoo/kernels/native.cpp on first use (with the system's g++)
     package_data={"zoo.kernels": ["native.cpp"], "zoo.analysis": ["show.html"]},

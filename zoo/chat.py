@@ -1,5 +1,5 @@
-"""Chat: a dialogue in the format the LLaMA 2 chat and LLaMA 3 instruct models were tuned on, and a
-session that keeps the KV cache of the turns so far.
+"""Chat: a dialogue in the format the model was tuned on (its checkpoint's own chat template, else the
+LLaMA 2 chat and LLaMA 3 instruct formats), and a session that keeps the KV cache of the turns so far.
 
     reply = zoo.chat(model, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
     chat = zoo.Chat(model, [{"role": "system", "content": "Be brief."}])
@@ -7,8 +7,18 @@ session that keeps the KV cache of the turns so far.
     for piece in chat.stream("And then?"):            # only the new turn's tokens are prefilled
         print(piece, end="")
 
-The format is the first of the model's family's formats (its Family's `chat`: LLaMA's, LLaMA 3's then
-LLaMA 2's) that its tokenizer can write:
+The format is the checkpoint's own chat template where it ships one (tokenizer.chat_template:
+`chat_template.jinja`, or tokenizer_config.json's `chat_template`), rendered as transformers'
+apply_chat_template renders it: jinja2's ImmutableSandboxedEnvironment (trim_blocks, lstrip_blocks,
+loop controls; `raise_exception`, `strftime_now`, a `tojson` that leaves HTML alone), given `messages`,
+`add_generation_prompt` (true), `tools` and `documents` (none) and the named special tokens
+(`bos_token`, `eos_token`, ...); the text is then encoded with its special tokens as those tokens and
+none added (transformers' add_special_tokens=False). A template that does not compile, raises
+(raise_exception, an undefined value used) or reaches outside the sandbox (`''.__class__`, a list's
+`append`) is a ValueError naming its file. Its reply ends at the tokenizer's stop ids, the eos_token,
+or generation_config.json's eos_token_id. Else (Meta's original checkpoints ship no template) it is
+the first of the model's family's formats (its Family's `chat`: LLaMA's, LLaMA 3's then LLaMA 2's)
+that its tokenizer can write:
 - LLaMA 2 chat (a SentencePiece tokenizer.model: LLaMA 1 and 2, the bundled tiny model), as Meta's
   chat_completion (llama/generation.py) builds it. A system message opens the first user message as
   "<<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user}"; each (user, answer) pair is the one string
@@ -33,15 +43,20 @@ earlier turn, unless a reply's text encodes to other tokens than the model produ
 chat.messages was edited) and prefills only the rest. The cache grows (doubling, up to the model's
 context) as the dialogue does; a dialogue that leaves no room for a reply is an error.
 """
+import json
+from datetime import datetime
 from typing import Iterator
 
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
 import torch
 
 from zoo.checks import require
 from zoo.compile import compiled_for
 from zoo.generate import _pieces, _steps, check_sampling
 from zoo.models import FAMILIES, family_of
-from zoo.tokenizer import SentencePieceTokenizer, TiktokenTokenizer
+from zoo.tokenizer import ChatTemplate, SentencePieceTokenizer, TiktokenTokenizer
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -87,11 +102,100 @@ class Llama3Format:
         return ids + self.header("assistant")
 
 
-def chat_format(tokenizer, formats: tuple[str, ...] = ("llama2", "llama3")) -> Llama2Format | Llama3Format:
-    """The first of `formats` (a family's `chat`: zoo/models/__init__.py) that the tokenizer can write (see
-    the module's docstring), or a ValueError saying why there is none."""
+class TemplateFormat:
+    """A checkpoint's own Jinja chat template, rendered as transformers renders it (see the module's docstring)."""
+
+    def __init__(self, tokenizer, template: ChatTemplate):
+        self.tokenizer, self.template = tokenizer, template
+        self.compiled = self._run(lambda: sandbox().from_string(template.text))
+        eos = template.special_tokens.get("eos_token")
+        eos_ids = tokenizer.encode_chat(eos) if eos else []
+        self.stop_ids = tokenizer.stop_ids | template.stop_ids | (set(eos_ids) if len(eos_ids) == 1 else set())
+
+    def text(self, messages: list[dict]) -> str:
+        """The template rendered for a checked dialogue ending with a user message, the assistant's turn opened."""
+        variables = {**self.template.special_tokens, "messages": [dict(m) for m in messages], "tools": None,
+                     "documents": None, "add_generation_prompt": True}
+        return self._run(lambda: self.compiled.render(**variables))
+
+    def prompt(self, messages: list[dict]) -> list[int]:
+        """A checked dialogue ending with a user message -> the token ids the reply follows."""
+        return self.tokenizer.encode_chat(self.text(messages))
+
+    def _run(self, step):
+        """step(), a template's error in it a ValueError naming the template's file (on one line)."""
+        try:
+            return step()
+        except jinja2.TemplateSyntaxError as e:
+            problem = f"not a Jinja template: line {e.lineno}: {e.message}"
+        except jinja2.sandbox.SecurityError as e:
+            problem = f"it reached outside Jinja's sandbox, which refused: {e}"
+        except jinja2.TemplateError as e:  # raise_exception's, an undefined value used
+            problem = f"it raised an error: {e}"
+        except Exception as e:  # the template is the checkpoint's code: what it raises is its error, never zoo's
+            problem = f"it raised {type(e).__name__}: {e}"
+        raise ValueError(f"{self.template.source}: the chat template failed: {' '.join(problem.split())}") from None
+
+
+def sandbox() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
+    """The environment transformers renders chat templates in: sandboxed, its objects immutable, blocks trimmed,
+    with the globals and filters templates on the Hub rely on."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[jinja2.ext.loopcontrols, GenerationTag])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)  # HTML left alone
+    env.globals.update(raise_exception=_raise, strftime_now=lambda format: datetime.now().strftime(format),
+                       dict=lambda *args, **kwargs: dict(*args, **kwargs), namespace=Namespace)
+    return env
+
+
+def _raise(message):
+    raise jinja2.TemplateError(message)
+
+
+class Namespace(jinja2.utils.Namespace):
+    """Jinja's namespace(), refusing names that start with "_" (a way to internals the sandbox does not watch)."""
+
+    def __init__(*args, **kwargs):  # Jinja's signature, so that namespace(self=...) works
+        self, attrs = args[0], dict(*args[1:], **kwargs)
+        for name in attrs:
+            Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.sandbox.SecurityError(f"a namespace attribute may not start with '_': {name!r}")
+
+
+class GenerationTag(jinja2.ext.Extension):
+    """{% generation %}...{% endgeneration %}: transformers marks the assistant's tokens with it; here it renders
+    its body."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+ChatFormat = TemplateFormat | Llama2Format | Llama3Format
+
+
+def chat_format(tokenizer, formats: tuple[str, ...] = ("llama2", "llama3")) -> ChatFormat:
+    """The checkpoint's chat template, else the first of `formats` (a family's `chat`: zoo/models/__init__.py)
+    that the tokenizer can write (see the module's docstring), or a ValueError saying why there is none."""
     if tokenizer is None:
         raise ValueError("this model has no tokenizer, so no chat format: load it from a checkpoint with one")
+    if tokenizer.chat_template is not None:
+        return TemplateFormat(tokenizer, tokenizer.chat_template)
     special = {name: _special_id(tokenizer, name) for name in LLAMA3_CHAT_TOKENS}
     for name in formats:
         if name == "llama2" and isinstance(tokenizer, SentencePieceTokenizer) and None not in (tokenizer.bos_id,
@@ -100,9 +204,11 @@ def chat_format(tokenizer, formats: tuple[str, ...] = ("llama2", "llama3")) -> L
         if name == "llama3" and None not in special.values():
             return Llama3Format(tokenizer, special)
     missing = ", ".join(name for name, i in special.items() if i is None)
-    raise ValueError(f"this model's tokenizer ({type(tokenizer).__name__}) has no chat format: zoo chats in LLaMA 2's "
-                     f"format (a SentencePiece tokenizer.model with bos and eos) and LLaMA 3's (a tokenizer with "
-                     f"{', '.join(LLAMA3_CHAT_TOKENS)}; this one lacks {missing}); OPT and GPT-NeoX have none")
+    raise ValueError(f"this model's tokenizer ({type(tokenizer).__name__}) has no chat format: its checkpoint has no "
+                     f"chat template (chat_template.jinja, or tokenizer_config.json's chat_template), and zoo's own "
+                     f"formats are LLaMA 2's (a SentencePiece tokenizer.model with bos and eos) and LLaMA 3's (a "
+                     f"tokenizer with {', '.join(LLAMA3_CHAT_TOKENS)}; this one lacks {missing}); OPT and GPT-NeoX "
+                     f"have none")
 
 
 def _special_id(tokenizer, name: str) -> int | None:

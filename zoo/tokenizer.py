@@ -9,12 +9,14 @@
   `dict.txt`), run on tiktoken: its mergeable ranks are built from the merges.
 
 Each tokenizer knows the files it was made from (`files`: name -> path), so that a checkpoint
-written from a model (zoo.quant.save) can take them along.
+written from a model (zoo.quant.save) can take them along, and the checkpoint's own chat template
+(`chat_template`: a ChatTemplate, or None; zoo/chat.py renders it).
 """
 import base64
 import json
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,6 +38,7 @@ class Tokenizer:
     stop_ids: set[int]
     n_words: int
     add_bos = True  # False: encode(bos=True) adds no bos (a tokenizer_config.json's add_bos_token: false)
+    chat_template: "ChatTemplate | None" = None
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self._encode(text)
@@ -44,6 +47,11 @@ class Tokenizer:
 
     def _encode(self, text: str) -> list[int]:
         raise NotImplementedError
+
+    def encode_chat(self, text: str) -> list[int]:
+        """A rendered chat template: the special and added tokens in `text` are those tokens, the rest is text
+        (transformers' encode(add_special_tokens=False)); no bos or eos is added."""
+        return self._encode(text)  # HFTokenizer and BPETokenizer recognise added tokens in the text
 
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
@@ -67,6 +75,18 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _encode(self, text):
         return self.sp.encode(text)
+
+    def encode_chat(self, text):
+        # sentencepiece encodes "<s>" as text: the control and unknown pieces are cut out and given their ids,
+        # each piece of text between them encoded on its own (as transformers' added tokens split the text)
+        if not hasattr(self, "_specials"):
+            self._specials = {self.sp.id_to_piece(i): i for i in range(self.n_words)
+                              if self.sp.is_control(i) or self.sp.is_unknown(i)}
+            self._split = re.compile(f"({'|'.join(map(re.escape, sorted(self._specials, key=len, reverse=True)))})")
+        ids = []
+        for k, part in enumerate(self._split.split(text)):
+            ids += [self._specials[part]] if k % 2 else self.sp.encode(part) if part else []
+        return ids
 
     def decode(self, ids):
         return self.sp.decode(list(ids))
@@ -111,6 +131,9 @@ class TiktokenTokenizer(Tokenizer):
             for a, b in zip([0] + cuts, cuts + [len(chunk)]):
                 ids += self.model.encode(chunk[a:b], allowed_special=set(), disallowed_special=())
         return ids
+
+    def encode_chat(self, text):
+        return self.model.encode(text, allowed_special="all")
 
     def decode(self, ids):
         return self.model.decode(list(ids))
@@ -321,10 +344,73 @@ def _merge_lines(merges: Path) -> list[str]:
 
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "dict.txt", "gpt2-vocab.json", "gpt2-merges.txt")
+                   "chat_template.jinja", "vocab.json", "merges.txt", "dict.txt", "gpt2-vocab.json", "gpt2-merges.txt")
+NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+class ChatTemplate(NamedTuple):
+    """A checkpoint's own Jinja chat template. `source`: where it was read (a file, and the key in it);
+    `special_tokens`: the named special tokens a template may write ({"bos_token": "<s>", ...}, the
+    variables transformers gives it); `stop_ids`: generation_config.json's eos_token_id (an instruct
+    model's end of turn, such as Gemma's <end_of_turn>, may be only there)."""
+    text: str
+    source: str
+    special_tokens: dict[str, str]
+    stop_ids: frozenset[int]
+
+
+def read_chat_template(directory: Path) -> ChatTemplate | None:
+    """The chat template beside a checkpoint, as transformers reads it: `chat_template.jinja` (transformers 5
+    writes it) before tokenizer_config.json's `chat_template` (a string, or a list of {"name", "template"}
+    whose "default" one is used); None if neither. The special tokens are tokenizer_config.json's, then
+    special_tokens_map.json's for those it lacks (a string, or an object with its "content")."""
+    config_file, jinja_file = directory / "tokenizer_config.json", directory / "chat_template.jinja"
+    config = read_json(config_file) if config_file.exists() else {}
+    if jinja_file.exists():
+        text, source = read_text(jinja_file), str(jinja_file)
+    elif config.get("chat_template") is not None:
+        text, source = config["chat_template"], f"{config_file} (chat_template)"
+        if isinstance(text, list):
+            names = [t.get("name") if isinstance(t, dict) else t for t in text]
+            text = next((t.get("template") for t in text if isinstance(t, dict) and t.get("name") == "default"), None)
+            if text is None:
+                raise CheckpointError(f"{source}: a list of templates should hold one named \"default\" (the one "
+                                      f"used), found {shown(names)}")
+            source = f"{config_file} (chat_template \"default\")"
+        if not isinstance(text, str):
+            raise CheckpointError(f"{source}: {shown(text)} is not a template (a string, or a list of "
+                                  f"{{\"name\", \"template\"}} objects)")
+    else:
+        return None
+    special = {}
+    for path in (config_file, directory / "special_tokens_map.json"):
+        named = read_json(path) if path.exists() else {}
+        for name in NAMED_SPECIAL_TOKENS:
+            token = named[name].get("content") if isinstance(named.get(name), dict) else named.get(name)
+            if not (token is None or isinstance(token, str)):
+                raise CheckpointError(f"{path}: {name} {shown(named[name])} is not a token (a string, or an object "
+                                      f"with its \"content\")")
+            if token is not None:
+                special.setdefault(name, token)
+    generation_file = directory / "generation_config.json"
+    eos = read_json(generation_file).get("eos_token_id") if generation_file.exists() else None
+    eos = [eos] if is_int(eos) else [] if eos is None else eos
+    if not (isinstance(eos, list) and all(map(is_int, eos))):
+        raise CheckpointError(f"{generation_file}: eos_token_id {shown(eos)} is not a token id (an int, or a list of "
+                              f"them)")
+    return ChatTemplate(text, source, special, frozenset(eos))
 
 
 def load_tokenizer(directory: Path, config: dict | None = None, config_file: Path | None = None) -> Tokenizer | None:
+    """The tokenizer stored beside a checkpoint (its chat template read by read_chat_template), or None.
+    The reading: _read_tokenizer."""
+    tokenizer = _read_tokenizer(directory, config, config_file)
+    if tokenizer is not None:
+        tokenizer.chat_template = read_chat_template(directory)
+    return tokenizer
+
+
+def _read_tokenizer(directory: Path, config: dict | None, config_file: Path | None) -> Tokenizer | None:
     """The tokenizer stored beside a checkpoint, or None if there is none.
 
     `tokenizer.model` comes first (SentencePiece or tiktoken, told apart by its content); else a
