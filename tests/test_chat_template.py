@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from helpers import hf_llama, run_py, save_hf
+from helpers import FAMILY_VARIANTS, hf_family, hf_llama, run_py, save_hf
 from sentencepiece import SentencePieceProcessor
 from test_chat import llama3_ranks, turn, write_tiktoken
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import zoo
 from zoo.chat import LLAMA3_CHAT_TOKENS, Llama2Format, Llama3Format, TemplateFormat, chat_format
+from zoo.models import FAMILIES
 from zoo.tokenizer import load_tokenizer
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
@@ -71,9 +72,10 @@ def tokenizer_json(kind: str) -> Tokenizer:
     return tok
 
 
-def write_checkpoint(directory: Path, case: str, with_model: bool = False, **config) -> Path:
+def write_checkpoint(directory: Path, case: str, with_model: bool | str = False, **config) -> Path:
     """A tokenizer.json and tokenizer_config.json (its chat_template from TEMPLATES) for `case`, with a random
-    LLaMA (bos and eos ids the tokenizer's) where `with_model`; `config`: more tokenizer_config.json keys."""
+    LLaMA (bos and eos ids the tokenizer's) where `with_model` (a helpers.FAMILY_VARIANTS name: a model of that
+    variant); `config`: more tokenizer_config.json keys."""
     template, kind, special = CASES[case]
     directory.mkdir(parents=True)
     tok = tokenizer_json(kind)
@@ -82,7 +84,9 @@ def write_checkpoint(directory: Path, case: str, with_model: bool = False, **con
     if with_model:
         ids = {f"{name}_id": tok.token_to_id(content(special[name])) for name in ("bos_token", "eos_token")
                if special.get(name)}
-        save_hf(hf_llama("gqa", vocab_size=512, max_position_embeddings=1024, **ids), directory)
+        model = hf_family(with_model, vocab_size=512, **ids) if isinstance(with_model, str) else \
+            hf_llama("gqa", vocab_size=512, max_position_embeddings=1024, **ids)
+        save_hf(model, directory)
     text = (TEMPLATES / f"{template}.jinja").read_text()
     (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": text, **special, **config}))
     return directory
@@ -226,6 +230,26 @@ def test_cache_reuse_with_a_template(case, tmp_path):
         if text == "And the while statement?":
             assert generated[-1] == stop and len(generated) < 10  # ended by the stop token
     assert ids == transformers_ids(directory, chat.messages[:-1])  # the replies closed as the template closes them
+
+
+FIRST_VARIANTS = {}  # each registered family's first variant but LLaMA's (the tests above)
+for variant, (family, _) in FAMILY_VARIANTS.items():
+    if family in FAMILIES:
+        FIRST_VARIANTS.setdefault(family, variant)
+
+
+@pytest.mark.parametrize("variant", list(FIRST_VARIANTS.values()))
+def test_every_family_chats_in_its_checkpoint_template(variant, tmp_path):
+    """A template is the checkpoint's, whatever its family (OPT's and GPT-NeoX's have no format of zoo's own): two
+    turns of Gemma's template, each step's logits those of one uncached forward, the second reusing the first."""
+    directory = write_checkpoint(tmp_path / variant, "gemma", with_model=variant)
+    model = zoo.load(directory, dtype=torch.float32)
+    chat = zoo.Chat(model, max_new_tokens=6)
+    turn(model, chat, "Hi")
+    before = list(chat.tokens)
+    stats, ids, _ = turn(model, chat, "Why?")
+    assert stats["cached_tokens"] == shared(before, ids) > 10
+    assert ids == transformers_ids(directory, chat.messages[:-1])
 
 
 # ---- a template's errors ----------------------------------------------------------------------------
