@@ -30,8 +30,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt", help="the prompt (default: text piped to stdin, else a demo prompt)")
     p.add_argument("--interactive", "-i", action="store_true", help="ask for prompts at a '> ' prompt until EOF")
     p.add_argument("--chat", action="store_true",
-                   help="chat in the model's format (LLaMA 2 [INST], LLaMA 3 headers): a message per line at a '> ' "
-                        "prompt until EOF, each reply streamed; earlier turns stay in the KV cache")
+                   help="chat in the checkpoint's chat template, else the family's format (LLaMA 2 [INST], LLaMA 3 "
+                        "headers): a message per line at a '> ' prompt until EOF, each reply streamed; earlier turns "
+                        "stay in the KV cache")
     p.add_argument("--system", help="with --chat: the system message")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding (default: %(default)s)")

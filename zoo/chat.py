@@ -43,20 +43,16 @@ earlier turn, unless a reply's text encodes to other tokens than the model produ
 chat.messages was edited) and prefills only the rest. The cache grows (doubling, up to the model's
 context) as the dialogue does; a dialogue that leaves no room for a reply is an error.
 """
-import json
-from datetime import datetime
 from typing import Iterator
 
-import jinja2
-import jinja2.ext
-import jinja2.sandbox
 import torch
 
 from zoo.checks import require
 from zoo.compile import compiled_for
 from zoo.generate import _pieces, _steps, check_sampling
 from zoo.models import FAMILIES, family_of
-from zoo.tokenizer import ChatTemplate, SentencePieceTokenizer, TiktokenTokenizer
+from zoo.chat_template import TemplateFormat
+from zoo.tokenizer import SentencePieceTokenizer, TiktokenTokenizer
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -100,90 +96,6 @@ class Llama3Format:
         for m in messages:
             ids += self.header(m["role"]) + self.tokenizer.encode(m["content"].strip()) + [self.special["<|eot_id|>"]]
         return ids + self.header("assistant")
-
-
-class TemplateFormat:
-    """A checkpoint's own Jinja chat template, rendered as transformers renders it (see the module's docstring)."""
-
-    def __init__(self, tokenizer, template: ChatTemplate):
-        self.tokenizer, self.template = tokenizer, template
-        self.compiled = self._run(lambda: sandbox().from_string(template.text))
-        eos = template.special_tokens.get("eos_token")
-        eos_ids = tokenizer.encode_chat(eos) if eos else []
-        self.stop_ids = tokenizer.stop_ids | template.stop_ids | (set(eos_ids) if len(eos_ids) == 1 else set())
-
-    def text(self, messages: list[dict]) -> str:
-        """The template rendered for a checked dialogue ending with a user message, the assistant's turn opened."""
-        variables = {**self.template.special_tokens, "messages": [dict(m) for m in messages], "tools": None,
-                     "documents": None, "add_generation_prompt": True}
-        return self._run(lambda: self.compiled.render(**variables))
-
-    def prompt(self, messages: list[dict]) -> list[int]:
-        """A checked dialogue ending with a user message -> the token ids the reply follows."""
-        return self.tokenizer.encode_chat(self.text(messages))
-
-    def _run(self, step):
-        """step(), a template's error in it a ValueError naming the template's file (on one line)."""
-        try:
-            return step()
-        except jinja2.TemplateSyntaxError as e:
-            problem = f"not a Jinja template: line {e.lineno}: {e.message}"
-        except jinja2.sandbox.SecurityError as e:
-            problem = f"it reached outside Jinja's sandbox, which refused: {e}"
-        except jinja2.TemplateError as e:  # raise_exception's, an undefined value used
-            problem = f"it raised an error: {e}"
-        except Exception as e:  # the template is the checkpoint's code: what it raises is its error, never zoo's
-            problem = f"it raised {type(e).__name__}: {e}"
-        raise ValueError(f"{self.template.source}: the chat template failed: {' '.join(problem.split())}") from None
-
-
-def sandbox() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
-    """The environment transformers renders chat templates in: sandboxed, its objects immutable, blocks trimmed,
-    with the globals and filters templates on the Hub rely on."""
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                       extensions=[jinja2.ext.loopcontrols, GenerationTag])
-    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)  # HTML left alone
-    env.globals.update(raise_exception=_raise, strftime_now=lambda format: datetime.now().strftime(format),
-                       dict=lambda *args, **kwargs: dict(*args, **kwargs), namespace=Namespace)
-    return env
-
-
-def _raise(message):
-    raise jinja2.TemplateError(message)
-
-
-class Namespace(jinja2.utils.Namespace):
-    """Jinja's namespace(), refusing names that start with "_" (a way to internals the sandbox does not watch)."""
-
-    def __init__(*args, **kwargs):  # Jinja's signature, so that namespace(self=...) works
-        self, attrs = args[0], dict(*args[1:], **kwargs)
-        for name in attrs:
-            Namespace._check(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name, value):
-        Namespace._check(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check(name):
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.sandbox.SecurityError(f"a namespace attribute may not start with '_': {name!r}")
-
-
-class GenerationTag(jinja2.ext.Extension):
-    """{% generation %}...{% endgeneration %}: transformers marks the assistant's tokens with it; here it renders
-    its body."""
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-    def _body(self, caller):
-        return caller()
 
 
 ChatFormat = TemplateFormat | Llama2Format | Llama3Format

@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -11,6 +12,15 @@ import torch
 class CheckpointError(ValueError):
     """A checkpoint directory or file is missing, corrupt, or does not match its config (zoo.formats raise it, and
     zoo.tokenizer for a tokenizer's files: defined here, where both can import it)."""
+
+
+def read_utf8(path: os.PathLike) -> str:
+    """A checkpoint's UTF-8 text file (merges.txt, dict.txt, chat_template.jinja); else an error naming it."""
+    path = Path(path)
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def read_text(path: str | os.PathLike, purpose: str = "read") -> str:

@@ -22,8 +22,9 @@ from torch.overrides import TorchFunctionMode
 from zoo import checks, formats, parallel
 from zoo import quant as quantization
 from zoo.formats import quantized
-from zoo.formats.files import CheckpointError, release_freed_memory
+from zoo.formats.files import CheckpointError
 from zoo.formats.lazy import Checkpoint, read_split
+from zoo.memory import release_freed_memory
 from zoo.models import FAMILIES
 
 

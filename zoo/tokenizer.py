@@ -10,17 +10,17 @@
 
 Each tokenizer knows the files it was made from (`files`: name -> path), so that a checkpoint
 written from a model (zoo.quant.save) can take them along, and the checkpoint's own chat template
-(`chat_template`: a ChatTemplate, or None; zoo/chat.py renders it).
+(`chat_template`: a zoo.chat_template.ChatTemplate, or None; zoo/chat.py renders it).
 """
 import base64
 import json
 import re
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
-from zoo.checks import CheckpointError, is_int, read_json, shown
+from zoo.chat_template import read_chat_template
+from zoo.checks import CheckpointError, is_int, read_json, read_utf8, shown
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -38,7 +38,7 @@ class Tokenizer:
     stop_ids: set[int]
     n_words: int
     add_bos = True  # False: encode(bos=True) adds no bos (a tokenizer_config.json's add_bos_token: false)
-    chat_template: "ChatTemplate | None" = None
+    chat_template = None  # a zoo.chat_template.ChatTemplate, where the checkpoint ships one
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self._encode(text)
@@ -308,7 +308,7 @@ class BPETokenizer(Tokenizer):
         </s>, <unk> (0..3). A token that dict.txt lacks encodes as <unk>, as fairseq does; </s> starts
         and ends a document."""
         gpt2 = read_json(vocab)
-        entries = [line.split(" ")[0] for line in read_text(dictionary).splitlines() if line.strip()]
+        entries = [line.split(" ")[0] for line in read_utf8(dictionary).splitlines() if line.strip()]
         line_of = {entry: 4 + i for i, entry in enumerate(entries)}
         renumbered = {token: line_of[str(i)] for token, i in gpt2.items() if str(i) in line_of}
         specials = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
@@ -330,77 +330,13 @@ class BPETokenizer(Tokenizer):
         return b"".join(self.id_to_bytes.get(int(i), b"") for i in ids).decode("utf-8", errors="replace")
 
 
-def read_text(path: Path) -> str:
-    """A UTF-8 text file (merges.txt, dict.txt); else an error naming it."""
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
 def _merge_lines(merges: Path) -> list[str]:
     """GPT-2's merges.txt: a '#version' line, then 'left right' per line."""
-    return [line for line in read_text(merges).split("\n") if line and not line.startswith("#version")]
+    return [line for line in read_utf8(merges).split("\n") if line and not line.startswith("#version")]
 
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "vocab.json", "merges.txt", "dict.txt", "gpt2-vocab.json", "gpt2-merges.txt")
-NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-
-
-class ChatTemplate(NamedTuple):
-    """A checkpoint's own Jinja chat template. `source`: where it was read (a file, and the key in it);
-    `special_tokens`: the named special tokens a template may write ({"bos_token": "<s>", ...}, the
-    variables transformers gives it); `stop_ids`: generation_config.json's eos_token_id (an instruct
-    model's end of turn, such as Gemma's <end_of_turn>, may be only there)."""
-    text: str
-    source: str
-    special_tokens: dict[str, str]
-    stop_ids: frozenset[int]
-
-
-def read_chat_template(directory: Path) -> ChatTemplate | None:
-    """The chat template beside a checkpoint, as transformers reads it: `chat_template.jinja` (transformers 5
-    writes it) before tokenizer_config.json's `chat_template` (a string, or a list of {"name", "template"}
-    whose "default" one is used); None if neither. The special tokens are tokenizer_config.json's, then
-    special_tokens_map.json's for those it lacks (a string, or an object with its "content")."""
-    config_file, jinja_file = directory / "tokenizer_config.json", directory / "chat_template.jinja"
-    config = read_json(config_file) if config_file.exists() else {}
-    if jinja_file.exists():
-        text, source = read_text(jinja_file), str(jinja_file)
-    elif config.get("chat_template") is not None:
-        text, source = config["chat_template"], f"{config_file} (chat_template)"
-        if isinstance(text, list):
-            names = [t.get("name") if isinstance(t, dict) else t for t in text]
-            text = next((t.get("template") for t in text if isinstance(t, dict) and t.get("name") == "default"), None)
-            if text is None:
-                raise CheckpointError(f"{source}: a list of templates should hold one named \"default\" (the one "
-                                      f"used), found {shown(names)}")
-            source = f"{config_file} (chat_template \"default\")"
-        if not isinstance(text, str):
-            raise CheckpointError(f"{source}: {shown(text)} is not a template (a string, or a list of "
-                                  f"{{\"name\", \"template\"}} objects)")
-    else:
-        return None
-    special = {}
-    for path in (config_file, directory / "special_tokens_map.json"):
-        named = read_json(path) if path.exists() else {}
-        for name in NAMED_SPECIAL_TOKENS:
-            token = named[name].get("content") if isinstance(named.get(name), dict) else named.get(name)
-            if not (token is None or isinstance(token, str)):
-                raise CheckpointError(f"{path}: {name} {shown(named[name])} is not a token (a string, or an object "
-                                      f"with its \"content\")")
-            if token is not None:
-                special.setdefault(name, token)
-    generation_file = directory / "generation_config.json"
-    eos = read_json(generation_file).get("eos_token_id") if generation_file.exists() else None
-    eos = [eos] if is_int(eos) else [] if eos is None else eos
-    if not (isinstance(eos, list) and all(map(is_int, eos))):
-        raise CheckpointError(f"{generation_file}: eos_token_id {shown(eos)} is not a token id (an int, or a list of "
-                              f"them)")
-    return ChatTemplate(text, source, special, frozenset(eos))
-
-
 def load_tokenizer(directory: Path, config: dict | None = None, config_file: Path | None = None) -> Tokenizer | None:
     """The tokenizer stored beside a checkpoint (its chat template read by read_chat_template), or None.
     The reading: _read_tokenizer."""

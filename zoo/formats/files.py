@@ -14,7 +14,6 @@ import math
 import mmap
 import pickle
 import struct
-import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from zoo.checks import CheckpointError, is_int, json_kind, shown
+from zoo.memory import LIBC
 
 
 SAFETENSORS_DTYPES = {
@@ -310,19 +310,12 @@ def open_tensors(path: Path) -> dict[str, StoredTensor]:
 # Pages of a file that torch.load mapped count in our RSS once touched. After copying a tensor out
 # we tell the kernel we no longer need them (MADV_DONTNEED: on a private, unwritten file mapping
 # the pages are simply re-read from disk if touched again), so RSS stays at the model's size.
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 _MADV_DONTNEED = 4
 
 
-def release_freed_memory() -> None:
-    """Hand memory that glibc's malloc keeps after freeing the loading temporaries back to the system."""
-    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
-
-
 def _drop_pages(t: torch.Tensor) -> None:
-    if _LIBC is None or t.numel() == 0:
+    if LIBC is None or t.numel() == 0:
         return
     start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
     end = t.data_ptr() + t.numel() * t.element_size()
-    _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+    LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)

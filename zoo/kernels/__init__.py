@@ -62,6 +62,7 @@ from zoo.kernels.cpu import (CPU_INT8_K_MULTIPLE, CpuInt4Weight, PaddedInt8Weigh
 from zoo.kernels.native import NativeInt4Weight, NativeInt8Weight
 from zoo.kernels.reference import (dequantize_int4, dequantize_int8, int4_linear_ref, int8_linear_ref, pack_int4,
                                    unpack_int4)
+from zoo.memory import release_freed_memory
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 CPU_DTYPE = torch.bfloat16  # torch's CPU paths compute in bf16 for any x but an fp32 one (compute_dtype)
@@ -249,7 +250,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         y = torch.ops.zoo_native.bf16_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
         return y.view(*x.shape[:-1], y.shape[-1])  # [..., N]
     if x.device.type == "cpu" and not torch.compiler.is_compiling() and next(_cpu_gemms) % TRIM_EVERY == 0:
-        from zoo.formats.files import release_freed_memory  # here: zoo.formats imports the models, which import this
         release_freed_memory()
     return F.linear(x, weight, bias)
 

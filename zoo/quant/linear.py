@@ -6,7 +6,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from zoo.formats.files import release_freed_memory
+from zoo.memory import release_freed_memory
 from zoo.parallel.layers import ColumnParallelLinear, RowParallelLinear, column_parallel, row_parallel
 from zoo.quant.scheme import Scheme
 
