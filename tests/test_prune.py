@@ -198,3 +198,78 @@ def test_pruning_by_abs_removes_code_and_keeps_prose(tiny_dir):
     assert drop["abs"]["cripple"] > 0.03
     assert drop["abs"]["cripple"] > 3 * max(drop["abs"]["focus"], 0.002)
     assert drop["abs"]["cripple"] > 2 * drop["rand"]["cripple"]
+
+
+def rebuilt(directory, model):
+    """A floating-point model holding `model`'s weights as its map reads them (dequantized)."""
+    out = zoo.load(directory, dtype=torch.float32)
+    R = zoo.weights(out)
+    for name, t in zoo.weights(model).items():
+        R[name] = t
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_quantized_model_prunes_after_it_ran_and_saves_quantized(directory, scheme, tmp_path):
+    """On a quantized model (LLaMA, OPT, NeoX; int4 on the CPU lets its stored weight go at the first forward unless
+    kept), deletion after forwards (as prune's statistics and evaluation run them) re-quantizes the edited rows
+    with the deleted units' weights exact zeros: a float model rebuilt from the map is unchanged by ablating them
+    with hooks, and the quantized forward is that rebuilt model's (within twice the kernels' rounding, what an
+    unedited quantized model differs from its own rebuild); int8 (symmetric, so its other codes stay) is also
+    close to ablating the units by hooks on the unedited model. The prune loop runs on it, and it saves in zoo's
+    quantized format, which loads to the same logits. A model that let its int4 weights go is refused by name."""
+    load = lambda: zoo.load(directory, dtype=torch.float32, quant=scheme, group_size=32)  # noqa: E731
+    model, plain = load(), load()
+    zp.keep_stored_weights(model)
+    zp.keep_stored_weights(plain)
+    neurons, heads = units(model)
+    spec = {}
+    for i in range(model.config.n_layers):
+        spec[f"blocks.{i}.mlp_post"] = hooks.ablate(neurons=neurons[i].nonzero()[:, 0].tolist())
+        spec[f"blocks.{i}.z"] = hooks.ablate(heads=heads[i].nonzero()[:, 0].tolist())
+    want, before = logits(plain, spec), logits(model)
+    zp.delete(model, neurons=neurons, heads=heads)
+    got = logits(model)
+    W = zoo.weights(model)
+    for i in range(model.config.n_layers):
+        assert (W[f"blocks.{i}.mlp.W_in"][:, neurons[i]] == 0).all() and (W[f"blocks.{i}.mlp.W_out"][neurons[i]] == 0).all()
+        assert (W[f"blocks.{i}.attn.W_O"][heads[i]] == 0).all()
+    edited, unedited = rebuilt(directory, model), rebuilt(directory, plain)
+    assert (logits(edited, spec) - logits(edited)).abs().max() < 1e-5
+    rounding = (logits(plain) - logits(unedited)).abs().max()
+    assert (got - logits(edited)).abs().max() < 2 * rounding + 1e-4
+    assert (want - before).abs().max() > 0.05
+    if scheme == "int8":
+        assert (got - want).abs().max() < 0.1 * (want - before).abs().max()
+
+    records = zp.prune(load(), (WINDOWS[:2], WINDOWS[2:3]), (WINDOWS[1:3], WINDOWS[3:]), ff_frac=0.05, attn_frac=0.1,
+                       steps=2, batch=2)
+    assert [r["neurons"] for r in records][1:] == [round(0.05 * model.config.n_layers * model.config.d_mlp) * k
+                                                   for k in (1, 2)]
+    if scheme == "int4":
+        ran = load()
+        logits(ran)
+        if any(m.quantized is None for m in ran.modules() if isinstance(m, zoo.quant.QuantLinear)):
+            with pytest.raises(ValueError, match=r"blocks\.0\.\S+: this int4 layer let its stored weight go at the "
+                                                 r"model's first forward, so pruning cannot edit it: load the model "
+                                                 r"again"):
+                zp.prune(ran, (WINDOWS[:2], WINDOWS[2:3]), (WINDOWS[1:3], WINDOWS[3:]))
+
+    saved = tmp_path / "pruned"
+    zoo.quant.save(model, saved, source=directory)
+    again = zoo.load(saved, dtype=torch.float32)
+    assert isinstance(again.blocks[0].mlp.w_in, zoo.quant.QuantLinear)
+    assert (logits(again) - got).abs().max() < 1e-5
+
+
+def test_prune_command_saves_a_quantized_model_in_zoos_format(tiny_dir, tmp_path):
+    quantized, saved = tmp_path / "int4", tmp_path / "pruned"
+    zoo.quant.save(zoo.load(tiny_dir, dtype=torch.float32, quant="int4"), quantized)
+    args = prune_args(str(quantized), "--focus", str(SKILLS / "prose.txt"), "--cripple", str(SKILLS / "code.txt"),
+                      "--tokens", "300", "--eval-tokens", "200", "--ctx", "64", "--ff-frac", "0.02",
+                      "--dtype", "float32", "--json", str(tmp_path / "prune.json"), "--out", str(saved))
+    assert zp.command(args) == 0
+    model = zoo.load(saved, dtype=torch.float32)
+    assert isinstance(model.blocks[0].mlp.w_out, zoo.quant.QuantLinear)
+    W = zoo.weights(model)
+    assert sum(int((W[f"blocks.{i}.mlp.W_out"] == 0).all(1).sum()) for i in range(6)) == round(0.02 * 6 * 768)

@@ -20,6 +20,8 @@ rows. With means (offset "mean"), the focus mean of each deleted unit times its 
 added to the layer's output bias, which is what replacing the unit by that mean at every position does. A
 layer with no bias gets one through its family's config flag (LLaMA's mlp_bias / attention_bias: zero biases
 on the other projections of that kind too), so the config a saved checkpoint carries builds the same model.
+A quantized model's layers keep their stored weights through prune's forwards (keep_stored_weights), and each
+edit re-quantizes the rows it changed, the deleted weights exact zeros (QuantLinear.requantize).
 """
 import dataclasses
 import json
@@ -37,6 +39,7 @@ from zoo.checks import integer, require
 from zoo.console import say
 from zoo.loader import build
 from zoo.models import family_of
+from zoo.quant import QuantLinear
 from zoo.weights import weights
 
 RATIOS = {"abs": "mean_abs", "freq": "freq_pos", "sqrt": "mean_sqrt", "std": "std", "rms": None}
@@ -181,6 +184,18 @@ def split(windows: list[list[int]], held_out: float) -> tuple[list[list[int]], l
     return out
 
 
+def keep_stored_weights(model: nn.Module) -> None:
+    """Make every quantized layer keep its stored weight through forwards (QuantLinear.keep_stored), so that
+    deletion can edit it after statistics and evaluation ran; an error if one has let it go already."""
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            if m.quantized is None:
+                raise ValueError(f"{name}: this {m.scheme.name} layer let its stored weight go at the model's first "
+                                 f"forward, so pruning cannot edit it: load the model again and prune it before it "
+                                 f"runs")
+            m.keep_stored = True
+
+
 def prune(model: nn.Module, focus: tuple[list, list], cripple: tuple[list, list], ff_frac: float = 0.02,
           attn_frac: float = 0.0, scoring: str = "abs", steps: int = 1, offset: str | None = None,
           recollect: bool = True, heads_by: str = "mean", eps: float = EPS, batch: int = 8, seed: int = 0,
@@ -197,6 +212,7 @@ def prune(model: nn.Module, focus: tuple[list, list], cripple: tuple[list, list]
     for name, frac in (("ff_frac", ff_frac), ("attn_frac", attn_frac)):
         require(isinstance(frac, (int, float)) and 0 <= frac <= 1, name, frac, "a fraction in 0..1")
     integer("steps", steps, low=1)
+    keep_stored_weights(model)
     c = model.config
     deleted = {"neurons": torch.zeros(c.n_layers, c.d_mlp, dtype=torch.bool),
                "heads": torch.zeros(c.n_layers, c.n_heads, dtype=torch.bool)}
@@ -264,8 +280,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=8, help="windows per forward (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="for --scoring rand (default: %(default)s)")
     p.add_argument("--json", default="prune.json", help="the steps' records (default: %(default)s)")
-    p.add_argument("--out", help="write the pruned model here as a Hugging Face checkpoint (zoo.save), never over "
-                                 "its source")
+    p.add_argument("--out", help="write the pruned model here as a Hugging Face checkpoint (zoo.save; a quantized "
+                                 "one in zoo's quantized format), never over its source")
     p.add_argument("--force", action="store_true", help="replace a checkpoint zoo wrote in --out")
     p.add_argument("--dtype", default="bfloat16", help="the model's dtype (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -292,7 +308,8 @@ def command(args) -> int:
     settings["checkpoint"] = str(source.resolve())
     if parallel.rank() == 0:
         Path(args.json).write_text(json.dumps({"settings": settings, "steps": records}, indent=1) + "\n")
-    if args.out is not None:
-        zoo.save(model, args.out, force=args.force, source=source)
+    if args.out is not None:  # a quantized model in zoo's quantized format (zoo.quant.save), any other as HF's
+        quantized = any(isinstance(m, QuantLinear) for m in model.modules())
+        zoo.save(model, args.out, format="zoo" if quantized else "hf", force=args.force, source=source)
     say(f"wrote {args.json}" + (f" and the pruned model to {args.out}" if args.out else ""))
     return 0

@@ -5,6 +5,7 @@ format: zoo/kernels/reference.py).
 
 Asymmetric by default, scale = (max - min) / 15 and zero = -min / scale over the group (min/max);
 symmetric: zero = 8, scale = max|w| / 7; refine: then least-squares scales and zeros (`refine_int4`).
+Rows an edit re-quantizes (`requantize`): a group holding an exact 0.0 gets a whole-code zero (0.0 stays 0.0).
 A layer whose inputs K do not split into whole groups stays in floating point (`misfit`).
 """
 import torch
@@ -38,7 +39,8 @@ def check_options(group_size: int, symmetric: bool = False, refine: bool = False
         raise ValueError("refine fits a scale and a zero per group: it applies to asymmetric int4 only")
 
 
-def _int4_rows(w: torch.Tensor, group_size: int, symmetric: bool, refine: bool):
+def _int4_rows(w: torch.Tensor, group_size: int, symmetric: bool = False, refine: bool = False,
+               whole_zero: bool = False):
     n, k = w.shape
     groups = w.float().reshape(n, k // group_size, group_size)  # (N, groups, group_size)
     if symmetric:
@@ -50,6 +52,11 @@ def _int4_rows(w: torch.Tensor, group_size: int, symmetric: bool, refine: bool):
         zeros = -lo / scales
         if refine:
             scales, zeros = refine_int4(groups, scales, zeros)
+        if whole_zero:  # a group holding an exact 0.0: its zero a whole code, the scale widened to fit [min, max]
+            held = (groups == 0).any(dim=-1)
+            z = torch.round(zeros).clamp(0, 15)
+            s = torch.maximum(hi / (15 - z).clamp(min=1), -lo / z.clamp(min=1)).clamp(min=1e-12)
+            scales, zeros = torch.where(held, s, scales), torch.where(held, z, zeros)
     q = torch.round(groups / scales[..., None] + zeros[..., None]).clamp(0, 15).to(torch.uint8)
     return pack_int4(q.reshape(n, k)), scales, zeros
 
@@ -97,6 +104,11 @@ class Int4(Scheme):
 
     def quantize(self, w, group_size=128, symmetric=False, refine=False) -> Int4Weight:
         return quantize_int4(w, group_size, symmetric, refine)
+
+    def requantize(self, w, group_size=128) -> Int4Weight:
+        """quantize's min/max, but a group holding an exact 0.0 gets a whole-code zero, so 0.0 is one of its values."""
+        check_options(group_size)
+        return Int4Weight(*by_rows(w, lambda rows: _int4_rows(rows, group_size, whole_zero=True)), group_size)
 
     def misfit(self, linear: nn.Module, group_size: int) -> str | None:
         """K must split into whole groups; under tensor parallelism it is this rank's K (a row-parallel

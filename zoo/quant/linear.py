@@ -18,9 +18,11 @@ class QuantLinear(nn.Module):
     `quantized` is the stored weight (what `zoo.quant.save` writes); `prepared` the layout its matmul
     reads, made on the first forward (`prepare`). Where that layout holds the weight in another form
     (int4 on the CPU) the stored weight is let go, so the weight is held once: `quantized` is then
-    None, and the model can no longer be saved. Under tensor parallelism it holds this rank's shard
+    None, and the model can no longer be saved or edited, unless `keep_stored` was set before (zoo.prune
+    sets it: it edits the weights between forwards). Under tensor parallelism it holds this rank's shard
     (quantized on its own).
     """
+    keep_stored = False
 
     def __init__(self, scheme: Scheme, weight, bias: torch.Tensor | None = None, parallel: str | None = None,
                  gather_output: bool = False, input_is_parallel: bool = True, full_size: int | None = None):
@@ -49,7 +51,9 @@ class QuantLinear(nn.Module):
         """Make the matmul's layout for x of `dtype` (the first forward's)."""
         self.prepared = self.scheme.prepare(self.quantized, dtype)
         if self.prepared is not self.quantized:
-            self.quantized = self.prepared.stored()  # the same weight in the layout's memory, or None
+            stored = self.prepared.stored()  # the same weight in the layout's memory, or None
+            if stored is not None or not self.keep_stored:
+                self.quantized = stored
         if self.quantized is None:
             release_freed_memory()  # the stored copy and the repacking's temporaries (glibc would keep them)
 
@@ -63,14 +67,14 @@ class QuantLinear(nn.Module):
 
     def requantize(self, w: torch.Tensor) -> None:
         """Make w [N, K] (this rank's shard) the layer's weight: the rows that differ from the stored weight's
-        dequantization are quantized anew by the scheme at the layer's group size, with its default options (a
-        layer made symmetric or refined gets min/max rows where edited: the stored weight does not say), the
-        others keep their codes (every stored tensor is indexed by row first, and each row is quantized on its
-        own). The matmul's layout is made again at the next forward."""
+        dequantization are quantized anew by the scheme's `requantize` at the layer's group size (its zeros
+        stay exact zeros; a layer made symmetric or refined gets min/max rows where edited: the stored weight
+        does not say), the others keep their codes (every stored tensor is indexed by row first, and each row
+        is quantized on its own). The matmul's layout is made again at the next forward."""
         rows = (w.float() != self.dequantize()).any(dim=1).nonzero().flatten()
         if len(rows) == 0:
             return
-        new = self.scheme.quantize(w.float()[rows], self.group_size)
+        new = self.scheme.requantize(w.float()[rows], self.group_size)
         fields = {name: getattr(self.quantized, name).clone() for name in self.scheme.tensors}
         for name, t in fields.items():
             t[rows] = getattr(new, name).to(t.dtype)

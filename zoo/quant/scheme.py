@@ -49,6 +49,12 @@ class Scheme:
         """w [N, K] -> the stored weight."""
         raise NotImplementedError
 
+    def requantize(self, w: torch.Tensor, group_size: int = 128):
+        """Rows of a weight an edit changed, w [N, K] -> their stored weight, each exact 0.0 of w stored as 0.0
+        (a deletion's zeros stay zeros: zoo.weights, zoo.prune). This default is quantize's, for a scheme whose
+        0.0 is always a code (a symmetric one)."""
+        return self.quantize(w, group_size)
+
     def misfit(self, linear: nn.Module, group_size: int) -> str | None:
         """Why this scheme cannot take the linear layer (reading only shapes: meta tensors do), or None."""
         return None
