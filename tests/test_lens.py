@@ -262,3 +262,29 @@ def world_2(tmp_path_factory):
 
 def test_world_2_equals_one_process(world_2):
     check_outcome(world_2, "lens-decompose-attribution-equal-one-process", 2)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["llama-gqa", "opt-pre-ln", "neox-parallel"])
+def test_a_quantized_models_components_sum_to_its_final_residual(dirs, variant, dtype, scheme):
+    """On a quantized model the heads' parts are z_h @ W_O[h] with W_O as the model map reads it (dequantized; int4
+    on the CPU: after the forward, its layout's weight read back), and the parts sum to the final residual the
+    quantized forward computed, within the float model's rounding bound (fp32: the quantized matmuls compute an
+    fp32 x in fp32); in bf16 within twice the float bf16 model's own largest error, as the kernels round their own
+    way."""
+    model = zoo.load(dirs[variant], dtype=DTYPES[dtype], quant=scheme, group_size=32)
+    parts = decompose(model, TOKENS)
+    W, c = zoo.weights(model), model.config
+    z = hooks.collect("blocks.1.z", gather=True)
+    with torch.no_grad():
+        model(TOKENS, hooks=z)
+    for h in (0, c.n_heads - 1):
+        want = z["blocks.1.z"][:, :, h].float() @ W["blocks.1.attn.W_O"][h].float()
+        assert torch.allclose(parts[f"blocks.1.head.{h}"], want, atol=1e-5 * want.abs().max(), rtol=0), h
+    error = (parts.parts.sum(0) - parts.resid).abs()
+    if dtype == "fp32":
+        assert (error <= rounding_bound(model, TOKENS, torch.float32)).all()
+    else:
+        plain = decompose(load(dirs[variant], torch.bfloat16), TOKENS)
+        assert error.max() <= 2 * (plain.parts.sum(0) - plain.resid).abs().max()

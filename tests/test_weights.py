@@ -226,11 +226,13 @@ def _linear(weight):
 def test_quantized_assignments_requantize_and_the_forward_is_the_maps(llama_dir, scheme):
     """An assignment quantizes the layer as the scheme quantizes that float weight; an in-place edit the copy holds
     afterwards what the model holds; the forward is then that of a float model rebuilt from the map (within twice the
-    CPU kernels' bf16 rounding, as an unedited quantized model differs from its own rebuild). On the CPU an int4 layer lets its stored weight go at its first forward: reading
-    it after that is an error that says so."""
+    CPU kernels' bf16 rounding, as an unedited quantized model differs from its own rebuild). On the CPU an int4
+    layer lets its stored weight go at its first forward: a read after that is its layout's weight (the same, to
+    fp32 rounding), an edit an error that says so."""
     model = load_quantized(llama_dir, scheme)
     unedited = run(load_quantized(llama_dir, scheme))
     W = zoo.weights(model)
+    W_Q = W["blocks.0.attn.W_Q"].clone()
     t = torch.randn(W["blocks.1.mlp.W_in"].shape, generator=torch.Generator().manual_seed(1)) * 0.15
     W["blocks.1.mlp.W_in"] = t
     assert torch.equal(W["blocks.1.mlp.W_in"], reference(zoo.quant.quantize_linear(_linear(t.T), scheme, 32)).T)
@@ -250,10 +252,13 @@ def test_quantized_assignments_requantize_and_the_forward_is_the_maps(llama_dir,
         P[name] = tensor
     rounding = (run(plain) - run(rebuilt_plain)).abs().max()
     assert (got - run(rebuilt)).abs().max() < 2 * rounding + 1e-3 and (got - unedited).abs().max() > 0.5
-    if scheme == "int4":
+    let_go = model.blocks[0].attn.wq.quantized is None  # the read below is then the layout's weight
+    assert let_go == (scheme == "int4" and model.embed.weight.device.type == "cpu")
+    assert (W["blocks.0.attn.W_Q"] - W_Q).abs().max() < 1e-6
+    if let_go:
         with pytest.raises(RuntimeError, match=r"blocks.0.attn.W_Q: this int4 layer's stored weight was let go at its "
-                                               r"first forward .* read or edit it before the model runs"):
-            W["blocks.0.attn.W_Q"]
+                                               r"first forward .* can be read \(dense_weight\) but not edited"):
+            W["blocks.0.attn.W_Q"][0] = 0
 
 
 # ---- tensor parallelism: reads gather, writes scatter, padding stays zero ----------------------------------

@@ -22,7 +22,10 @@ Names and shapes (d_model, d_head, d_mlp, d_vocab, n_heads, n_kv_heads: `model.c
   blocks.{i}.mlp.W_in, W_gate (d_model, d_mlp)    W_gate: gated MLPs (LLaMA's SwiGLU: act(x W_gate) * x W_in)
   blocks.{i}.mlp.W_out (d_mlp, d_model)           neuron j writes W_out[j]; b_in, b_gate, b_out where present
   blocks.{i}.ln1.w, .b / ln2.w, .b, ln_final.w, .b  the norms before attention, before the MLP, and final
-                                                  (RMSNorm: no .b; OPT without affine norms: none)
+                                                  (RMSNorm: no .b; OPT without affine norms: none; Gemma's
+                                                  norms scale by 1 + w)
+  blocks.{i}.ln1_post.w, ln2_post.w (d_model,)    Gemma 2's norms after attention and after the MLP
+  blocks.{i}.attn.q_norm.w, k_norm.w (d_head,)    Qwen3's norms of each head's q and k (in the d_head basis below)
 The d_head basis of W_Q and W_K is the rotary pairing zoo computes in: LLaMA's (Meta's) pairs (2i, 2i+1),
 GPT-NeoX's half split (i, i + rotary_dim/2). `half_split(t)` turns LLaMA's into Hugging Face's. The QK
 and OV circuits (W_Q[h] @ W_K[g].T, W_V[g] @ W_O[h]) do not depend on the basis.
@@ -44,8 +47,9 @@ unchanged. What a copy is not: a view of another read (re-read after an edit: a 
 tied W_E keeps its old values), nor seen through writes from outside torch (`.numpy()`). Under tensor
 parallelism reads and writes are collectives: every rank makes the same ones, with the same values (a write
 whose value differs between ranks is a ValueError on every rank). A quantized layer whose matmul reads the
-weight in another form (int4 on the CPU) lets its stored weight go at its first forward: read and edit it
-before the model runs; afterwards a read is an error saying so.
+weight in another form (int4 on the CPU) lets its stored weight go at its first forward: afterwards a read is
+that layout's weight read back (`QuantLinear.dense_weight`, equal to the dequantization to fp32 rounding) and an
+edit is an error saying so; edit it before the model runs, or set `keep_stored` first (zoo.prune does).
 """
 import difflib
 import fnmatch
@@ -154,7 +158,11 @@ class Weights(Mapping):
                 layer = getattr(block.mlp, "w_" + name, None)
                 self._add(mlp + "W_" + name, layer, "weight", lambda w: w.T)
                 self._add(mlp + "b_" + name, layer, "bias", lambda b: b)
-            for name, norm in (("ln1", block.attn_norm), ("ln2", block.mlp_norm)):
+            for name in ("q", "k"):  # Qwen3's per-head norms of q and k
+                self._add(f"{at}{name}_norm.w", getattr(block.attn, f"{name}_norm", None), "weight", lambda w: w)
+            for name, norm in (("ln1", block.attn_norm), ("ln2", block.mlp_norm),
+                               ("ln1_post", getattr(block, "attn_out_norm", None)),
+                               ("ln2_post", getattr(block, "mlp_out_norm", None))):
                 self._add(f"blocks.{i}.{name}.w", norm, "weight", lambda w: w)
                 self._add(f"blocks.{i}.{name}.b", norm, "bias", lambda b: b)
         self._add("ln_final.w", model.norm, "weight", lambda w: w)
@@ -177,11 +185,8 @@ class Weights(Mapping):
 
     def _whole(self, name: str, module: nn.Module, param: str) -> torch.Tensor:
         """A copy of the model's tensor behind `name`, whole: dequantized (fp32), gathered from the ranks."""
-        if _quantized(module, param):
-            try:
-                local = module.dequantize()
-            except RuntimeError as e:
-                raise RuntimeError(f"zoo.weights: {name}: {e}") from None
+        if _quantized(module, param):  # the stored weight, else (let go) what the matmul's layout holds
+            local = module.dequantize() if module.quantized is not None else module.dense_weight()
         else:
             local = getattr(module, param).detach()
         split = _split(module, param)
@@ -194,7 +199,10 @@ class Weights(Mapping):
                              f"parallelism every rank reads and writes the map together, with the same values")
         split = _split(module, param)
         with torch.no_grad():
-            local = module.dequantize() if _quantized(module, param) else getattr(module, param)
+            try:
+                local = module.dequantize() if _quantized(module, param) else getattr(module, param)
+            except RuntimeError as e:  # a quantized layer that let its stored weight go
+                raise RuntimeError(f"zoo.weights: {name}: {e}") from None
             if split:
                 parallel.write_split(local, whole, split[0])
             else:

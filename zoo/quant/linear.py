@@ -62,7 +62,8 @@ class QuantLinear(nn.Module):
         if self.quantized is None:
             raise RuntimeError(f"this {self.scheme.name} layer's stored weight was let go at its first forward (the "
                                f"layout its matmul reads on {self.prepared.device} holds the weight in another form), "
-                               f"so it cannot be dequantized: read or edit it before the model runs, or load it again")
+                               f"so it can be read (dense_weight) but not edited or saved: edit it before the model "
+                               f"runs, set keep_stored before it runs (zoo.prune does), or load it again")
         return self.scheme.dequantize(self.quantized)
 
     def requantize(self, w: torch.Tensor) -> None:
