@@ -196,13 +196,23 @@ def check_outcome(out: Path, name: str, world: int) -> None:
             pytest.fail(f"check {name!r} failed on rank {rank}:\n{path.read_text()}", pytrace=False)
 
 
-# OPT, GPT-NeoX and GPT-2 variants, as Hugging Face config keyword arguments.
+# OPT, GPT-NeoX, GPT-2, Qwen2, Qwen3, Mistral, Gemma and Gemma 2 variants, as Hugging Face config keyword arguments.
 FAMILY_VARIANTS = {
     "opt-pre-ln": ("opt", dict()),
     "opt-post-ln-proj": ("opt", dict(do_layer_norm_before=False, word_embed_proj_dim=32)),
     "neox-rotary-0.25-parallel": ("gpt_neox", dict(rotary_pct=0.25)),
     "neox-rotary-1.0-sequential": ("gpt_neox", dict(rotary_pct=1.0, use_parallel_residual=False)),
     "gpt2": ("gpt2", dict()),
+    # (windows of 6 keys: every test's sequences run past them; Qwen2's on layer 1 only, by max_window_layers)
+    "qwen2-gqa-tied-window-layer-1": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True,
+                                                    use_sliding_window=True, sliding_window=6, max_window_layers=1)),
+    "qwen3-head-dim-32-bias": ("qwen3", dict(num_key_value_heads=2, head_dim=32, attention_bias=True)),
+    "mistral-gqa-window-6": ("mistral", dict(num_key_value_heads=2, sliding_window=6)),
+    "gemma-gqa-head-dim-32": ("gemma", dict(num_key_value_heads=2, head_dim=32)),  # (MQA, as Gemma 2B: test_families_gemma)
+    # (layer 0 sliding, layer 1 full, transformers' rule; caps low enough to bend these random weights' values)
+    "gemma2-window-6-softcaps": ("gemma2", dict(num_key_value_heads=2, head_dim=32, sliding_window=6,
+                                                query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                                                final_logit_softcapping=3.0)),
 }
 
 
@@ -211,23 +221,30 @@ GPT2_SMALL = dict(vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=12
                   eos_token_id=0)  # GPT2Config's own names; its default ids (50256) lie past this vocabulary
 
 
+# Each family's Hugging Face config and model classes, and its small config's keyword arguments.
+HF_CLASSES = {
+    "opt": ("OPTConfig", "OPTForCausalLM", {**FAMILY_SMALL, "ffn_dim": 160}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", GPT2_SMALL),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {**FAMILY_SMALL, "intermediate_size": 160}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {**FAMILY_SMALL, "intermediate_size": 160}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**FAMILY_SMALL, "intermediate_size": 160, "head_dim": 16}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {**FAMILY_SMALL, "intermediate_size": 160}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {**FAMILY_SMALL, "intermediate_size": 160, "head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**FAMILY_SMALL, "intermediate_size": 160, "head_dim": 16}),
+}
+
+
 def hf_family(variant: str, seed: int = 0, **more):
-    """A Hugging Face OPTForCausalLM / GPTNeoXForCausalLM / GPT2LMHeadModel with random weights (as `hf_llama`)."""
+    """A Hugging Face model of one of FAMILY_VARIANTS (HF_CLASSES) with random weights (as `hf_llama`)."""
     family, overrides = FAMILY_VARIANTS[variant]
-    overrides = {**overrides, **more}
+    config_class, model_class, small = HF_CLASSES[family]
     torch.manual_seed(seed)
-    if family == "opt":
-        cfg = transformers.OPTConfig(**{**FAMILY_SMALL, "ffn_dim": 160, **overrides})
-        model = transformers.OPTForCausalLM(cfg)
-    elif family == "gpt2":
-        cfg = transformers.GPT2Config(**{**GPT2_SMALL, **overrides})
-        model = transformers.GPT2LMHeadModel(cfg)
-    else:
-        cfg = transformers.GPTNeoXConfig(**{**FAMILY_SMALL, "intermediate_size": 160, **overrides})
-        model = transformers.GPTNeoXForCausalLM(cfg)
+    cfg = getattr(transformers, config_class)(**{**small, **overrides, **more})
+    model = getattr(transformers, model_class)(cfg)
+    unit = 0.0 if family.startswith("gemma") else 1.0  # Gemma's norms scale by 1 + weight
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.normal_(1.0, 0.1) if "norm" in name or ".ln_" in name else p.normal_(0.0, 0.15)
+            p.normal_(unit, 0.1) if "norm" in name or ".ln_" in name else p.normal_(0.0, 0.15)
     return model.eval()
 
 

@@ -109,7 +109,7 @@ def test_progress_and_errors(model, capsys):
     assert capsys.readouterr().err.endswith(f"\rpatch_sweep: {len(model.blocks)}/{len(model.blocks)} patched runs\n")
     with pytest.raises(ValueError, match="by='rows': choose one of 'layer,position'"):
         patch_sweep(model, CLEAN, CORRUPTED, metric, by="rows")
-    with pytest.raises(ValueError, match="by='head' patches heads of q, k, v, z, not 'resid_pre'"):
+    with pytest.raises(ValueError, match="by='head' patches heads of q, k, v, z, q_normed, k_normed, not 'resid_pre'"):
         patch_sweep(model, CLEAN, CORRUPTED, metric, point="resid_pre", by="head")
     with pytest.raises(ValueError, match="point='pattern'"):
         patch_sweep(model, CLEAN, CORRUPTED, metric, point="pattern")

@@ -2,7 +2,10 @@
 
 One `Attention` module covers LLaMA (grouped-query heads, interleaved rotary, no biases),
 GPT-NeoX (half-split partial rotary, biases), OPT and GPT-2 (learned positions, so no rotary, biases;
-GPT-2 may scale the scores otherwise: `scale`).
+GPT-2 may scale the scores otherwise: `scale`), Qwen2 (biases on q, k and v only: `out_bias`) and Qwen3
+(RMSNorm over each head's q and k before rotary: `qk_norm`); Mistral's sliding window (`window`: each query
+sees at most the last `window` keys, itself included; the mask is zoo/forward.py's) and Gemma 2's soft-capped
+scores (`softcap`).
 The weights are always four separate projections wq/wk/wv/wo, whatever the checkpoint fuses. The
 arithmetic (which kernel for which case) is zoo/kernels/attention.py's `attend`; the KV cache is
 zoo/cache.py; positions and masks are made once per forward (zoo/forward.py).
@@ -13,6 +16,7 @@ import torch
 from torch import nn
 
 from zoo.kernels.attention import attend
+from zoo.norm import RMSNorm
 from zoo.parallel import column_parallel_linear, row_parallel_linear, world_size
 from zoo.rotary import apply_rotary
 
@@ -37,10 +41,14 @@ class Attention(nn.Module):
     """Under tensor parallelism each rank holds n_heads/w query heads and n_kv_heads/w kv heads:
     wq/wk/wv are column-parallel (split by heads), wo row-parallel (its partial sums all-reduced).
     scale: the factor of the scores q . k, default 1/sqrt(head_dim) (attend's); another one is carried by q,
-    multiplied after the q hook point."""
+    multiplied after the q hook point. out_bias: wo's bias (default: `bias`, as wq/wk/wv's). qk_norm: the eps
+    of an RMSNorm over each head's q and k (head_dim wide, one weight shared by the heads), applied after the q
+    and k hook points and before rotary (hook points q_normed and k_normed); None: none. window: a sliding
+    window (None: full causal attention). softcap: scores capped as softcap * tanh(scores / softcap)."""
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, layer: int = 0, bias: bool = False,
-                 rotary: str | None = "interleaved", scale: float | None = None):
+                 rotary: str | None = "interleaved", scale: float | None = None, out_bias: bool | None = None,
+                 qk_norm: float | None = None, window: int | None = None, softcap: float | None = None):
         super().__init__()
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
@@ -52,7 +60,12 @@ class Attention(nn.Module):
         self.wq = column_parallel_linear(dim, n_heads * head_dim, bias=bias, gather_output=False)
         self.wk = column_parallel_linear(dim, n_kv_heads * head_dim, bias=bias, gather_output=False)
         self.wv = column_parallel_linear(dim, n_kv_heads * head_dim, bias=bias, gather_output=False)
-        self.wo = row_parallel_linear(n_heads * head_dim, dim, bias=bias, input_is_parallel=True)
+        self.wo = row_parallel_linear(n_heads * head_dim, dim, bias=bias if out_bias is None else out_bias,
+                                      input_is_parallel=True)
+        self.window, self.softcap = window, softcap
+        self.qk_norm = qk_norm is not None
+        if self.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(head_dim, qk_norm), RMSNorm(head_dim, qk_norm)
 
     def forward(self, x: torch.Tensor, step) -> torch.Tensor:
         """(batch, seq, dim) -> (batch, seq, dim), summed over ranks; step: this forward's zoo.forward.Step."""
@@ -61,6 +74,7 @@ class Attention(nn.Module):
         q = hook(i, "q", self.wq(x).view(batch, seq, self.n_heads, self.head_dim))
         k = hook(i, "k", self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim))
         v = hook(i, "v", self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim))
+        q, k = self.normed(q, k, step)
         if self.rotary:
             q, k = [apply_rotary(t, *step.rope, interleaved=self.interleaved) for t in (q, k)]
         q = q if self.q_factor is None else q * self.q_factor
@@ -68,5 +82,11 @@ class Attention(nn.Module):
         if step.cache is not None:
             k, v = step.cache.update(i, k, v)  # (batch, n_kv_heads, every slot so far, head_dim)
         on_pattern = (lambda p: hook(i, "pattern", p)) if step.hooks and step.hooks.wants(i, "pattern") else None
-        z = hook(i, "z", attend(q, k, v, step.mask, on_pattern).transpose(1, 2))  # (batch, seq, heads, head_dim)
-        return self.wo(z.reshape(batch, seq, -1))
+        z = hook(i, "z", attend(q, k, v, step.mask_for(self.window), on_pattern, self.softcap).transpose(1, 2))
+        return self.wo(z.reshape(batch, seq, -1))  # z: (batch, seq, heads, head_dim)
+
+    def normed(self, q: torch.Tensor, k: torch.Tensor, step) -> tuple[torch.Tensor, torch.Tensor]:
+        """Qwen3's RMSNorm of each head's q and k (hook points q_normed, k_normed); q and k themselves otherwise."""
+        if not self.qk_norm:
+            return q, k
+        return step.hook(self.layer, "q_normed", self.q_norm(q)), step.hook(self.layer, "k_normed", self.k_norm(k))

@@ -7,11 +7,13 @@
     return step.finish(h, self.norm, self.output)   # ln_final, logits, last_only, the cache advance
 
 `begin` checks the public arguments (before any work), resolves the hooks (zoo/hooks/), and computes
-the positions, the attention mask and the rotary angles of the new tokens. `Step.finish` advances the KV
-cache: the one place a forward does, and `call_compiled` (below it) is the one exception, for a forward
-run by torch.compile, whose graph leaves the Python bookkeeping out.
+the positions, the attention mask and the rotary angles of the new tokens; a sliding-window layer's mask
+is made when the first such layer asks for it (Step.mask_for), so a model without one never makes it.
+`Step.finish` advances the KV cache: the one place a forward does, and `call_compiled` (below it) is the
+one exception, for a forward run by torch.compile, whose graph leaves the Python bookkeeping out.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -42,7 +44,11 @@ class Decoder(nn.Module):
         step = begin(self, tokens, cache, hooks, None, False, getattr(self, "inv_freq", None))
         for block in self.blocks[layer:]:
             h = block(h, step)
-        return step.finish(h, self.final_norm, self.output)
+        return step.finish(h, self.final_norm, self.unembed)
+
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm's output to logits: the output layer (Gemma 2 also soft-caps them)."""
+        return self.output(h)
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         """The residual stream through the final norm: what the ln_final point sees (OPT adds its project_out)."""
@@ -60,7 +66,8 @@ class Step:
     hook(layer, point, x): the hooks of that point applied to x (x itself when none: a forward without
     hooks pays one call per point). positions (batch or 1, seq): the new tokens' positions (padding
     clamped to 0). mask: (batch or 1, 1, seq, keys) bool, True where a query may attend, or None for
-    plain causal attention. rope: the rotary (cos, sin) at those positions, or None.
+    plain causal attention. rope: the rotary (cos, sin) at those positions, or None. windowed(window): the
+    mask of a sliding-window layer, made (once per window) only when such a layer asks: `mask_for`.
     """
     cache: KVCache | None
     hooks: Hooks | None
@@ -70,6 +77,17 @@ class Step:
     rope: tuple[torch.Tensor, torch.Tensor] | None
     seq: int
     last_only: bool
+    windowed: Callable[[int], torch.Tensor | None] | None = None
+    _windows: dict = field(default_factory=dict)
+
+    def mask_for(self, window: int | None) -> torch.Tensor | None:
+        """The mask of a layer whose queries see at most the last `window` keys, themselves included (None: every
+        key before them, `mask`, and no other work: a model without windows pays one call per layer)."""
+        if window is None:
+            return self.mask
+        if window not in self._windows:
+            self._windows[window] = self.windowed(window)
+        return self._windows[window]
 
     def finish(self, h: torch.Tensor, final: Callable, output: Callable) -> torch.Tensor:
         """The end of a forward: the residual stream h (batch, seq, dim) through the `final` norm (the ln_final
@@ -91,7 +109,8 @@ def begin(model: nn.Module, tokens: torch.Tensor, cache: KVCache | None, hooks, 
     hooks = resolve(hooks, model, cache, left_pad)  # None when there are none
     positions, mask = positions_and_mask(tokens, cache, left_pad)
     rope = rope_angles(inv_freq, positions) if inv_freq is not None else None
-    return Step(cache, hooks, hooks or _unhooked, positions, mask, rope, tokens.shape[1], last_only)
+    windowed = partial(window_mask, tokens, cache, left_pad)
+    return Step(cache, hooks, hooks or _unhooked, positions, mask, rope, tokens.shape[1], last_only, windowed)
 
 
 def call_compiled(model: nn.Module, compiled: Callable, tokens: torch.Tensor, cache: KVCache, **kwargs):
@@ -139,32 +158,44 @@ def checked_inputs(tokens: torch.Tensor, cache: KVCache | None, left_pad, config
     return None
 
 
-def positions_and_mask(tokens: torch.Tensor, cache: KVCache | None,
-                       left_pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def positions_and_mask(tokens: torch.Tensor, cache: KVCache | None, left_pad: torch.Tensor | None = None,
+                       window: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Positions of the new tokens (written after the cache's `pos` slots) and the attention mask.
 
     Returns positions (batch or 1, seq) and a boolean mask (batch or 1, 1, seq, start+seq) that
     is True where a query may attend, or None when plain causal attention is exact (a prefill
     from slot 0, or a single new token that sees everything before it). `left_pad` (batch,) marks
-    leading padding when there is no cache; a cache carries its own.
+    leading padding when there is no cache; a cache carries its own. `window`: a sliding window, each
+    query seeing at most the last `window` slots, its own included (as transformers' sliding_window:
+    key slot > query slot - window); a row's slots and positions differ by its padding only, so the
+    window spans the same tokens in a padded batch as alone.
     """
     seq, device = tokens.shape[1], tokens.device
     if cache is not None and cache.static:  # the same rules over all max_len slots, from the `slot` tensor
         slots = cache.slot + torch.arange(seq, device=device)  # slots not yet written are never attended
-        return _masked(slots, torch.arange(cache.max_len, device=device), cache.left_pad)
+        return _masked(slots, torch.arange(cache.max_len, device=device), cache.left_pad, window)
     start = 0
     if cache is not None:
         start, left_pad = cache.pos, cache.left_pad  # (checked_inputs: they fit)
     slots = torch.arange(start, start + seq, device=device)  # (seq,)
-    if left_pad is None and (start == 0 or seq == 1):
+    if left_pad is None and (start == 0 or seq == 1) and (window is None or start + seq <= window):
         return slots[None], None
-    return _masked(slots, torch.arange(start + seq, device=device), left_pad)
+    return _masked(slots, torch.arange(start + seq, device=device), left_pad, window)
 
 
-def _masked(slots: torch.Tensor, keys: torch.Tensor, left_pad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions (batch or 1, seq) of the queries at `slots` and their mask over the `keys` slots: causal, and
-    never a padding slot, except by itself, so that no softmax row is empty."""
+def window_mask(tokens: torch.Tensor, cache: KVCache | None, left_pad: torch.Tensor | None,
+                window: int) -> torch.Tensor | None:
+    """The mask of a sliding-window layer (positions_and_mask's, with `window`): Step.mask_for."""
+    return positions_and_mask(tokens, cache, left_pad, window)[1]
+
+
+def _masked(slots: torch.Tensor, keys: torch.Tensor, left_pad: torch.Tensor | None,
+            window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (batch or 1, seq) of the queries at `slots` and their mask over the `keys` slots: causal (within
+    the last `window` slots), and never a padding slot, except by itself, so that no softmax row is empty."""
     causal = keys <= slots[:, None]  # (seq, keys)
+    if window is not None:
+        causal = causal & (keys > slots[:, None] - window)
     if left_pad is None:
         return slots[None], causal[None, None]
     not_pad = (keys >= left_pad[:, None, None]) | (keys == slots[:, None])  # (batch, seq, keys)

@@ -5,7 +5,9 @@
     cache = zoo.hooks.collect("blocks.*.resid_post", "blocks.2.pattern")
     model(tokens, hooks=cache); cache["blocks.2.pattern"]     # (batch, heads, q, k)
 
-The same names on every family (see POINTS and the README's table). Names may be globs and are
+The same names on every family (see POINTS and the README's table), and a few that only some
+families have (FAMILY_POINTS: Qwen3's q_normed and k_normed, Gemma 2's attn_out_normed and
+mlp_out_normed; a block lists its own in `extra_points`). Names may be globs and are
 expanded once per forward; an unknown name is an error that lists the nearest valid ones. Several
 hooks on one point run in the order given (a list of hook sets is read left to right). With no
 hooks the models pay one call of a no-op function per point (zoo/forward.py's Step.hook): no modules,

@@ -21,21 +21,27 @@ POINTS = {
     "attn_in": ("b s D", "input of attention: after the norm, affine included (post-LN OPT: = resid_pre)"),
     "q": ("b s h d", "queries per head, before rotary"),
     "k": ("b s kvh d", "keys per key/value head, before rotary"),
+    "q_normed": ("b s h d", "queries per head after their RMSNorm, before rotary (Qwen3 only)"),
+    "k_normed": ("b s kvh d", "keys per key/value head after their RMSNorm, before rotary (Qwen3 only)"),
     "v": ("b s kvh d", "values per key/value head"),
     "pattern": ("b h s S", "attention probabilities (softmax); materialised only when hooked"),
     "z": ("b s h d", "attention output per head, before the output projection wo"),
     "attn_out": ("b s D", "attention output, after wo (summed over ranks)"),
+    "attn_out_normed": ("b s D", "attn_out through its post-norm, what is added to the residual stream (Gemma 2 only)"),
     "resid_mid": ("b s D", "the residual stream between attention and MLP (sequential-residual models only)"),
     "mlp_in": ("b s D", "input of the MLP: after its norm (post-LN OPT: = resid_mid)"),
     "mlp_pre": ("b s F", "pre-activation: the gate w_gate x for SwiGLU, fc1/w_in x otherwise"),
     "mlp_post": ("b s F", "input of the down projection w_out: the neurons"),
     "mlp_out": ("b s D", "MLP output, after w_out (summed over ranks)"),
+    "mlp_out_normed": ("b s D", "mlp_out through its post-norm, what is added to the residual stream (Gemma 2 only)"),
     "resid_post": ("b s D", "the residual stream leaving the block"),
     "ln_final": ("b s E", "after the final norm (and project_out, OPT): the input of the unembedding"),
     "logits": ("b s V", "the output logits"),
 }
-LAYER_POINTS = [p for p in POINTS if p not in ("embed", "ln_final", "logits")]
-HEAD_POINTS = {"q": 2, "k": 2, "v": 2, "z": 2, "pattern": 1}  # which dim holds heads
+# Points only some families have: a block lists its own in `extra_points` (they fire in POINTS' order).
+FAMILY_POINTS = ("q_normed", "k_normed", "attn_out_normed", "mlp_out_normed")
+LAYER_POINTS = [p for p in POINTS if p not in ("embed", "ln_final", "logits", *FAMILY_POINTS)]  # every block's
+HEAD_POINTS = {"q": 2, "k": 2, "v": 2, "z": 2, "pattern": 1, "q_normed": 2, "k_normed": 2}  # which dim holds heads
 NEURON_POINTS = {"mlp_pre": 2, "mlp_post": 2}
 _forward_runs = itertools.count(1)  # a run id for each forward without a KV cache
 
@@ -99,7 +105,9 @@ def names(model) -> list[str]:
     """Every hook point of a model, in the order they fire."""
     out = ["embed"]
     for i, block in enumerate(model.blocks):
-        out += [f"blocks.{i}.{p}" for p in LAYER_POINTS if p != "resid_mid" or not getattr(block, "parallel_residual", False)]
+        own = getattr(block, "extra_points", ())
+        out += [f"blocks.{i}.{p}" for p in POINTS if (p in LAYER_POINTS or p in own)
+                and (p != "resid_mid" or not getattr(block, "parallel_residual", False))]
     return out + ["ln_final", "logits"]
 
 

@@ -1,13 +1,15 @@
 """Attention's arithmetic, softmax(q k^T / sqrt(head_dim) + mask) v, by the fastest exact path for each case.
 
-    attend(q, k, v, mask, on_pattern=None)
+    attend(q, k, v, mask, on_pattern=None, softcap=None)
         q (batch, heads, seq, head_dim); k, v (batch, kv_heads, keys, head_dim), kv_heads dividing heads
         (query head h reads kv head h // (heads / kv_heads)); mask (batch or 1, 1, seq, keys) bool, True
         where a query may attend, or None for plain causal attention -> (batch, heads, seq, head_dim)
+        softcap: Gemma 2's scores capped as softcap * tanh(scores / softcap) before the mask
 
     | case                                              | path                     | why                           |
     | ------------------------------------------------- | ------------------------ | ----------------------------- |
     | the pattern is hooked (on_pattern given)          | attention_with_pattern   | the probabilities must exist  |
+| the scores are soft-capped (Gemma 2)              | attention_with_pattern   | SDPA has no cap               |
     | one query, being compiled (a compiled decode step)| attention_with_pattern   | inductor fuses it into loops  |
     | one query, eager, on the CPU, bf16 or fp16        | one_query_attention      | SDPA's CPU kernel is slow here|
     | anything else                                     | F.scaled_dot_product_attention |                         |
@@ -21,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, on_pattern=None) -> torch.Tensor:
-    if on_pattern is not None:
-        return attention_with_pattern(q, k, v, mask, on_pattern)
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, on_pattern=None,
+           softcap: float | None = None) -> torch.Tensor:
+    if on_pattern is not None or softcap is not None:
+        return attention_with_pattern(q, k, v, mask, on_pattern, softcap)
     one_query = q.shape[2] == 1
     if one_query and torch.compiler.is_compiling():
         return attention_with_pattern(q, k, v, mask)
@@ -49,12 +52,14 @@ def one_query_attention(q, k, v, mask) -> torch.Tensor:
     return out.view(batch, heads, 1, head_dim).to(v.dtype)
 
 
-def attention_with_pattern(q, k, v, mask, on_pattern=None) -> torch.Tensor:
+def attention_with_pattern(q, k, v, mask, on_pattern=None, softcap: float | None = None) -> torch.Tensor:
     """The same attention written out, so that the probabilities (batch, heads, seq, keys) exist and can be
-    hooked: on_pattern(pattern) returns the pattern to use."""
+    hooked: on_pattern(pattern) returns the pattern to use. softcap: the scores capped first (attend's)."""
     repeat = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # (batch, heads, keys, head_dim)
     scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (batch, heads, seq, keys)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if mask is None and q.shape[2] > 1:  # a prefill from slot 0: plain causal
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     if mask is not None:

@@ -1,5 +1,6 @@
-"""The model families, one file each, read top to bottom: llama.py (LLaMA 1, 2, 3), opt.py (OPT),
-gpt_neox.py (GPT-NeoX, Pythia), gpt2.py (GPT-2). This file is the protocol between a family and the rest of zoo.
+"""The model families, one file each, read top to bottom: llama.py (LLaMA 1, 2, 3; Mistral, Qwen2, Qwen3), opt.py
+(OPT), gpt_neox.py (GPT-NeoX, Pythia), gpt2.py (GPT-2), gemma.py (Gemma, Gemma 2). This file is the protocol between
+a family and the rest of zoo.
 
 A family is one `Family`, defined at the end of its file and registered once, in FAMILIES below:
   name             config.json's model_type ("llama"), and the name zoo's own checkpoints record
@@ -84,9 +85,10 @@ class Family(NamedTuple):
     whole_tensors: bool = False
 
 
-from zoo.models import gpt2, gpt_neox, llama, opt  # noqa: E402  (each file ends with its Family, defined above)
+from zoo.models import gemma, gpt2, gpt_neox, llama, opt  # noqa: E402  (each file ends with its Family, defined above)
 
-FAMILIES = {family.name: family for family in (llama.FAMILY, opt.FAMILY, gpt_neox.FAMILY, gpt2.FAMILY)}
+FAMILIES = {family.name: family for family in (llama.FAMILY, opt.FAMILY, gpt_neox.FAMILY, gpt2.FAMILY, llama.QWEN2,
+                                               llama.QWEN3, llama.MISTRAL, gemma.FAMILY, gemma.GEMMA2)}
 
 
 def family_of(model: nn.Module) -> str:
