@@ -108,6 +108,34 @@ def test_the_command_writes_the_page_and_refuses_bad_input_in_one_line(model, tm
     assert capsys.readouterr().err.count("\n") == 1
 
 
+def leaves(data, path=""):
+    """(path, value) for every number and string of the page's data."""
+    if isinstance(data, dict):
+        return [leaf for k, v in data.items() for leaf in leaves(v, f"{path}/{k}")]
+    if isinstance(data, list):
+        return [leaf for i, v in enumerate(data) for leaf in leaves(v, f"{path}[{i}]")]
+    return [(path, data)]
+
+
+def test_the_command_under_torchrun_writes_one_processs_page(tmp_path):
+    """python -m zoo show at TP=2 (fp32): rank 0 writes the page, once, with the one-process page's tokens, names
+    and lens ids, and its numbers within fp32 rounding (1e-5)."""
+    alone, parallel = tmp_path / "alone.html", tmp_path / "tp2.html"
+    assert main(["show", "tiny-llama", "--prompt", PROMPT, "--out", str(alone), "--dtype", "float32"]) == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                        "zoo", "show", "tiny-llama", "--prompt", PROMPT, "--out", str(parallel), "--dtype", "float32"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count(f"wrote {parallel}") == 1
+    want, got = (leaves(embedded(p.read_text(encoding="utf-8"))) for p in (alone, parallel))
+    assert [path for path, _ in got] == [path for path, _ in want]
+    for (path, a), (_, b) in zip(want, got):
+        if isinstance(a, float) or isinstance(b, float):
+            assert abs(a - b) <= 1e-5, (path, a, b)
+        else:
+            assert a == b, (path, a, b)
+
+
 # ---- in a headless browser ------------------------------------------------------------------------
 class Chromium:
     """Headless Chromium on the DevTools protocol over a pipe (--remote-debugging-pipe: it reads JSON messages,
