@@ -22,6 +22,7 @@ VARIANTS = {
     "opt-post-ln-proj": lambda: hf_family("opt-post-ln-proj"),
     "neox-parallel": lambda: hf_family("neox-rotary-0.25-parallel"),
     "neox-sequential": lambda: hf_family("neox-rotary-1.0-sequential"),
+    "gpt2": lambda: hf_family("gpt2"),
 }
 ADDITIVE = [v for v in VARIANTS if v != "opt-post-ln-proj"]  # post-LN OPT's residual is no sum: refused
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16}
@@ -103,7 +104,7 @@ def test_the_components_sum_to_the_final_residual(dirs, variant, dtype):
     c, n = model.config, len(model.blocks)
     heads = [f"blocks.{i}.head.{h}" for i in range(n) for h in range(c.n_heads)]
     assert set(heads) <= set(parts.names) and parts.names[0] == "embed"
-    assert ("pos_embed" in parts.names) == (variant.startswith("opt"))
+    assert ("pos_embed" in parts.names) == variant.startswith(("opt", "gpt2"))  # learned positions
     assert ("blocks.0.attn.b_O" in parts.names) == (variant != "llama-gqa")
     assert parts.parts.shape == (len(parts.names), *TOKENS.shape, c.dim)
     assert parts.parts.dtype == (torch.float64 if dtype == "fp64" else torch.float32)
