@@ -309,3 +309,33 @@ def test_qwen_options_zoo_cannot_run_are_refused(variant, options, refused, tmp_
     (directory / "config.json").write_text(json.dumps({**config, **options}))
     with pytest.raises(zoo.CheckpointError, match=refused):
         zoo.load(directory)
+
+
+PUBLISHED = {  # the sizes of each one's config.json on the Hub, and its published parameter count
+    "mistral-7b-v0.1": (dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, sliding_window=4096),
+                        7_241_732_096),
+    "qwen2.5-0.5b": (dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                          num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+                     494_032_768),
+    "qwen3-0.6b": (dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                        tie_word_embeddings=True), 596_049_920),
+    "gemma-2b": (dict(model_type="gemma", hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
+                      num_attention_heads=8, num_key_value_heads=1, head_dim=256, vocab_size=256000, hidden_act="gelu"),
+                 2_506_172_416),
+    "gemma-2-2b": (dict(model_type="gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000,
+                        sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+                   2_614_341_888),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_parameter_count_of_a_published_config(name, tmp_path):
+    """`zoo inspect`'s count (the model built on the meta device from config.json alone) is the published one."""
+    from zoo.__main__ import count
+    from zoo.loader import build_empty
+    config, published = PUBLISHED[name]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert count(build_empty(tmp_path)) == published

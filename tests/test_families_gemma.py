@@ -135,3 +135,23 @@ def test_gemma_options_zoo_cannot_run_are_refused(variant, options, refused, tmp
     (directory / "config.json").write_text(json.dumps({**config, **options}))
     with pytest.raises(zoo.CheckpointError, match=refused):
         zoo.load(directory)
+
+
+def test_decompose_and_logit_attribution_on_gemma(tmp_path):
+    """Gemma's residual stream is the sum of decompose's parts (the embedding scaled by sqrt(dim) among them), and
+    logit_attribution's shares, through the (1 + w) final norm, sum to the logit difference; Gemma 2's post-norms
+    make the stream no such sum: decompose says so; its logit lens reads through the final soft-cap."""
+    from zoo.analysis.lens import decompose, logit_attribution, logit_lens
+    tokens = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(6))
+    model = zoo.load(save_hf(hf_family("gemma-gqa-head-dim-32"), tmp_path / "g1"), dtype=torch.float32)
+    parts = decompose(model, tokens)
+    assert (parts.parts.sum(0) - parts.resid).abs().max() < 1e-4
+    attr = logit_attribution(model, tokens, answer=5, wrong=7)
+    assert (attr.total - attr.logit_diff).abs().max() < 1e-3 * attr.logit_diff.abs().max()
+    gemma2 = zoo.load(save_hf(hf_family(GEMMA2), tmp_path / "g2"), dtype=torch.float32)
+    with pytest.raises(ValueError, match="Gemma 2 normalizes attention's and the MLP's outputs"):
+        decompose(gemma2, tokens)
+    lens = logit_lens(gemma2, tokens, k=3)  # its last row: the model's own probabilities, soft-capped logits
+    with torch.no_grad():
+        want = gemma2(tokens).softmax(-1).topk(3, dim=-1)
+    assert torch.equal(lens.tokens[-1], want.indices) and (lens.probs[-1] - want.values).abs().max() < 1e-6

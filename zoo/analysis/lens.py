@@ -31,7 +31,7 @@ from torch import nn
 
 from zoo import hooks
 from zoo.checks import integer
-from zoo.norm import RMSNorm
+from zoo.norm import OffsetRMSNorm, RMSNorm
 from zoo.weights import weights
 
 
@@ -93,7 +93,7 @@ def logit_lens(model: nn.Module, tokens: torch.Tensor, k: int = 5, left_pad: tor
     with torch.no_grad():
         model(tokens, hooks=cache, left_pad=left_pad)
         for name in names:  # one row at a time: (batch, seq, vocab) logits, never all rows'
-            probs, ids = model.output(model.final_norm(cache[name])).float().softmax(-1).topk(k, dim=-1)
+            probs, ids = model.unembed(model.final_norm(cache[name])).float().softmax(-1).topk(k, dim=-1)
             top_tokens.append(ids)
             top_probs.append(probs)
     return Lens(names, torch.stack(top_tokens), torch.stack(top_probs))
@@ -113,6 +113,9 @@ def _decompose(model: nn.Module, tokens: torch.Tensor, heads: bool, left_pad: to
     if not getattr(model.config, "pre_norm", True):
         raise ValueError("decompose: this OPT is post-LN (do_layer_norm_before False): each block normalizes the "
                          "sum of its input and its output, so its residual stream is no sum of components")
+    if any(getattr(b, "post_norms", False) for b in model.blocks):
+        raise ValueError("decompose: Gemma 2 normalizes attention's and the MLP's outputs before adding them "
+                         "(post-norms), so its residual stream is no sum of the heads' and neurons' outputs")
     n = len(model.blocks)
     points = ["embed", "blocks.*.attn_out", "blocks.*.mlp_out", f"blocks.{n - 1}.resid_post"]
     cache = hooks.collect(*points, *(["blocks.*.z"] if heads else []), *also, gather=True)
@@ -183,6 +186,7 @@ def logit_attribution(model: nn.Module, tokens: torch.Tensor, answer, wrong=None
         center, scale = _frozen_norm(model.norm, x)
         gain = _get(W, "ln_final.w")
         gain = torch.ones((), dtype=dtype) if gain is None else gain.to(dtype)
+        gain = 1 + gain if isinstance(model.norm, OffsetRMSNorm) else gain  # Gemma's norm scales by 1 + w
         c = parts.parts[:, :, position]  # (components, batch, d_model)
         c = c - c.mean(-1, keepdim=True) if center else c
         shares = scale * torch.einsum("nbd,db->nb", c * gain, direction_d)
