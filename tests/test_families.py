@@ -185,7 +185,8 @@ def _with_tokenizer(variant, directory):
     return directory
 
 
-@pytest.mark.parametrize("variant", ["opt-post-ln-proj", "neox-rotary-0.25-parallel", "gpt2"])
+@pytest.mark.parametrize("variant", ["opt-post-ln-proj", "neox-rotary-0.25-parallel", "gpt2", "qwen3-head-dim-32-bias",
+                                     "mistral-gqa-window-6", "gemma2-window-6-softcaps"])
 def test_run_py_single_and_torchrun(variant, tmp_path):
     directory = _with_tokenizer(variant, save_hf(hf_family(variant), tmp_path))
     args = ("--ckpt", str(directory), "--prompt", "The for statement", "--max-new-tokens", "12",
