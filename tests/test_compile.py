@@ -22,16 +22,16 @@ def model(directory):
     return zoo.load(directory, dtype=torch.float32)
 
 
-def greedy_logits(model, forward, prompts, static):
+def greedy_logits(model, forward, prompts, static, steps=STEPS):
     """Logits of the prefill's last position and of every decode step, feeding back greedy tokens."""
     longest = max(len(p) for p in prompts)
     pad = torch.tensor([longest - len(p) for p in prompts])
     tokens = torch.zeros(len(prompts), longest, dtype=torch.long)
     for row, p in enumerate(prompts):
         tokens[row, pad[row]:] = torch.tensor(p)
-    cache = model.new_cache(len(prompts), 256, left_pad=pad if pad.any() else None, static=static)
+    cache = model.new_cache(len(prompts), longest + steps, left_pad=pad if pad.any() else None, static=static)
     out = [forward(tokens, cache=cache, last_only=True)]
-    for _ in range(STEPS):
+    for _ in range(steps):
         out.append(forward(out[-1][:, -1:].argmax(-1), cache=cache))
     return torch.cat(out, dim=1)
 
@@ -178,3 +178,25 @@ def test_bf16_compiled_is_eager_within_bf16_rounding(directory, quant, capsys):
     assert (compiled - eager).abs()[real].mean() <= bf16.mean()
     print(f"bf16 error vs fp32, mean / max: eager {bf16.mean():.4f} / {bf16.max():.4f}, "
           f"compiled {ours.mean():.4f} / {ours.max():.4f}")
+
+
+@pytest.mark.parametrize("variant", ["opt-post-ln-proj", "neox-rotary-0.25-parallel", "gpt2"])
+def test_every_family_compiles_with_the_eager_logits(variant, tmp_path):
+    """OPT (post-LN, project_in/out: learned positions offset by 2), NeoX (partial rotary, parallel residual) and
+    GPT-2 (learned positions, fused qkv): the static cache, the compiled prefill and decode steps give the eager
+    path's logits over a left-padded batch (fp32, 1e-5) and zoo.generate the same tokens."""
+    from helpers import hf_family
+    torch._dynamo.reset()
+    model = zoo.load(save_hf(hf_family(variant), tmp_path), dtype=torch.float32)
+    prompts = [list(range(3, 12)), [5, 6, 7]]
+    with torch.no_grad():
+        eager = greedy_logits(model, model, prompts, static=False, steps=16)
+        assert (greedy_logits(model, model, prompts, static=True, steps=16) - eager).abs().max() < 1e-5
+    zoo.compile(model)
+    with torch.inference_mode():
+        steps = lambda t, **kw: (model.compiled.prefill if t.shape[1] > 1 else model.compiled.decode)(t, **kw)  # noqa: E731
+        compiled = greedy_logits(model, steps, prompts, static=True, steps=16)
+    assert (compiled - eager).abs().max() < 1e-5
+    new = zoo.generate(model, prompts, max_new_tokens=8, stop_ids=set())
+    del model.compiled
+    assert new == zoo.generate(model, prompts, max_new_tokens=8, stop_ids=set())
