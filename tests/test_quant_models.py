@@ -1,4 +1,4 @@
-"""Quantized LLaMA, OPT and GPT-NeoX at widths that are not round, in one process and at world size 2.
+"""Quantized LLaMA, OPT, GPT-NeoX and GPT-2 at widths that are not round, in one process and at world size 2.
 
 Hidden 72 and FFN 200 (K % 16 == 8: torch's int8 CPU operator needs the padding), hidden 96 for int4
 (groups of 32 fit the attention and w_in; the FFN's 200 inputs do not: w_out stays in floating
@@ -24,12 +24,15 @@ PROMPTS = [[5, 17, 99, 3, 250, 41], [7, 7, 123, 64, 300, 2], [1, 2, 3, 4, 5, 6]]
 
 
 def hf_model(family: str, **config):
-    """A Hugging Face OPT / GPT-NeoX at the given widths, random weights as tests/helpers.py makes them."""
+    """A Hugging Face OPT / GPT-NeoX / GPT-2 at the given widths, random weights as tests/helpers.py makes them."""
     import transformers
     torch.manual_seed(0)
     common = dict(vocab_size=320, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
     if family == "opt":
         model = transformers.OPTForCausalLM(transformers.OPTConfig(**common, **config))
+    elif family == "gpt2":  # GPT2Config's own names; Conv1D weights, stored transposed
+        gpt2 = dict(vocab_size=320, n_layer=2, n_head=4, n_positions=256)
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**gpt2, **config))
     else:
         model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**common, rotary_pct=1.0, **config))
     with torch.no_grad():
@@ -47,6 +50,8 @@ MODELS = {
     "opt-96-200-int4": (lambda: hf_model("opt", hidden_size=96, ffn_dim=200), "int4"),
     "neox-72-200-int8": (lambda: hf_model("gpt_neox", hidden_size=72, intermediate_size=200), "int8"),
     "neox-96-200-int4": (lambda: hf_model("gpt_neox", hidden_size=96, intermediate_size=200), "int4"),
+    "gpt2-72-200-int8": (lambda: hf_model("gpt2", n_embd=72, n_inner=200), "int8"),
+    "gpt2-96-200-int4": (lambda: hf_model("gpt2", n_embd=96, n_inner=200), "int4"),
 }
 
 
@@ -123,7 +128,7 @@ def test_generate_at_odd_widths_under_tensor_parallelism(model_dirs, tmp_path):
         with torch.no_grad():
             saved[name] = (out, fake(torch.tensor(PROMPTS)))
     dirs = {name: model_dirs[name] for name in ("llama-72-176-int8", "llama-96-200-int4", "opt-72-200-int8",
-                                                 "neox-96-200-int4")}
+                                                 "neox-96-200-int4", "gpt2-96-200-int4")}
     spawn(_tp_worker, 2, dirs, saved)
 
 
