@@ -204,7 +204,7 @@ MUTANTS = [
            't = (self.parts[0].read(None, torch.float32) if self.how == "mean" else t).to(dtype or self.dtype)',
            t("test_original", "test_neox_checkpoint_matches_hf")),
     Mutant("checkpoint-mapped-pages-kept", "zoo/formats/files.py",
-           "    if _LIBC is None or t.numel() == 0:\n        return\n", "    return\n", t("test_memory")),
+           "    if LIBC is None or t.numel() == 0:\n        return\n", "    return\n", t("test_memory")),
     # ---- sampling.py, generate.py, run.py -----------------------------------------------------------------
     Mutant("sampling-temperature-multiplies", "zoo/sampling.py",
            "logits = logits.float() / temperature", "logits = logits.float() * temperature",
