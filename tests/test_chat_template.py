@@ -93,7 +93,9 @@ def write_checkpoint(directory: Path, case: str, with_model: bool | str = False,
 
 
 def transformers_ids(directory: Path, messages: list[dict]) -> list[int]:
-    ref = transformers.AutoTokenizer.from_pretrained(directory)
+    # the tokenizer.json as written (AutoTokenizer would take GemmaTokenizer for a Gemma config.json, which
+    # rebuilds the test's byte-level tokenizer as Gemma's own kind)
+    ref = transformers.PreTrainedTokenizerFast.from_pretrained(directory)
     return ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
 
 
