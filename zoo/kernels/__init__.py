@@ -33,7 +33,7 @@ torch's paths compute in fp32 for an fp32 x and in bf16 for any other (x cast to
 model gives the same numbers, to fp32 rounding, on every CPU. torch's int4 layout is made for the dtype of
 the first x (QuantLinear's first forward: weight.prepare(x.dtype)); x of another dtype is cast to that
 one. The thresholds (NATIVE_MAX_M, INT8_CPU_OP_MAX_M, BF16_NATIVE_MAX_M) are where one path overtakes the other in
-`python benchmarks/kernels.py` (the README's Benchmarks has the figures).
+`python benchmarks/matmul.py` (the README's Benchmarks has the figures).
 
 Dense (not quantized) layers call linear() below: F.linear, except for bf16 x of at most
 BF16_NATIVE_MAX_M rows on a CPU with AVX512-BF16, where native.cpp's bf16_linear reads the weight
@@ -239,7 +239,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     On the CPU, a bf16 x of at most BF16_NATIVE_MAX_M rows (a decode step) goes through native.cpp's
     bf16_linear where it runs (AVX512-BF16): the same sums in fp32, in another order, rounded to bf16 once;
-    it reads the weight faster than F.linear at those rows (benchmarks/kernels.py). Not when compiling
+    it reads the weight faster than F.linear at those rows (benchmarks/matmul.py). Not when compiling
     (inductor's own prepacked GEMMs do better inside a graph) nor when autograd records (the kernel has
     no backward).
     """

@@ -15,7 +15,7 @@
     | anything else                                     | F.scaled_dot_product_attention |                         |
 
 All paths compute in fp32 and give the same result (tests/test_llama_parity.py holds the decode path to
-SDPA's bits in fp32); `benchmarks/kernels.py` and the README's Benchmarks have the timings.
+SDPA's bits in fp32); `benchmarks/matmul.py` and the README's Benchmarks have the timings.
 """
 import math
 

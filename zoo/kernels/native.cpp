@@ -204,7 +204,7 @@ void int4_tile(const uint8_t* w, int64_t ldw, const QuantizedX& qx, int64_t i, i
 // Every (R x C) tile of y [M, N]: the threads take whole tiles of NR weight rows (each weight row is
 // read from memory once, by one thread, for all M rows of x). One row of x (a decode step at batch 1)
 // takes the weight a row at a time instead: one sequential stream per thread, which the memory
-// prefetchers follow best (from 2 rows of x on, tiles of 4 are faster: benchmarks/kernels.py). Each
+// prefetchers follow best (from 2 rows of x on, tiles of 4 are faster: benchmarks/matmul.py). Each
 // row's sums are the same either way.
 template <typename Tile>
 void for_each_tile(int64_t m, int64_t n, const Tile& tile) {
@@ -369,7 +369,7 @@ at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scales, c
 // would otherwise lower the bf16 GEMM of a weight it cannot see to slower code of its own). The weight is
 // dequantized a block of rows at a time (about 4 MB of bf16, which the GEMM then reads from cache) and
 // each block multiplied at once: the whole bf16 weight is never in memory (a 32000-row output layer's
-// would be 131 MB written and read per call, slower than blocks that stay in cache: benchmarks/kernels.py).
+// would be 131 MB written and read per call, slower than blocks that stay in cache: benchmarks/matmul.py).
 constexpr int64_t DEQUANTIZE_BLOCK_BYTES = 4 << 20;
 
 template <typename Dequantize>  // dequantize(begin, end) -> the bf16 weight rows begin..end, [end - begin, K]
@@ -400,7 +400,7 @@ at::Tensor int4_dequantize_mm(const at::Tensor& x, const at::Tensor& packed, con
 
 // ---- bf16 weight and bf16 x, nothing quantized: y = x w^T + bias, as F.linear computes it (fp32 sums, rounded
 // to bf16 once), for the few rows of a decode step, where this reads the weight faster than torch's GEMM
-// (benchmarks/kernels.py). _mm512_dpbf16_ps multiplies 32 bf16 pairs (exactly, in fp32) and adds them into 16
+// (benchmarks/matmul.py). _mm512_dpbf16_ps multiplies 32 bf16 pairs (exactly, in fp32) and adds them into 16
 // fp32 lanes; only this function uses AVX512-BF16 (compiled for it alone: native.py calls it where the CPU has it).
 
 template <int R, int C>
