@@ -97,6 +97,17 @@ def show(pieces, stats: dict) -> None:
         file=sys.stderr)
 
 
+def kernels(model, prefill: int = 128) -> str:
+    """Which kernel each kind of linear layer runs (zoo.quant.layer_paths), for a decode step and a prefill."""
+    said = []
+    for rows, step in ((1, "decode step"), (prefill, f"{prefill}-token prefill")):
+        by_path = {}
+        for kind, path in zoo.quant.layer_paths(model, rows).items():
+            by_path.setdefault(path, []).append(kind)
+        said.append(f"{step}: " + "; ".join(f"{path} ({', '.join(kinds)})" for path, kinds in by_path.items()))
+    return ", ".join(said)
+
+
 def read_prompt(args, interactive: bool) -> str | None:
     """Rank 0 reads the prompt (None at the end of input) and every rank gets it."""
     text = None
@@ -126,6 +137,7 @@ def main(argv=None) -> int:
         if model.tokenizer is None:
             raise zoo.CheckpointError(f"{zoo.find_checkpoint(args.ckpt)}: no tokenizer (tokenizer.model, "
                                       f"tokenizer.json, or vocab.json + merges.txt)")
+        say(f"[kernels, {kernels(model)}]", file=sys.stderr)
         if args.compile:  # compile now, not while timing the first prompt (inductor caches on disk: faster next time)
             start = time.perf_counter()
             zoo.generate(zoo.compile(model, mode=args.compile), [model.tokenizer.encode(DEMO_PROMPT, bos=True)],

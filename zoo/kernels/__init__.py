@@ -243,15 +243,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     (inductor's own prepacked GEMMs do better inside a graph) nor when autograd records (the kernel has
     no backward).
     """
-    if (not torch.compiler.is_compiling() and x.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and x.numel() <= BF16_NATIVE_MAX_M * x.shape[-1] and x.numel() and weight.dtype == torch.bfloat16
-            and weight.stride(-1) == 1 and native.bf16_linear_runs()
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+    if dense_path(x, weight) == "cpu-native-bf16":
         y = torch.ops.zoo_native.bf16_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
         return y.view(*x.shape[:-1], y.shape[-1])  # [..., N]
     if x.device.type == "cpu" and not torch.compiler.is_compiling() and next(_cpu_gemms) % TRIM_EVERY == 0:
         release_freed_memory()
     return F.linear(x, weight, bias)
+
+
+def dense_path(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """The path linear(x, weight) takes: "cpu-native-bf16" (its docstring says when) or "torch" (F.linear)."""
+    if (not torch.compiler.is_compiling() and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and x.numel() <= BF16_NATIVE_MAX_M * x.shape[-1] and x.numel() and weight.dtype == torch.bfloat16
+            and weight.stride(-1) == 1 and native.bf16_linear_runs()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return "cpu-native-bf16"
+    return "torch"
 
 
 def _check_device(x: torch.Tensor, device: torch.device):

@@ -57,10 +57,10 @@ from zoo.quant.int4 import quantize_int4, refine_int4  # noqa: E402
 from zoo.quant.int8 import quantize_int8  # noqa: E402
 from zoo.quant.linear import QuantLinear  # noqa: E402
 from zoo.quant.save import check_output, save  # noqa: E402
-from zoo.quant.surgery import (LINEARS, candidate_layers, describe_layers, misfits, place_layers, plan,  # noqa: E402
-                               quantize, quantize_linear, replace_module)
+from zoo.quant.surgery import (LINEARS, candidate_layers, describe_layers, layer_paths, misfits, place_layers,  # noqa: E402
+                               plan, quantize, quantize_linear, replace_module)
 
 __all__ = ["SCHEMES", "Scheme", "scheme_named", "FORMAT", "VERSION", "INT4_GROUP_SIZES", "Int8Weight", "Int4Weight",
            "QuantLinear", "LINEARS", "quantize_int8", "quantize_int4", "refine_int4", "quantize_linear",
            "replace_module", "candidate_layers", "misfits", "plan", "describe_layers", "quantize", "place_layers",
-           "check_output", "save"]
+           "check_output", "save", "layer_paths"]

@@ -1,4 +1,5 @@
-"""Which linear layers of a model are quantized (`plan`), and putting QuantLinear in their place."""
+"""Which linear layers of a model are quantized (`plan`), putting QuantLinear in their place, and which kernel
+each kind of linear layer runs (`layer_paths`)."""
 import re
 import sys
 
@@ -7,6 +8,7 @@ from torch import nn
 
 from zoo.formats.files import CheckpointError, Shard
 from zoo.formats.lazy import Checkpoint, read_split
+from zoo.kernels import dense_path, quantized_path
 from zoo.parallel import ColumnParallelLinear, RowParallelLinear, rank, world_size
 from zoo.quant import SCHEMES, scheme_named
 from zoo.quant.linear import QuantLinear
@@ -32,6 +34,28 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put `module` where `name` ("blocks.3.attn.wq") is; nn.Module.set_submodule is missing from older torch."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, module)
+
+
+@torch.no_grad()
+def layer_paths(model: nn.Module, rows: int) -> dict[str, str]:
+    """The kernel each kind of linear layer runs for x of `rows` rows (the batch for a decode step, batch x
+    length for a prefill), by its name without "blocks.{i}.": {"attn.wq": "int4 cpu-native", "output": "dense
+    cpu-native-bf16", ...} (zoo.kernels' quantized_path and dense_path; the first layer of each kind). A
+    quantized layer that has not run yet makes its layout here, as its first forward would."""
+    dtype, paths = model.embed.weight.dtype, {}
+    for name, m in model.named_modules():
+        kind = re.sub(r"^blocks\.\d+\.", "", name)
+        if kind in paths or not isinstance(m, (QuantLinear, *LINEARS)):
+            continue
+        if isinstance(m, QuantLinear):
+            if m.prepared is None:
+                m.prepare(dtype)
+            x = torch.empty(rows, m.in_features, dtype=dtype, device=m.prepared.device)
+            paths[kind] = f"{m.scheme.name} {quantized_path(x, m.prepared)}"
+        else:
+            x = torch.empty(rows, m.weight.shape[1], dtype=dtype, device=m.weight.device)
+            paths[kind] = f"dense {dense_path(x, m.weight)}"
+    return paths
 
 
 def candidate_layers(model: nn.Module) -> list[str]:
