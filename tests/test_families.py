@@ -340,3 +340,21 @@ def test_parameter_count_of_a_published_config(name, tmp_path):
     config, published = PUBLISHED[name]
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert count(build_empty(tmp_path)) == published
+
+
+def test_perplexity_scores_each_token_as_one_forward_of_its_window(pair):
+    """zoo.perplexity.evaluate on every family (windows of 16 tokens every 8, past the sliding windows): each
+    token's NLL is the one Hugging Face's forward of its window gives it (fp32, 1e-4)."""
+    from zoo import perplexity
+    _, hf, model, _ = pair
+    ids = torch.randint(0, 320, (45,), generator=torch.Generator().manual_seed(3))
+    result = perplexity.evaluate(model, ids, ctx=16, stride=8)
+    want = []
+    with torch.no_grad():
+        for begin, end, first in perplexity.windows(len(ids), 16, 8):
+            logits = hf(ids[None, begin:end]).logits[0].double()
+            want.append(torch.nn.functional.cross_entropy(logits[first - 1 - begin:end - 1 - begin], ids[first:end],
+                                                          reduction="none"))
+    want = torch.cat(want)
+    assert result.tokens == len(ids) - 1 == want.numel()
+    assert (result.nll - want).abs().max() < 1e-4
