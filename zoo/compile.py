@@ -75,8 +75,8 @@ def compile(model: nn.Module, mode: str = "default") -> nn.Module:
         return model
     device = next(model.parameters()).device
     if device.type == "cpu" and native.load() is None and any(isinstance(m, QuantLinear) for m in model.modules()):
-        _say_once(model, "zoo.compile: int8/int4 on this CPU runs eagerly (without zoo's native kernels it takes "
-                         "torch's int8 operator, which inductor cannot lower)")
+        _say_once(model, "zoo.compile: a quantized model on this CPU runs eagerly (without zoo's native kernels "
+                         "its layers take torch's quantized operators, which inductor cannot lower)")
         return model
     options = {"max_autotune": mode == "max-autotune"}
     decode_options = {**options, "triton.cudagraphs": device.type == "cuda"}
