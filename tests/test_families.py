@@ -358,3 +358,27 @@ def test_perplexity_scores_each_token_as_one_forward_of_its_window(pair):
     want = torch.cat(want)
     assert result.tokens == len(ids) - 1 == want.numel()
     assert (result.nll - want).abs().max() < 1e-4
+
+
+def test_collect_stores_each_prompt_as_its_forward_alone(pair, tmp_path):
+    """zoo.activations.write (python -m zoo collect) on every family: left-padded batches of 3, every point (but
+    the patterns, which collect refuses) at every position, each stored row within fp32 rounding (1e-5 of the scale) of a collect of that prompt alone."""
+    import shutil
+    from zoo import activations, hooks
+    variant, _, _, directory = pair
+    directory = _with_tokenizer(variant, shutil.copytree(directory, tmp_path / "ckpt"))
+    model = zoo.load(directory, dtype=torch.float32)
+    texts = ["The for statement", "import os", "Raise an exception if the argument is not an integer", "x = 1"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    points = [name for name in model.hook_points(torch.tensor([[1, 2]])) if not name.endswith(".pattern")]
+    out = activations.write(model, prompts, tmp_path / "acts", points, positions="all", batch=3, dtype=torch.float32)
+    index = activations.read_index(out)
+    assert index["complete"] and len(index["prompts"]) == len(texts)
+    for entry, text in zip(index["prompts"], texts):
+        alone = hooks.collect(*index["points"])
+        with torch.no_grad():
+            model(torch.tensor([model.tokenizer.encode(text, bos=True)]), hooks=alone)
+        stored, scale = activations.rows(out, entry), max(x.abs().max().item() for x in alone.values())
+        for name in index["points"]:
+            assert (stored[name] - alone[name][0]).abs().max() <= 1e-5 * scale, (variant, name)
