@@ -66,27 +66,30 @@ def sampling(args) -> dict:
                 top_p=args.top_p, seed=args.seed)
 
 
-def complete(model, text: str, args) -> None:
+def complete(model, text: str, args, first: bool = False) -> None:
     """Stream the model's continuation of `text` to stdout; report speed on stderr."""
     ids = model.tokenizer.encode(text, bos=True)
     stats = {}
     pieces = zoo.stream(model, ids, stats=stats, **sampling(args))  # checks all, the length too, before the echo
     say(text, end="", flush=True)
-    show(pieces, stats)
+    show(pieces, stats, model if first else None)
 
 
 def converse(model, args) -> None:
     """--chat: the reply to each line read, streamed; the dialogue's KV cache is kept from turn to turn."""
     chat = zoo.Chat(model, [{"role": "system", "content": args.system}] if args.system is not None else [],
                     **sampling(args))  # a tokenizer with no chat format is refused here
+    first = True
     while (text := read_prompt(args, interactive=True)) is not None:
         if text.strip():  # an empty line is no message
             stats = {}
-            show(chat.stream(text, stats=stats), stats)
+            show(chat.stream(text, stats=stats), stats, model if first else None)
+            first = False
 
 
-def show(pieces, stats: dict) -> None:
-    """Print the pieces of text as they come, then the speed on stderr (and the positions a chat had cached)."""
+def show(pieces, stats: dict, model=None) -> None:
+    """Print the pieces of text as they come, then the speed on stderr (and the positions a chat had cached), and
+    with `model` (after the first reply) which kernel each kind of linear layer runs."""
     for piece in pieces:
         say(piece, end="", flush=True)
     say(flush=True)
@@ -95,6 +98,8 @@ def show(pieces, stats: dict) -> None:
     say(f"[prefill {stats['prefill_tokens']} tokens{cached}: {rate(stats['prefill_tokens'], stats['prefill_s'])}, "
         f"decode {stats['decode_tokens']} tokens: {rate(stats['decode_tokens'], stats['decode_s'])}]",
         file=sys.stderr)
+    if model is not None:
+        say(f"[kernels, {kernels(model)}]", file=sys.stderr)
 
 
 def kernels(model, prefill: int = 128) -> str:
@@ -137,7 +142,6 @@ def main(argv=None) -> int:
         if model.tokenizer is None:
             raise zoo.CheckpointError(f"{zoo.find_checkpoint(args.ckpt)}: no tokenizer (tokenizer.model, "
                                       f"tokenizer.json, or vocab.json + merges.txt)")
-        say(f"[kernels, {kernels(model)}]", file=sys.stderr)
         if args.compile:  # compile now, not while timing the first prompt (inductor caches on disk: faster next time)
             start = time.perf_counter()
             zoo.generate(zoo.compile(model, mode=args.compile), [model.tokenizer.encode(DEMO_PROMPT, bos=True)],
@@ -146,8 +150,10 @@ def main(argv=None) -> int:
         if args.chat:
             converse(model, args)
         else:
+            first = True
             while (text := read_prompt(args, args.interactive)) is not None:
-                complete(model, text, args)
+                complete(model, text, args, first)
+                first = False
                 if not args.interactive:
                     break
     except (OSError, RuntimeError, TypeError, ValueError) as e:  # CheckpointError is a ValueError; OSError: a file
