@@ -9,7 +9,7 @@
     | case                                              | path                     | why                           |
     | ------------------------------------------------- | ------------------------ | ----------------------------- |
     | the pattern is hooked (on_pattern given)          | attention_with_pattern   | the probabilities must exist  |
-| the scores are soft-capped (Gemma 2)              | attention_with_pattern   | SDPA has no cap               |
+    | the scores are soft-capped (Gemma 2)              | attention_with_pattern   | SDPA has no cap               |
     | one query, being compiled (a compiled decode step)| attention_with_pattern   | inductor fuses it into loops  |
     | one query, eager, on the CPU, bf16 or fp16        | one_query_attention      | SDPA's CPU kernel is slow here|
     | anything else                                     | F.scaled_dot_product_attention |                         |

@@ -27,11 +27,12 @@ from torch import nn
 
 from zoo.attention import Attention
 from zoo.cache import KVCache
-from zoo.checks import FLAG, LAYERS, MAPPING, POSITIVE, SIZE, TEXT, key
+from zoo.checks import FLAG, LAYERS, POSITIVE, SIZE, TEXT, key
 from zoo.forward import Decoder, begin
 from zoo.mlp import GatedMLP
 from zoo.models import Family, SharedNames
-from zoo.models.llama import TYPES, checked_layer_types, hf_tensor_to_zoo, zoo_tensors_to_hf
+from zoo.models.llama import TYPES, checked_layer_types, hf_tensor_to_zoo, rope_settings, zoo_tensors_to_hf
+from zoo.models.names import PartNames
 from zoo.norm import OffsetRMSNorm
 from zoo.parallel import column_parallel_linear, parallel_embedding
 from zoo.rotary import inv_frequencies
@@ -165,29 +166,7 @@ GEMMA2_NAMES = {**HF_NAMES, "post_attention_layernorm": "attn_out_norm", "pre_fe
                 "post_feedforward_layernorm": "mlp_out_norm"}
 
 
-def _renamed(names: dict, key: str) -> str:
-    return ".".join(names.get(part, part) for part in key.split("."))
-
-
-def gemma_hf_to_zoo(key: str) -> list[str]:
-    return [_renamed(GEMMA_NAMES, key.removeprefix("model."))]
-
-
-def gemma2_hf_to_zoo(key: str) -> list[str]:
-    return [_renamed(GEMMA2_NAMES, key.removeprefix("model."))]
-
-
-def _to_hf(names: dict, name: str) -> str:
-    key = _renamed({v: k for k, v in names.items()}, name)
-    return key if key.startswith("lm_head") else "model." + key
-
-
-def gemma_zoo_to_hf(name: str) -> str:
-    return _to_hf(GEMMA_NAMES, name)
-
-
-def gemma2_zoo_to_hf(name: str) -> str:
-    return _to_hf(GEMMA2_NAMES, name)
+GEMMA, GEMMA_2 = PartNames(GEMMA_NAMES), PartNames(GEMMA2_NAMES)
 
 
 # ---- config.json, and the families' registrations (zoo/models/__init__.py) ----------------------------
@@ -196,12 +175,9 @@ def _common(cfg: dict, family: str, activation_key: str) -> dict:
     """The GemmaConfig fields both Gemmas read alike from config.json; what zoo does not run is refused."""
     if key(cfg, "use_bidirectional_attention", FLAG, default=False, nullable=True):
         raise ValueError(f"use_bidirectional_attention true is not supported for {family} (causal attention only)")
-    rope = dict(key(cfg, "rope_parameters", MAPPING, None, nullable=True) or
-                key(cfg, "rope_scaling", MAPPING, None, nullable=True) or {})
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        raise ValueError(f"rope scaling {kind!r} is not supported for {family} (default rotary only)")
-    theta = key(rope, "rope_theta", POSITIVE, default=None) or key(cfg, "rope_theta", POSITIVE, default=10000.0)
+    theta, rope = rope_settings(cfg)
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope scaling {rope['rope_type']!r} is not supported for {family} (default rotary only)")
     activation = key(cfg, activation_key, TEXT, default="gelu_pytorch_tanh")
     if activation not in ACTIVATIONS:
         raise ValueError(f"{activation_key} {activation!r} is not supported by {family}; supported: "
@@ -210,7 +186,7 @@ def _common(cfg: dict, family: str, activation_key: str) -> dict:
                 n_heads=key(cfg, "num_attention_heads", SIZE), n_kv_heads=key(cfg, "num_key_value_heads", SIZE),
                 head_dim=key(cfg, "head_dim", SIZE, default=256), hidden_dim=key(cfg, "intermediate_size", SIZE),
                 vocab_size=key(cfg, "vocab_size", SIZE), norm_eps=key(cfg, "rms_norm_eps", POSITIVE, 1e-6),
-                rope_theta=float(theta), max_seq_len=key(cfg, "max_position_embeddings", SIZE, default=8192),
+                rope_theta=theta, max_seq_len=key(cfg, "max_position_embeddings", SIZE, default=8192),
                 activation=activation, attention_bias=key(cfg, "attention_bias", FLAG, default=False),
                 tie_embeddings=key(cfg, "tie_word_embeddings", FLAG, default=True))
 
@@ -258,7 +234,7 @@ class Gemma2(Gemma):
     """Gemma 2 (model_type gemma2): Gemma with post-norms, soft-caps, query_pre_attn_scalar and sliding layers."""
 
 
-FAMILY = Family("gemma", GemmaConfig, gemma_from_hf_config, Gemma, gemma_hf_to_zoo, gemma_zoo_to_hf, hf_tensor_to_zoo,
+FAMILY = Family("gemma", GemmaConfig, gemma_from_hf_config, Gemma, GEMMA.to_zoo, GEMMA.to_hf, hf_tensor_to_zoo,
                 gemma_to_hf_config, zoo_tensors_to_hf)
-GEMMA2 = Family("gemma2", GemmaConfig, gemma2_from_hf_config, Gemma2, gemma2_hf_to_zoo, gemma2_zoo_to_hf,
+GEMMA2 = Family("gemma2", GemmaConfig, gemma2_from_hf_config, Gemma2, GEMMA_2.to_zoo, GEMMA_2.to_hf,
                 hf_tensor_to_zoo, gemma2_to_hf_config, zoo_tensors_to_hf)

@@ -36,6 +36,7 @@ from zoo.checks import COUNT, FLAG, LAYERS, MAPPING, POSITIVE, SIZE, TEXT, is_in
 from zoo.forward import Decoder, begin
 from zoo.mlp import GatedMLP
 from zoo.models import Family, SharedNames
+from zoo.models.names import PartNames
 from zoo.norm import RMSNorm
 from zoo.parallel import column_parallel_linear, parallel_embedding
 from zoo.rotary import ROPE_TYPES, inv_frequencies
@@ -182,21 +183,8 @@ class Llama(Decoder):
 HF_NAMES = {"embed_tokens": "embed", "layers": "blocks", "self_attn": "attn", "input_layernorm": "attn_norm",
             "post_attention_layernorm": "mlp_norm", "q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
             "gate_proj": "w_gate", "up_proj": "w_in", "down_proj": "w_out", "lm_head": "output"}
-HF_IGNORED = re.compile(r"rotary_emb\.inv_freq$")  # a buffer older conversions saved
-
-
-def hf_to_zoo(key: str) -> list[str]:
-    """Our name(s) for a key of a Hugging Face LlamaForCausalLM checkpoint ([] for a key to skip)."""
-    if HF_IGNORED.search(key):
-        return []
-    key = key.removeprefix("model.")
-    return [".".join(HF_NAMES.get(part, part) for part in key.split("."))]
-
-
-def zoo_to_hf(name: str) -> str:
-    inverse = {v: k for k, v in HF_NAMES.items()}
-    key = ".".join(inverse.get(part, part) for part in name.split("."))
-    return key if key.startswith("lm_head") else "model." + key
+NAMES = PartNames(HF_NAMES, ignored=r"rotary_emb\.inv_freq$")  # (a buffer older conversions saved: skipped)
+hf_to_zoo, zoo_to_hf = NAMES.to_zoo, NAMES.to_hf
 
 
 def _rotated(name: str) -> bool:
@@ -233,24 +221,31 @@ def zoo_tensors_to_hf(key: str, tensors: list[torch.Tensor], cfg: LlamaConfig) -
 
 # ---- config.json, and the family's registration (zoo/models/__init__.py) ---------------------------
 
+def rope_settings(cfg: dict) -> tuple[float, dict]:
+    """A config.json's rotary base and its scaling (the v4 `rope_scaling` or the v5 `rope_parameters` layout): (theta,
+    the scaling's settings without rope_theta, `type` read as its legacy name of rope_type)."""
+    rope = dict(key(cfg, "rope_parameters", MAPPING, None, nullable=True) or
+                key(cfg, "rope_scaling", MAPPING, None, nullable=True) or {})
+    theta = key(rope, "rope_theta", POSITIVE, default=None) or key(cfg, "rope_theta", POSITIVE, default=10000.0)
+    rope.pop("rope_theta", None)
+    if "type" in rope:
+        rope.setdefault("rope_type", rope.pop("type"))
+    return float(theta), rope
+
+
 def _common(cfg: dict, family: str, head_dim: int | None = None, max_seq_len: int = 2048) -> dict:
     """The LlamaConfig fields LLaMA, Qwen2 and Qwen3 read alike from config.json (rope settings in the v4 or the
     v5 `rope_parameters` layout); `head_dim` and `max_seq_len`: the family's defaults for absent keys."""
     if key(cfg, "hidden_act", TEXT, default="silu") != "silu":
         raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported by {family} (silu only)")
-    rope = dict(key(cfg, "rope_parameters", MAPPING, None, nullable=True) or
-                key(cfg, "rope_scaling", MAPPING, None, nullable=True) or {})
-    theta = key(rope, "rope_theta", POSITIVE, default=None) or key(cfg, "rope_theta", POSITIVE, default=10000.0)
-    rope.pop("rope_theta", None)
-    if "type" in rope:  # legacy name of rope_type
-        rope.setdefault("rope_type", rope.pop("type"))
+    theta, rope = rope_settings(cfg)
     return dict(
         dim=key(cfg, "hidden_size", SIZE), n_layers=key(cfg, "num_hidden_layers", LAYERS),
         n_heads=key(cfg, "num_attention_heads", SIZE),
         n_kv_heads=key(cfg, "num_key_value_heads", SIZE, None, nullable=True),
         vocab_size=key(cfg, "vocab_size", SIZE), hidden_dim=key(cfg, "intermediate_size", SIZE),
         head_dim=key(cfg, "head_dim", SIZE, head_dim, nullable=True), norm_eps=key(cfg, "rms_norm_eps", POSITIVE, 1e-6),
-        rope_theta=float(theta), rope_scaling=None if rope.get("rope_type", "default") == "default" else rope,
+        rope_theta=theta, rope_scaling=None if rope.get("rope_type", "default") == "default" else rope,
         max_seq_len=key(cfg, "max_position_embeddings", SIZE, default=max_seq_len),
         tie_embeddings=key(cfg, "tie_word_embeddings", FLAG, default=False))
 

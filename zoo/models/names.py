@@ -1,5 +1,6 @@
-"""Hugging Face tensor names <-> zoo's, for a family whose keys are a prefix, a layer list and module tables
-(OPT, GPT-NeoX, GPT-2; LLaMA's renames single name parts and needs none of this). GPT-2's, for example:
+"""Hugging Face tensor names <-> zoo's, two ways. `PartNames` renames each dotted part of a key (LLaMA's, Gemma's:
+"model.layers.3.self_attn.q_proj.weight" <-> "blocks.3.attn.wq.weight"). `Names` is for a family whose keys are
+a prefix, a layer list and module tables (OPT, GPT-NeoX, GPT-2). GPT-2's, for example:
 
     NAMES = Names(prefix="transformer.", layers="h", top={"wte": "embed", "lm_head": "output", ...},
                   layer={"ln_1": "attn_norm", ...}, fused={"attn.c_attn": ("attn.wq", "attn.wk", "attn.wv")},
@@ -48,3 +49,25 @@ class Names:
         module, _, param = name.rpartition(".")
         key = self._top_hf.get(module, module)
         return f"{key}.{param}" if key in self.unprefixed else f"{self.prefix}{key}.{param}"
+
+
+class PartNames:
+    """Each dotted part of a key renamed by `parts` (Hugging Face's part -> zoo's), under `prefix` but for the top
+    modules in `unprefixed` (the untied output layer); `ignored` as Names'."""
+
+    def __init__(self, parts: dict[str, str], prefix: str = "model.", unprefixed: tuple[str, ...] = ("lm_head",),
+                 ignored: str | None = None):
+        self.parts, self.prefix, self.unprefixed = parts, prefix, unprefixed
+        self._hf = {v: k for k, v in parts.items()}
+        self.ignored = re.compile(ignored) if ignored else None
+
+    def to_zoo(self, key: str) -> list[str]:
+        """zoo's name for a Hugging Face key ([] for a key to skip)."""
+        if self.ignored and self.ignored.search(key):
+            return []
+        return [".".join(self.parts.get(part, part) for part in key.removeprefix(self.prefix).split("."))]
+
+    def to_hf(self, name: str) -> str:
+        """The Hugging Face key of zoo's tensor `name`."""
+        key = ".".join(self._hf.get(part, part) for part in name.split("."))
+        return key if key.split(".")[0] in self.unprefixed else self.prefix + key
