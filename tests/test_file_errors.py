@@ -42,8 +42,8 @@ MISMATCHES = ("does not match the config", "missing tensor", "unexpected tensor"
 
 def byte_level_vocab() -> tuple[dict, list]:
     """A byte-level BPE's vocabulary (the 256 bytes, two merges, <|endoftext|>) and merges."""
-    from zoo.tokenizer import _byte_decoder
-    vocab = {char: byte for char, byte in _byte_decoder().items()}
+    from zoo.bpe import byte_decoder
+    vocab = {char: byte for char, byte in byte_decoder().items()}
     vocab.update({"Ġt": 256, "he": 257, "<|endoftext|>": 258})
     return vocab, ["Ġ t", "h e"]
 

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
+from zoo.bpe import byte_decoder
 from zoo.tokenizer import (LLAMA3_PATTERN, BPETokenizer, HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer,
-                           _byte_decoder, load_tokenizer)
+                           load_tokenizer)
 
 TEXTS = [
     "Hello world", "  leading spaces and trailing   ", "tabs\tand\nnewlines\n\n\nmany", "digits 1234567 3.14159 1e-5",
@@ -51,7 +52,7 @@ def test_bpe_tokenizer_json_matches_hf(hf_bpe):
 def test_llama3_tiktoken_file_matches_same_vocab(hf_bpe, tmp_path):
     """The same vocabulary written as LLaMA 3's tokenizer.model (base64 token, rank): ids shift by the 2 specials."""
     reference, directory = hf_bpe
-    to_byte = _byte_decoder()
+    to_byte = byte_decoder()
     specials = {reference.token_to_id("<|begin_of_text|>"), reference.token_to_id("<|end_of_text|>")}
     token_of = {i: t for t, i in reference.get_vocab().items() if i not in specials}
     lines = [f"{base64.b64encode(bytes(to_byte[c] for c in token_of[i])).decode()} {rank}"

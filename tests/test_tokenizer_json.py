@@ -150,3 +150,22 @@ def test_a_special_token_not_in_the_vocabulary(tmp_path):
     (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|nope|>"}))
     with pytest.raises(zoo.CheckpointError, match=r"tokenizer.json: special token '<\|nope\|>' is not in the tok"):
         load_tokenizer(directory)
+
+
+@pytest.mark.parametrize("build", [sentencepiece_bpe, byte_level_bpe, unigram, wordpiece])
+def test_clean_up_tokenization_spaces_as_transformers(build, tmp_path):
+    """tokenizer_config.json's clean_up_tokenization_spaces: transformers 5 applies it to every model but BPE."""
+    directory = build(tmp_path)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "clean_up_tokenization_spaces": True}))
+    ref = transformers.AutoTokenizer.from_pretrained(directory)
+    tok = load_tokenizer(directory)
+    assert tok.clean_up_spaces == (build in (unigram, wordpiece))
+    for text in TEXTS + ["Hello , world . Is it ? Yes ! don ' t , it 's , we 're , I 'm , they 've , isn't"]:
+        ids = ref.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == ref.decode(ids), text
+    if build is wordpiece:  # its decoder joins word pieces with spaces: the clean-up is what removes them
+        assert tok.decode(tok.encode("hello, world.")) == "hello, world."
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "clean_up_tokenization_spaces": "yes"}))
+    with pytest.raises(zoo.CheckpointError, match=r"tokenizer_config.json: clean_up_tokenization_spaces 'yes' is not"):
+        load_tokenizer(directory)

@@ -17,14 +17,12 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
-
+from zoo import bpe
 from zoo.chat_template import read_chat_template
 from zoo.checks import CheckpointError, is_int, read_json, read_utf8, shown
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 LLAMA3_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{i}|>" for i in range(4)]
                    + ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
                    + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)])
@@ -146,10 +144,13 @@ class HFTokenizer(Tokenizer):
     bos/eos flags add those); added tokens in the text are recognised; decode keeps special tokens, as
     transformers' decode does by default. bos/eos: names or ids; end_of_text: as BPETokenizer's.
     add_bos False (tokenizer_config.json's add_bos_token): encode(bos=True) adds none, as transformers.
+    clean_up_spaces (its clean_up_tokenization_spaces): decode then drops the space before . , ? ! and English
+    contractions ('s, n't, ...), as transformers 5 does for every model but BPE, where it would corrupt text.
     """
 
     def __init__(self, path: Path, bos: str | int | None = None, eos: str | int | list | None = None,
-                 files: dict[str, Path] | None = None, end_of_text: str | None = None, add_bos: bool = True):
+                 files: dict[str, Path] | None = None, end_of_text: str | None = None, add_bos: bool = True,
+                 clean_up_spaces: bool = False):
         import tokenizers
         self.files = files or {path.name: path}
         spec = read_json(path)
@@ -174,13 +175,22 @@ class HFTokenizer(Tokenizer):
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from None
         self.add_bos = add_bos
+        self.clean_up_spaces = clean_up_spaces and type(self.model.model).__name__ != "BPE"
 
     def _encode(self, text):
         return self.model.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids):
         # an id past the vocabulary (a model's padded embedding) decodes to nothing, as in Hugging Face
-        return self.model.decode([int(i) for i in ids if 0 <= int(i) < self.n_words], skip_special_tokens=False)
+        text = self.model.decode([int(i) for i in ids if 0 <= int(i) < self.n_words], skip_special_tokens=False)
+        if self.clean_up_spaces:  # transformers' clean_up_tokenization, in its order
+            for spaced, joined in CLEAN_UP:
+                text = text.replace(spaced, joined)
+        return text
+
+
+CLEAN_UP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]
 
 
 def _with_defaults(spec):
@@ -219,24 +229,8 @@ def _specials(bos, eos, end_of_text, token_id) -> tuple[int | None, int | None, 
     return id_of(bos), id_of(eos_all[0]), {id_of(e) for e in eos_all} - {None}
 
 
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest for chr(256 + n)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, n = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + n)] = b
-            n += 1
-    return chars
-
-
 class BPETokenizer(Tokenizer):
-    """A byte-level BPE (GPT-2's scheme), encoded by tiktoken.
-
-    tiktoken merges the adjacent pair whose concatenation has the lowest rank, so a token's rank is
-    the position of the merge that first makes it (bytes come first); `rank_to_id` maps back to the
+    """A byte-level BPE (GPT-2's scheme), encoded by tiktoken on zoo.bpe's ranks; `rank_to_id` maps back to the
     file's ids. Added tokens (special or not) are recognised in the text, as Hugging Face does.
     Built from GPT-2's `vocab.json` + `merges.txt` (a `tokenizer.json` is HFTokenizer's).
     end_of_text: a token that, when the vocabulary has it, is the eos and the one stop id (gpt-neox's
@@ -249,38 +243,11 @@ class BPETokenizer(Tokenizer):
                  end_of_text: str | None = None):
         import tiktoken
         self.files = files or {}
-        for what, table in (("vocabulary", vocab), ("added tokens", added)):
-            if not isinstance(table, dict) or not all(isinstance(t, str) and is_int(i) and i >= 0
-                                                      for t, i in table.items()):
-                raise ValueError(f"the {what} should map tokens (strings) to ids (ints >= 0), found {shown(table)}")
-        if not isinstance(merges, list):
-            raise ValueError(f"the merges should be a list, found {shown(merges)}")
-        to_byte = _byte_decoder()
-
-        def as_bytes(token: str) -> bytes:
-            if any(c not in to_byte for c in token):
-                raise ValueError(f"token {token!r} has a character outside GPT-2's byte-level alphabet")
-            return bytes(to_byte[c] for c in token)
-
-        ranks = {bytes([b]): b for b in range(256)}
-        for merge in merges:
-            pair = merge.split(" ") if isinstance(merge, str) else merge
-            if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(t, str) for t in pair):
-                raise ValueError(f"merge {shown(merge)} is not two tokens ('left right' or [left, right])")
-            ranks.setdefault(as_bytes(pair[0]) + as_bytes(pair[1]), len(ranks))
-        rank_to_id = np.full(len(ranks), -1 if unk is None else unk, dtype=np.int64)  # -1: not in the vocab
-        self.id_to_bytes = {}
-        for tok, i in vocab.items():
-            self.id_to_bytes[i] = as_bytes(tok)
-            if self.id_to_bytes[i] in ranks:
-                rank_to_id[ranks[self.id_to_bytes[i]]] = i
-        for text, i in added.items():
-            self.id_to_bytes[i] = text.encode()
+        mergeable, self.rank_to_id, self.id_to_bytes = bpe.ranks(vocab, merges, added, unk)
         self.added, self.token_ids = added, {**vocab, **added}
-        specials = {text: len(ranks) + k for k, text in enumerate(added)}
-        self.rank_to_id = np.concatenate([rank_to_id, np.array(list(added.values()), dtype=np.int64)])
+        specials = {text: len(mergeable) + k for k, text in enumerate(added)}
         self.prefix_space = prefix_space
-        self.model = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+        self.model = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=mergeable, special_tokens=specials)
         self.n_words = max(self.id_to_bytes) + 1
         self.bos_id, self.eos_id, self.stop_ids = _specials(bos, eos, end_of_text, self.token_ids.get)
 
@@ -298,7 +265,7 @@ class BPETokenizer(Tokenizer):
     def from_vocab_merges(cls, vocab: Path, merges: Path, added: dict[str, int], bos=None, eos=None,
                           **kwargs) -> "BPETokenizer":
         """GPT-2's files: vocab.json (token -> id) and merges.txt (a '#version' line, then 'left right' per line)."""
-        return cls.read([vocab, merges], read_json(vocab), _merge_lines(merges), added, GPT2_PATTERN, False, bos, eos,
+        return cls.read([vocab, merges], read_json(vocab), bpe.merge_lines(merges), added, bpe.GPT2_PATTERN, False, bos, eos,
                         name=vocab.name, **{"files": {vocab.name: vocab, merges.name: merges}, **kwargs})
 
     @classmethod
@@ -312,7 +279,7 @@ class BPETokenizer(Tokenizer):
         line_of = {entry: 4 + i for i, entry in enumerate(entries)}
         renumbered = {token: line_of[str(i)] for token, i in gpt2.items() if str(i) in line_of}
         specials = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-        return cls.read([vocab, merges, dictionary], renumbered, _merge_lines(merges), specials, GPT2_PATTERN, False,
+        return cls.read([vocab, merges, dictionary], renumbered, bpe.merge_lines(merges), specials, bpe.GPT2_PATTERN, False,
                         "</s>", "</s>", name=dictionary.name, unk=3,
                         **{"files": {vocab.name: vocab, merges.name: merges, dictionary.name: dictionary}, **kwargs})
 
@@ -328,11 +295,6 @@ class BPETokenizer(Tokenizer):
         # Models pad their vocabulary past the tokenizer's (OPT 50272 vs 50265, Pythia 50304 vs 50277):
         # an id with no token decodes to nothing, as in Hugging Face.
         return b"".join(self.id_to_bytes.get(int(i), b"") for i in ids).decode("utf-8", errors="replace")
-
-
-def _merge_lines(merges: Path) -> list[str]:
-    """GPT-2's merges.txt: a '#version' line, then 'left right' per line."""
-    return [line for line in read_utf8(merges).split("\n") if line and not line.startswith("#version")]
 
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -381,11 +343,12 @@ def _read_tokenizer(directory: Path, config: dict | None, config_file: Path | No
         if not (token is None or isinstance(token, (str, int, list))):
             raise CheckpointError(f"{named_file}: {name} {shown(token)} is not a token (a string, or an object with "
                                   f"its \"content\")")
-    add_bos = named.get("add_bos_token", True)
-    if not isinstance(add_bos, bool):
-        raise CheckpointError(f"{named_file}: add_bos_token {shown(add_bos)} is not true or false")
+    add_bos, clean_up = named.get("add_bos_token", True), named.get("clean_up_tokenization_spaces", False)
+    for name, flag in (("add_bos_token", add_bos), ("clean_up_tokenization_spaces", clean_up)):
+        if not isinstance(flag, bool):
+            raise CheckpointError(f"{named_file}: {name} {shown(flag)} is not true or false")
     if (directory / "tokenizer.json").exists():
-        return HFTokenizer(directory / "tokenizer.json", bos, eos, files, add_bos=add_bos)
+        return HFTokenizer(directory / "tokenizer.json", bos, eos, files, add_bos=add_bos, clean_up_spaces=clean_up)
     vocab = next((directory / f for f in ("gpt2-vocab.json", "vocab.json") if (directory / f).exists()), None)
     merges = next((directory / f for f in ("gpt2-merges.txt", "merges.txt") if (directory / f).exists()), None)
     if (directory / "dict.txt").exists() and vocab and merges and (
