@@ -2,11 +2,13 @@
 
     python benchmarks/peers.py                 # the 1.1B, 3 rounds: every configuration below once per round
     python benchmarks/peers.py --rounds 5 --only zoo-eager,llama.cpp
-    python benchmarks/peers.py --quick         # the bundled tiny model, zoo eager only, 1 round: a smoke check
+    python benchmarks/peers.py --quick         # the bundled tiny model, zoo eager and api, 1 round: a smoke check
 
 Configurations (batch 1, --prompt 128 tokens, --new 32 tokens, --threads 2):
   zoo eager / zoo compiled   bf16, int8 and int4 g128 (zoo.load(..., quant=...); compiled: zoo.compile,
-                             compile time excluded), plus decode at --batch 8
+                             compile time excluded), timed through zoo.steps, plus decode at --batch 8
+  zoo api                    the same loads timed by benchmarks/decode.py: zoo.generate alone, as a user
+                             times it (the public API only)
   hf                         transformers' LlamaForCausalLM in bf16, generate() (benchmarks/generate.py's worker)
   llama.cpp                  llama-bench on BF16, Q8_0 and Q4_0 GGUF files converted from the same
                              Hugging Face directory: prefill = pp128, decode = tg32 at depth 128
@@ -24,7 +26,9 @@ so and has no llama.cpp rows. Time llama.cpp on a quiet machine: its threads spi
 
 Reported: prefill and decode tokens/s, each format's ratio to llama.cpp's (zoo / llama.cpp: above 1
 is faster), and GB/s of weights streamed per decoded token at batch 1 (tok/s x the bytes a decode step
-reads: every weight but the input embedding). zoo's bytes are computed from the config: bf16 2 per
+reads: every weight but the input embedding), also as a share of this machine's memory bandwidth,
+measured first in the same run (benchmarks/matmul.py's copy and read of 1 GiB at --threads): the
+physical limit of a decode step. zoo's bytes are computed from the config: bf16 2 per
 weight; int8 1 + a 4-byte scale per row; int4 g128 0.5 + 8 bytes per group (scale and zero, fp32).
 llama.cpp's are llama-bench's model size less the embedding's share of it. Writes
 benchmarks/results/peers.json (--out). No assertions.
@@ -44,7 +48,7 @@ LLAMA_CPP_DEFAULT = Path.home() / ".cache" / "zoo-peers" / "llama.cpp" / "build"
 FORMATS = {"bf16": ("bf16", None, "bf16.gguf"), "int8": ("bf16", "int8", "q8_0.gguf"),
            "int4": ("bf16", "int4", "q4_0.gguf")}  # zoo's name: (dtype, quant, llama.cpp's file)
 PEER_NAMES = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
-KINDS = ("zoo-eager", "zoo-compiled", "hf", "llama.cpp")
+KINDS = ("zoo-eager", "zoo-compiled", "zoo-api", "hf", "llama.cpp")
 
 
 def weight_bytes(config: dict, fmt: str) -> float:
@@ -116,7 +120,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--formats", default="bf16,int8,int4")
     p.add_argument("--only", default=",".join(KINDS), help=f"comma-separated, of: {', '.join(KINDS)}")
-    p.add_argument("--quick", action="store_true", help="the tiny model, zoo eager only, 1 round, short prompts")
+    p.add_argument("--quick", action="store_true", help="the tiny model, zoo eager and api, 1 round, short prompts")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "peers.json")
     args = p.parse_args()
     formats, kinds = args.formats.split(","), args.only.split(",")
@@ -125,7 +129,7 @@ def main() -> None:
             print(f"peers.py: {name} {','.join(bad)}: not one of {', '.join(allowed)}", file=sys.stderr)
             sys.exit(2)
     if args.quick:
-        ckpt, kinds = REPO / "checkpoints" / "tiny-llama", ["zoo-eager"]
+        ckpt, kinds = REPO / "checkpoints" / "tiny-llama", ["zoo-eager", "zoo-api"]
         args.rounds, args.prompt, args.new, args.batch = 1, 16, 8, 2
         config = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 6, "vocab_size": 4096,
                   "num_attention_heads": 8, "num_key_value_heads": 2}  # checkpoints/tiny-llama/params.json
@@ -143,6 +147,10 @@ def main() -> None:
         binary = None
     for note in notes:
         print(note, file=sys.stderr)
+    import torch
+    from matmul import measure_bandwidth
+    torch.set_num_threads(args.threads)
+    bandwidth = measure_bandwidth(torch.device("cpu"), (1 << 26) if args.quick else (1 << 30))
 
     configs = [(kind, fmt) for kind in kinds for fmt in formats
                if (kind != "hf" or fmt == "bf16") and (kind != "llama.cpp" or binary is not None)]
@@ -153,6 +161,9 @@ def main() -> None:
                 r = llama_bench(binary, fmt, args)
             elif kind == "hf":
                 r = hf_run(ckpt, args)
+            elif kind == "zoo-api":
+                from decode import spawn
+                r = spawn(str(ckpt), fmt, args.prompt, args.new, 1, args.threads)
             else:
                 r = zoo_run(ckpt, fmt, kind == "zoo-compiled", args)
             r.pop("tokens", None)
@@ -174,6 +185,7 @@ def main() -> None:
             streamed = weight_bytes(config, fmt)
         row["weights_gb_per_token"] = streamed / 1e9
         row["decode_weights_gb_s"] = row["decode_tok_s"] * streamed / 1e9
+        row["decode_share_of_bandwidth"] = row["decode_weights_gb_s"] / bandwidth
         row["rounds"] = len(ok)
         table[f"{kind} {fmt}"] = row
     for name, row in table.items():
@@ -183,9 +195,9 @@ def main() -> None:
             row["decode_vs_llama_cpp"] = row["decode_tok_s"] / peer["decode_tok_s"]
 
     print(f"\n{'1.1B' if not args.quick else 'tiny'} on the CPU, {args.threads} threads, batch 1, prompt {args.prompt}, "
-          f"{args.new} new tokens, median of {args.rounds} round(s)")
+          f"{args.new} new tokens, median of {args.rounds} round(s); memory bandwidth {bandwidth:.1f} GB/s")
     print(f"{'configuration':<22} {'prefill tok/s':>13} {'vs llama.cpp':>12} {'decode tok/s':>12} {'vs llama.cpp':>12} "
-          f"{'weights GB/s':>12} {f'decode b={args.batch}':>11}")
+          f"{'weights GB/s':>12} {'of bandwidth':>12} {f'decode b={args.batch}':>11}")
     for name, row in table.items():
         kind, fmt = name.split()
         label = f"{kind} {PEER_NAMES[fmt] if kind == 'llama.cpp' else fmt}"
@@ -196,11 +208,12 @@ def main() -> None:
         batch = f"{row['decode_batch_tok_s']:.1f}" if "decode_batch_tok_s" in row else "-"
         print(f"{label:<22} {row['prefill_tok_s']:>13.1f} {ratio('prefill_vs_llama_cpp'):>12} "
               f"{row['decode_tok_s']:>12.2f} {ratio('decode_vs_llama_cpp'):>12} {row['decode_weights_gb_s']:>12.1f} "
-              f"{batch:>11}")
+              f"{row['decode_share_of_bandwidth']:>11.0%} {batch:>11}")
     for note in notes:
         print(note)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "notes": notes, "table": table,
+    args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "notes": notes,
+                                    "memory_bandwidth_gb_s": bandwidth, "table": table,
                                     "runs": runs}, indent=2))
     print(f"wrote {args.out}")
 
