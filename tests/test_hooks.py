@@ -177,6 +177,51 @@ def test_collect_holds_one_run_and_reads_like_a_dict(tiny_dir):
     assert len(cache) == 0
 
 
+def test_collect_keeps_references_each_its_own(model):
+    """collect keeps the forward's tensors (no copy) yet each record is its own: equal to copy=True's at every point,
+    resid_post not sharing memory with the next resid_pre, and an edit of one record changes no other."""
+    cache, copies = hooks.collect("*"), hooks.collect("*", copy=True)
+    run(model, hooks=[cache, copies])
+    assert list(cache) == list(copies) == hooks.names(model)
+    assert all(torch.equal(cache[n], copies[n]) for n in cache)
+    storages = [cache[n].untyped_storage().data_ptr() for n in cache if cache[n].numel()]
+    assert len(storages) == len(set(storages))  # (q, k and v of a fused projection too)
+    cache["blocks.0.resid_post"].zero_()
+    assert torch.equal(cache["blocks.1.resid_pre"], copies["blocks.1.resid_pre"])
+
+
+def test_a_hook_that_edits_in_place_after_collect_changes_no_record(model):
+    """A user's hook may change its input in place: what collect recorded before it (at that point, or the same
+    tensor at another point: resid_post is the next block's resid_pre) is copied first. zoo's own hooks say they
+    never do (keeps_input): after them the records stay references."""
+    want = hooks.collect("blocks.*.resid_post", "blocks.0.mlp_out", copy=True)  # (no pattern: the same kernels)
+    run(model, hooks=want)
+
+    def zero_in_place(x, ctx):
+        x.zero_()
+
+    for point in ("blocks.0.mlp_out", "blocks.1.resid_pre"):  # the second is the tensor of blocks.0.resid_post
+        cache = hooks.collect("blocks.*.resid_post", "blocks.0.mlp_out")
+        edited = run(model, hooks=[cache, {point: zero_in_place}])
+        assert (edited - run(model)).abs().max() > 1e-3  # the edit reached the forward
+        assert torch.equal(cache["blocks.0.mlp_out"], want["blocks.0.mlp_out"])
+        if point == "blocks.1.resid_pre":
+            assert torch.equal(cache["blocks.0.resid_post"], want["blocks.0.resid_post"])
+
+    seen = {}
+
+    def reader(x, ctx):
+        seen[ctx.name] = x
+
+    reader.keeps_input = True
+    cache = hooks.collect("blocks.0.mlp_post")
+    run(model, hooks=[cache, {"blocks.0.mlp_post": [hooks.ablate(neurons=[1]), reader]}])
+    assert cache["blocks.0.mlp_post"].untyped_storage().data_ptr() != seen["blocks.0.mlp_post"].untyped_storage().data_ptr()
+    cache = hooks.collect("blocks.0.mlp_post")
+    run(model, hooks=[cache, {"blocks.0.mlp_post": reader}])
+    assert cache["blocks.0.mlp_post"].untyped_storage().data_ptr() == seen["blocks.0.mlp_post"].untyped_storage().data_ptr()
+
+
 def test_editing_keys_reaches_the_kv_cache(model):
     """Double the keys of the first 5 positions in the prefill only: later cached steps must see them. (Qwen3's
     keys go through an RMSNorm after the k point, which undoes a doubling: there the normed keys are doubled.)"""

@@ -120,6 +120,8 @@ class Accumulator:
         if ctx.shard is not None:
             self.shards[ctx.point] = (ctx.shard[0] - 2, ctx.shard[3])
 
+    _add.keeps_input = True  # (reads x only: see zoo.hooks.collect)
+
     def _float64(self, chunk: torch.Tensor) -> torch.Tensor:
         """chunk in float64, in a buffer kept for the next (a fresh allocation of this size would fault its pages in)."""
         buffer = self.buffers.get((chunk.shape[1:], chunk.device))

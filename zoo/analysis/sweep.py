@@ -160,6 +160,7 @@ def _prefix(model, kv, start: int, layer: int, n: int):
 class Patcher:
     """The hook of a group of runs: rows j*rows..(j+1)*rows take run j's clean activation (its point, position,
     unit), the other rows are left as they are."""
+    keeps_input = True  # (a new tensor: see zoo.hooks.collect)
 
     def __init__(self, group: list[Run], clean: hooks.collect, rows: int, start: int):
         self.group, self.clean, self.rows, self.start = group, clean, rows, start

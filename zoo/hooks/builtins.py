@@ -70,6 +70,7 @@ class replace:
 
     def __init__(self, value, positions=None):
         self.value, self.positions, self.rule = value, positions, _position_rule(positions)
+        self.keeps_input = not callable(value)  # (fn(x, ctx) is the user's, which might change x in place)
 
     def __call__(self, x, ctx):
         new = self.value(x, ctx) if callable(self.value) else self.value
@@ -82,6 +83,7 @@ class replace:
 
 class add:
     """Add scale * vector to the activation at `positions` (steering / activation addition)."""
+    keeps_input = True  # (returns a new tensor: collect's records need no copy; see collect)
 
     def __init__(self, vector, positions=None, scale: float = 1.0):
         self.vector, self.positions, self.scale, self.rule = vector, positions, scale, _position_rule(positions)
@@ -105,6 +107,8 @@ class ablate:
     error naming the positions it missed (to ablate only later positions, hook every forward and
     pass positions=). For a mean over a dataset, collect it and use replace().
     """
+
+    keeps_input = True
 
     def __init__(self, heads=None, neurons=None, mode: str = "zero", positions=None):
         if (heads is None) == (neurons is None):
@@ -197,17 +201,23 @@ class collect:
     padding): from 0 for a recording of a whole run, whose tensors are in the run's slot layout (row
     b's first real token at `left_pad[b]`); from the first position it saw for one that began
     partway through a run. gather=True keeps full tensors under tensor parallelism. Recorded tensors
-    are detached copies. Reads like a dict: `cache[name]`, `in`, keys(), values(), items(), len().
+    are the forward's own (detached: zoo's forward never changes a tensor once computed), as the peers keep
+    them, not copies: copying every point cost more than the forward's own allocations. Each is its own
+    all the same: a tensor this collect already holds under another name (resid_post is the next block's
+    resid_pre) is copied, and before a hook that may change its input in place runs (any function not
+    marked `keeps_input`, which zoo's own hooks are) the records it could change are copied first.
+    copy=True copies every record. Reads like a dict: `cache[name]`, `in`, keys(), values(), items(), len().
     grads=True also records d(metric)/d(activation) once `metric.backward()` has run: `cache.grads[name]`,
     in the same layout (zoo/hooks/grads.py).
     """
 
-    def __init__(self, *patterns: str, gather: bool = False, grads: bool = False):
+    def __init__(self, *patterns: str, gather: bool = False, grads: bool = False, copy: bool = False):
         for p in patterns:
             if not isinstance(p, str):
                 raise TypeError(f"collect takes hook point names (globs allowed), not {p!r}")
-        self.patterns, self.gather = patterns, gather
+        self.patterns, self.gather, self.copy = patterns, gather, copy
         self.store: dict[str, list[torch.Tensor]] = {}
+        self.storages: set[int] = set()  # the storages of the records this run that are references
         self.where: dict[str, list[torch.Tensor]] = {}  # name -> the positions of each recorded part
         self.run, self.left_pad = None, None
         self.grads = Gradients(self) if grads else None  # filled by metric.backward() (zoo/hooks/grads.py)
@@ -217,14 +227,30 @@ class collect:
 
     def _record(self, x, ctx):
         if ctx.run != self.run:
-            self.store, self.where, self.run = {}, {}, ctx.run
+            self.store, self.where, self.run, self.storages = {}, {}, ctx.run, set()
             self.left_pad = None if ctx.left_pad is None else ctx.left_pad.clone()
             if self.grads is not None:
                 self.grads.clear()
-        kept = (ctx.gather(x) if self.gather else x).detach().clone()
+        kept = (ctx.gather(x) if self.gather else x).detach()
+        storage = kept.untyped_storage().data_ptr()
+        if self.copy or storage in self.storages:
+            kept = kept.clone()
+        else:
+            self.storages.add(storage)
+            ctx.held.setdefault(storage, []).append(lambda: self._own_copy(ctx.name, kept, storage))
         self.store.setdefault(ctx.name, []).append(kept)
         self.where.setdefault(ctx.name, []).append(ctx.positions)
         return None if self.grads is None else self.grads.watch(x, ctx, kept.shape)
+
+    _record.keeps_input = True
+
+    def _own_copy(self, name: str, kept: torch.Tensor, storage: int) -> None:
+        """Replace the record `kept` of name by a copy (a hook that may change it in place is about to run)."""
+        parts = self.store.get(name, [])
+        for i, part in enumerate(parts):
+            if part is kept:  # (a record already joined by a read is a copy)
+                parts[i] = kept.clone()
+        self.storages.discard(storage)
 
     def positions(self, name: str) -> torch.Tensor:
         """(batch or 1, recorded length) int64: the token position of each recorded index along the sequence
@@ -285,6 +311,8 @@ class patch:
     Row b, position p takes the recorded row b's position p (a recording of one row serves every
     row), whatever the left padding of either run; padding is left alone.
     """
+
+    keeps_input = True
 
     def __init__(self, cache: collect, names: str | list[str] | None = None):
         if not isinstance(cache, collect):

@@ -4,7 +4,7 @@ built-in hooks are builtins.py."""
 import difflib
 import fnmatch
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -21,9 +21,9 @@ POINTS = {
     "attn_in": ("b s D", "input of attention: after the norm, affine included (post-LN OPT: = resid_pre)"),
     "q": ("b s h d", "queries per head, before rotary"),
     "k": ("b s kvh d", "keys per key/value head, before rotary"),
+    "v": ("b s kvh d", "values per key/value head"),
     "q_normed": ("b s h d", "queries per head after their RMSNorm, before rotary (Qwen3 only)"),
     "k_normed": ("b s kvh d", "keys per key/value head after their RMSNorm, before rotary (Qwen3 only)"),
-    "v": ("b s kvh d", "values per key/value head"),
     "pattern": ("b h s S", "attention probabilities (softmax); materialised only when hooked"),
     "z": ("b s h d", "attention output per head, before the output projection wo"),
     "attn_out": ("b s D", "attention output, after wo (summed over ranks)"),
@@ -67,6 +67,8 @@ class Context:
     rank: int = 0
     world_size: int = 1
     shard: tuple | None = None
+    # storage -> what keeps a reference to it (collect), told to copy it before a hook may change it in place
+    held: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def positions(self) -> torch.Tensor:
@@ -132,6 +134,7 @@ class Hooks:
             self.slot, self.step, self.left_pad, self.run = 0, 0, left_pad, ("forward", next(_forward_runs))
         self.rank, self.world = parallel.rank(), parallel.world_size()
         self.neurons = model.config.hidden_dim  # the MLP's hidden units, which TP may pad (the heads it never does)
+        self.held: dict[int, list[Callable]] = {}  # storage -> callbacks of collects recording it (Context.held)
 
     def wants(self, layer: int | None, point: str) -> bool:
         return (layer, point) in self.table
@@ -146,8 +149,11 @@ class Hooks:
             return x
         name = point if layer is None else f"blocks.{layer}.{point}"
         ctx = Context(name, layer, self.slot, self.left_pad, x.shape[_seq_dim(name)], self.step, self.run,
-                      self.rank, self.world, self._shard(point, x))
+                      self.rank, self.world, self._shard(point, x), self.held)
         for fn in fns:
+            if self.held and not getattr(fn, "keeps_input", False):
+                for own_copy in self.held.pop(x.untyped_storage().data_ptr(), ()):
+                    own_copy()  # a collect that holds x (or a view of its storage) copies it: fn may change x in place
             try:
                 out = fn(x, ctx)
             except Exception as e:
