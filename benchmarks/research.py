@@ -3,6 +3,7 @@ results where both compute the same thing, and the times as ratios, from one run
 
     python benchmarks/research.py            # a random ~200M LLaMA (1024 wide, 12 layers), fp32, 2 threads
     python benchmarks/research.py --quick    # the bundled tiny model: a smoke check in seconds
+    python benchmarks/research.py --only forward,cache   # the instruments whose names start so
 
 Instruments (clean/corrupted: random token pairs differing at one position; metric: a logit difference at
 the last position, averaged over the batch):
@@ -341,6 +342,7 @@ def main() -> None:
                    "--quick 8), after the batch's prompts")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", default="", help="comma-separated beginnings of instrument names (default: all)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "research.json")
     args = p.parse_args()
     batch, seq = args.batch or (2 if args.quick else 4), args.seq or (16 if args.quick else 128)
@@ -388,6 +390,12 @@ def main() -> None:
             "zoo": lambda: patch_sweep(model, s_clean, s_corrupted, metric, by="head"),
             "TransformerLens": lambda b: tl_sweep(b, s_clean, s_corrupted, "head")},
     }
+    if args.only:
+        wanted = args.only.split(",")
+        tasks = {task: runners for task, runners in tasks.items() if any(task.startswith(w) for w in wanted)}
+        if "forward" not in tasks:
+            print(f"research.py: --only {args.only}: the forward is the unit of the others; include it", file=sys.stderr)
+            sys.exit(2)
     results = {}
     for task, runners in tasks.items():
         best, outputs = {}, {}
@@ -416,7 +424,8 @@ def main() -> None:
                 row[name] = outputs.get(name) or others[name.split(" (")[0]]
         results[task] = row
     forward = results["forward"]["zoo s"]
-    results["attribution over all heads"]["zoo / forward"] = results["attribution over all heads"]["zoo s"] / forward
+    if "attribution over all heads" in results:
+        results["attribution over all heads"]["zoo / forward"] = results["attribution over all heads"]["zoo s"] / forward
     print(f"{directory.name}: batch {batch} x {seq} tokens (sweeps {args.sweep_batch} x {sweep_seq}; generation "
           f"{new_tokens} new tokens, resid_post of layer {middle} steered), fp32, "
           f"{args.threads} threads, best of {args.rounds} alternating rounds")
