@@ -275,8 +275,9 @@ def test_qwen3_normed_q_and_k_are_hook_points():
     with tempfile.TemporaryDirectory() as d:
         model = zoo.load(save_hf(hf, Path(d)), dtype=torch.float32)
     names = hooks.names(model)
-    assert names.index("blocks.0.k") < names.index("blocks.0.q_normed") < names.index("blocks.0.k_normed") \
-        < names.index("blocks.0.v")
+    assert names.index("blocks.0.v") < names.index("blocks.0.q_normed") < names.index("blocks.0.k_normed") \
+        < names.index("blocks.0.pattern")
+    assert list(model.hook_points(torch.zeros(1, 3, dtype=torch.long))) == names  # the order they fire in
     tokens = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(1))
     recorded = hooks.collect("blocks.1.q_normed", "blocks.1.k_normed")
     with torch.no_grad():
