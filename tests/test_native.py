@@ -221,3 +221,46 @@ def test_one_row_of_x_gives_the_rows_of_a_batch_bit_for_bit():
         return
     r = run(ONE_ROW, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+ROTARY = r"""
+import torch
+from zoo.kernels import native
+from zoo.rotary import inv_frequencies, rope_angles, rotated
+ops = native.load()
+for dtype in (torch.bfloat16, torch.float32):
+    for batch, seq, heads, head_dim, rot in ((1, 1, 32, 64, 64), (3, 7, 4, 32, 32), (2, 5, 3, 64, 16), (2, 1, 2, 80, 20)):
+        for per_row in (False, True):
+            for interleaved in (True, False):
+                g = torch.Generator().manual_seed(batch * 100 + seq)
+                x = (torch.randn(batch, seq, heads, head_dim, generator=g) * 4).to(dtype)
+                start = torch.tensor([[3], [0], [11]])[:batch] if per_row else torch.tensor([[40]])
+                cos, sin = rope_angles(inv_frequencies(rot, 10000.0), start + torch.arange(seq)[None])
+                want = rotated(x, cos, sin, interleaved)
+                got = ops.rotary(x, cos.contiguous(), sin.contiguous(), interleaved)
+                assert got.dtype == dtype and torch.equal(got, want), (dtype, batch, seq, heads, head_dim, rot,
+                                                                        per_row, interleaved, (got - want).abs().max())
+for bad in (torch.zeros(2, 3, 4, 8, dtype=torch.float16), torch.zeros(2, 3, 4)):
+    try:
+        ops.rotary(bad, torch.zeros(1, 3, 1, 4), torch.zeros(1, 3, 1, 4), True)
+        raise SystemExit("no error")
+    except RuntimeError as e:
+        assert "zoo_native::rotary: x must be" in str(e), e
+try:
+    ops.rotary(torch.zeros(2, 3, 4, 8), torch.zeros(1, 3, 1, 5), torch.zeros(1, 3, 1, 5), True)
+    raise SystemExit("no error")
+except RuntimeError as e:
+    assert "cos and sin must be" in str(e), e
+print("ok")
+"""
+
+
+def test_rotary_is_the_torch_operators_bit_for_bit():
+    """native rotary against zoo.rotary.rotated (the PyTorch definition): bf16 and fp32, interleaved and
+    half-split, whole and partial rotary (NeoX), one position or several, angles shared by the batch or per
+    row (a left-padded batch), equal bit for bit; bad shapes and dtypes are errors naming them. In a subprocess."""
+    if native.load() is None:
+        assert not native.cpu_supported()
+        return
+    r = run(ROTARY)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from zoo.kernels import native
+
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -43,7 +45,19 @@ def rope_angles(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate the first 2*cos.shape[-1] dims of every head of x: (batch, seq, heads, head_dim)."""
+    """Rotate the first 2*cos.shape[-1] dims of every head of x: (batch, seq, heads, head_dim).
+
+    On the CPU, outside autograd and compiling, native.cpp's `rotary` does the same operations in one pass
+    (the same bits: tests/test_native.py), where its kernels are built."""
+    if (x.device.type == "cpu" and x.is_contiguous() and x.dtype in (torch.bfloat16, torch.float32)
+            and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x.requires_grad)
+            and native.load() is not None):
+        return torch.ops.zoo_native.rotary(x, cos.contiguous(), sin.contiguous(), interleaved)
+    return rotated(x, cos, sin, interleaved)
+
+
+def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """apply_rotary in PyTorch operators (the definition; any device, autograd, compiling)."""
     rot = 2 * cos.shape[-1]
     xf = x[..., :rot].float()
     if interleaved:

@@ -5,7 +5,9 @@
 //   zoo_native::int4_mm(x [M, K], packed uint8 [N, Kp/2], scales f32 [N, Kp/G], scaled_zeros f32 [N, Kp/G],
 //                       group_size G) -> y [M, N]
 //   zoo_native::bf16_linear(x bf16 [M, K], weight bf16 [N, K], bias [N] or None) -> y bf16 [M, N]
-//                       (no quantization: F.linear for a few rows, with AVX512-BF16; at the end of this file)
+//                       (no quantization: F.linear for a few rows, with AVX512-BF16; near the end of this file)
+//   zoo_native::rotary(x [B, S, H, D], cos f32 [B or 1, S, 1, D'/2], sin, interleaved) -> x rotated
+//                       (zoo/rotary.py's apply_rotary in one pass, the same operations; at the end)
 //
 // x (bf16 or fp32) is first quantized to int8 in blocks of 32 along K (quantize_rows): one fp32 scale
 // per block, q = round(x * 127 / max|x|), and its rounding error, in a second int8, to 1/256 of a
@@ -107,9 +109,9 @@ __m512i two_part_dot(__m512i acc, __m512i w, __m512i q, __m512i r) {
 // bit), so each block's sum is sum(w q) + 128 sum(q), and y = scales[n] * (sum over blocks of
 // scale_b * block sum - 128 * sum of the quantized x): the last term is the row's group_sum total.
 
-template <int R, int C>  // R weight rows from n, C rows of x from i
+template <int R, int C, typename Out>  // R weight rows from n, C rows of x from i; y in x's dtype, rounded once
 void int8_tile(const int8_t* w, int64_t ldw, int64_t k, const QuantizedX& qx, int64_t i, int64_t n,
-               const float* scales, float* y, int64_t ldy) {
+               const float* scales, Out* y, int64_t ldy) {
   const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
@@ -134,7 +136,7 @@ void int8_tile(const int8_t* w, int64_t ldw, int64_t k, const QuantizedX& qx, in
   for (int c = 0; c < C; ++c) {
     float offset = 0.f;  // the sum of the quantized x: 128 times it is what the unsigned weight added
     for (int64_t g = 0; g < qx.groups; ++g) offset += qx.group_sum[(i + c) * qx.groups + g];
-    for (int r = 0; r < R; ++r) y[(i + c) * ldy + n + r] = scales[n + r] * (hsum(acc[r][c]) - 128.f * offset);
+    for (int r = 0; r < R; ++r) y[(i + c) * ldy + n + r] = static_cast<Out>(scales[n + r] * (hsum(acc[r][c]) - 128.f * offset));
   }
 }
 
@@ -156,9 +158,9 @@ __m512 half_scales(const float* s, int64_t chunk, int half) {
   }
 }
 
-template <int G, int R, int C>
+template <int G, int R, int C, typename Out>
 void int4_tile(const uint8_t* w, int64_t ldw, const QuantizedX& qx, int64_t i, int64_t n, const float* scales,
-               const float* scaled_zeros, int64_t lds, float* y, int64_t ldy) {
+               const float* scaled_zeros, int64_t lds, Out* y, int64_t ldy) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
@@ -196,7 +198,7 @@ void int4_tile(const uint8_t* w, int64_t ldw, const QuantizedX& qx, int64_t i, i
       const float* sz = scaled_zeros + (n + r) * lds;
       float zero_term = 0.f;
       for (int64_t g = 0; g < qx.groups; ++g) zero_term += sz[g] * gs[g];
-      y[(i + c) * ldy + n + r] = hsum(acc[r][c]) - zero_term;
+      y[(i + c) * ldy + n + r] = static_cast<Out>(hsum(acc[r][c]) - zero_term);
     }
   }
 }
@@ -230,6 +232,14 @@ void for_each_tile(int64_t m, int64_t n, const Tile& tile) {
   });
 }
 
+// fn(y's data as float* or at::BFloat16*): the kernels write y in x's dtype, each value rounded once from its
+// fp32 sum (to nearest even, as .to(torch.bfloat16) rounds), with no fp32 copy of y to cast afterwards.
+template <typename Fn>
+void with_output(at::Tensor& y, const Fn& fn) {
+  if (y.scalar_type() == at::kBFloat16) fn(y.data_ptr<at::BFloat16>());
+  else fn(y.data_ptr<float>());
+}
+
 QuantizedX quantize(const at::Tensor& x, int64_t group) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "zoo_native: x must be a contiguous [M, K] tensor");
   if (x.scalar_type() == at::kBFloat16)
@@ -245,14 +255,15 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
               "zoo_native::int8_mm: scales must be fp32 [N]");
   const int64_t m = x.size(0), n = qweight.size(0), k = qweight.size(1);
   const QuantizedX qx = quantize(x, CHUNK);
-  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  at::Tensor y = at::empty({m, n}, x.options());
   const int8_t* w = qweight.data_ptr<int8_t>();
   const float* s = scales.data_ptr<float>();
-  float* out = y.data_ptr<float>();
-  for_each_tile(m, n, [&](auto r, auto c, int64_t i, int64_t n0) {
-    int8_tile<decltype(r)::value, decltype(c)::value>(w, qweight.stride(0), k, qx, i, n0, s, out, n);
+  with_output(y, [&](auto* out) {
+    for_each_tile(m, n, [&](auto r, auto c, int64_t i, int64_t n0) {
+      int8_tile<decltype(r)::value, decltype(c)::value>(w, qweight.stride(0), k, qx, i, n0, s, out, n);
+    });
   });
-  return y.to(x.scalar_type());
+  return y;
 }
 
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
@@ -266,21 +277,22 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == n &&
                 t->size(1) == kp / group, "zoo_native::int4_mm: scales and scaled_zeros must be fp32 [N, Kp/G]");
   const QuantizedX qx = quantize(x, group);
-  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  at::Tensor y = at::empty({m, n}, x.options());
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const float *s = scales.data_ptr<float>(), *sz = scaled_zeros.data_ptr<float>();
-  float* out = y.data_ptr<float>();
   const int64_t ldw = packed.size(1), lds = scales.size(1);
-  for_each_tile(m, n, [&](auto r, auto c, int64_t i, int64_t n0) {
-    constexpr int R = decltype(r)::value, C = decltype(c)::value;
-    switch (group) {
-      case 32: int4_tile<32, R, C>(w, ldw, qx, i, n0, s, sz, lds, out, n); break;
-      case 64: int4_tile<64, R, C>(w, ldw, qx, i, n0, s, sz, lds, out, n); break;
-      case 128: int4_tile<128, R, C>(w, ldw, qx, i, n0, s, sz, lds, out, n); break;
-      default: int4_tile<256, R, C>(w, ldw, qx, i, n0, s, sz, lds, out, n); break;
-    }
+  with_output(y, [&](auto* out) {
+    for_each_tile(m, n, [&](auto r, auto c, int64_t i, int64_t n0) {
+      constexpr int R = decltype(r)::value, C = decltype(c)::value;
+      switch (group) {
+        case 32: int4_tile<32, R, C>(w, ldw, qx, i, n0, s, sz, lds, out, n); break;
+        case 64: int4_tile<64, R, C>(w, ldw, qx, i, n0, s, sz, lds, out, n); break;
+        case 128: int4_tile<128, R, C>(w, ldw, qx, i, n0, s, sz, lds, out, n); break;
+        default: int4_tile<256, R, C>(w, ldw, qx, i, n0, s, sz, lds, out, n); break;
+      }
+    });
   });
-  return y.to(x.scalar_type());
+  return y;
 }
 
 // ---- the weights dequantized to bf16 [N, K], for many rows of x (a prefill): then one bf16 GEMM
@@ -448,6 +460,58 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10:
   return y;
 }
 
+// ---- rotary embeddings: zoo/rotary.py's apply_rotary, each element by the same fp32 operations in the same
+// order (x1 cos - x2 sin and x1 sin + x2 cos, or x2 cos + x1 sin for the half-split pairing; no fused
+// multiply-add: -ffp-contract=off) and rounded to x's dtype once, so its bits are apply_rotary's. One pass
+// instead of about ten operators per tensor: a decode step's q and k are small, and each operator costs
+// more than its arithmetic. The first D' = 2 * cos.size(3) dims of each head turn; the rest are copied.
+
+template <typename T>
+void rotary_rows(const T* x, T* out, const float* cos, const float* sin, int64_t b0, int64_t b1, int64_t s,
+                 int64_t h, int64_t d, int64_t half, bool per_row, bool interleaved) {
+  for (int64_t bs = b0; bs < b1; ++bs) {  // (row, position) pairs
+    const int64_t angle = ((per_row ? bs / s : 0) * s + bs % s) * half;
+    const float *c = cos + angle, *sn = sin + angle;
+    for (int64_t head = 0; head < h; ++head) {
+      const T* in = x + (bs * h + head) * d;
+      T* o = out + (bs * h + head) * d;
+      for (int64_t i = 0; i < half; ++i) {
+        const int64_t a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+        const float x1 = static_cast<float>(in[a]), x2 = static_cast<float>(in[b]);
+        const float first = x1 * c[i] - x2 * sn[i];
+        const float second = interleaved ? x1 * sn[i] + x2 * c[i] : x2 * c[i] + x1 * sn[i];
+        o[a] = static_cast<T>(first);
+        o[b] = static_cast<T>(second);
+      }
+      for (int64_t j = 2 * half; j < d; ++j) o[j] = in[j];
+    }
+  }
+}
+
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool interleaved) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
+              "zoo_native::rotary: x must be a contiguous bf16 or fp32 [B, S, H, D] tensor, got ", x.sizes(), " ",
+              x.scalar_type());
+  const int64_t batch = x.size(0), s = x.size(1), h = x.size(2), d = x.size(3);
+  for (const at::Tensor* t : {&cos, &sin})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 4 && t->sizes() == cos.sizes() &&
+                (t->size(0) == 1 || t->size(0) == batch) && t->size(1) == s && t->size(2) == 1 && 2 * t->size(3) <= d,
+                "zoo_native::rotary: cos and sin must be contiguous fp32 [B or 1, S, 1, D'/2] with D' <= D, got ",
+                t->sizes(), " for x ", x.sizes());
+  at::Tensor out = at::empty_like(x);
+  const int64_t half = cos.size(3);
+  const bool per_row = cos.size(0) > 1;
+  at::parallel_for(0, batch * s, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, h * d)), [&](int64_t b0, int64_t b1) {
+    if (x.scalar_type() == at::kBFloat16)
+      rotary_rows(x.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                  b0, b1, s, h, d, half, per_row, interleaved);
+    else
+      rotary_rows(x.data_ptr<float>(), out.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), b0, b1, s,
+                  h, d, half, per_row, interleaved);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(zoo_native, m) {
@@ -458,6 +522,7 @@ TORCH_LIBRARY(zoo_native, m) {
   m.def("int8_dequantize_mm(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
   m.def("int4_dequantize_mm(Tensor x, Tensor packed, Tensor scales, Tensor scaled_zeros, int group_size) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin, bool interleaved) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(zoo_native, CPU, m) {
@@ -468,4 +533,5 @@ TORCH_LIBRARY_IMPL(zoo_native, CPU, m) {
   m.impl("int8_dequantize_mm", &int8_dequantize_mm);
   m.impl("int4_dequantize_mm", &int4_dequantize_mm);
   m.impl("bf16_linear", &bf16_linear);
+  m.impl("rotary", &rotary);
 }

@@ -10,6 +10,7 @@ bf16 matrix-vector product for dense layers (AVX512-BF16, zoo.kernels.linear).
     y = ops.int4_dequantize_mm(x, w.packed, w.scales, w.scaled_zeros, group_size)
     y = ops.bf16_linear(x, weight, bias)     # bf16 x [M, K] and weight [N, K], nothing quantized: F.linear for
                                              # a decode step's few rows (where bf16_linear_runs(): AVX512-BF16)
+    y = ops.rotary(x, cos, sin, interleaved)  # zoo/rotary.py's apply_rotary in one pass, the same bits
 
 The math, as llama.cpp's Q8_0 and Q4_0 dot products do it, with x's rounding error kept. x is
 quantized on each call in blocks of 32 along K, as Q8_0 (quantize_activations below is the same in
@@ -101,6 +102,10 @@ def _register_shapes():
     @torch.library.register_fake("zoo_native::bf16_linear")
     def _(x, weight, bias):
         return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("zoo_native::rotary")
+    def _(x, cos, sin, interleaved):
+        return torch.empty_like(x)
 
     @torch.library.register_fake("zoo_native::int8_dequantize")
     def _(qweight, scales):
