@@ -3,6 +3,7 @@
     python benchmarks/stats.py                     # the random 1.1B LLaMA (benchmarks/generate.py's), bf16, 1e5 tokens
     python benchmarks/stats.py --tokens 8192       # fewer tokens (the ratio is per token: it does not need many)
     python benchmarks/stats.py --quick             # the bundled tiny model, 512 tokens, one round: seconds
+    python benchmarks/stats.py --paired --rounds 1 # plain and both batch by batch: steadier on a shared machine
 
 The same windows of random token ids (--ctx long, --batch a forward) are run, in alternating rounds, as
   plain      model(tokens) under torch.inference_mode: the forward alone
@@ -11,7 +12,10 @@ The same windows of random token ids (--ctx long, --batch a forward) are run, in
   both       collect_stats(points=("mlp_post", "z")): what `python -m zoo stats` collects by default
 each round timing the whole set of windows once (one untimed window first). Reported per case: the best
 round's tokens/s (the steadier figure on a shared machine) and the median's, and the ratio of its time to
-plain's (the target for `both`: at most 1.3). Prints a table and writes benchmarks/results/stats.json.
+plain's (the target for `both`: at most 1.3). With --paired only plain and both run, alternating batch by
+batch (the order flipped each batch) into one accumulator over all the tokens, so that a slow minute of a
+shared machine weighs on both alike; a round's time for each is the sum of its batches (`both`'s includes
+the final `result()`). Prints a table and writes benchmarks/results/stats.json.
 No assertions.
 """
 import argparse
@@ -42,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="rounds of every case, alternated (default: %(default)s)")
     p.add_argument("--dtype", default="bfloat16", help="(default: %(default)s)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch.set_num_threads")
+    p.add_argument("--paired", action="store_true", help="plain and both only, alternating batch by batch")
     p.add_argument("--ckpt", default=None, help="a checkpoint instead of the 1.1B (or tiny, with --quick)")
     p.add_argument("--out", default=str(RESULTS / "stats.json"), help="JSON results path")
     return p.parse_args(argv)
@@ -67,6 +72,20 @@ def run(model, case, windows, batch) -> float:
     return time.perf_counter() - start
 
 
+@torch.inference_mode()
+def run_paired(model, windows, batch) -> tuple[float, float]:
+    """(plain's seconds, both's seconds) over the windows, the two alternating batch by batch."""
+    acc, times = zs.Accumulator(CASES["both"]), [0.0, 0.0]
+    for i, (tokens, left_pad) in enumerate(zs.batches(windows, batch, "cpu")):
+        for case in (0, 1) if i % 2 == 0 else (1, 0):
+            start = time.perf_counter()
+            model(tokens, left_pad=left_pad, hooks=acc if case else None)
+            times[case] += time.perf_counter() - start
+    start = time.perf_counter()
+    acc.result()
+    return times[0], times[1] + time.perf_counter() - start
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.quick:
@@ -79,8 +98,13 @@ def main(argv=None) -> dict:
     windows = [ids[i:i + ctx] for i in range(0, len(ids), ctx)]
     for case in CASES:  # untimed, one window: first-call costs
         run(model, case, windows[:1], args.batch)
-    times = {case: [] for case in CASES}
+    times = {case: [] for case in (("plain", "both") if args.paired else CASES)}
     for r in range(args.rounds):
+        if args.paired:
+            for case, t in zip(times, run_paired(model, windows, args.batch)):
+                times[case].append(t)
+                print(f"round {r + 1}: {case:<8} {args.tokens / t:,.0f} tokens/s", flush=True)
+            continue
         for case in CASES if r % 2 == 0 else reversed(CASES):
             times[case].append(run(model, case, windows, args.batch))
             print(f"round {r + 1}: {case:<8} {args.tokens / times[case][-1]:,.0f} tokens/s", flush=True)
@@ -92,7 +116,7 @@ def main(argv=None) -> dict:
     c = model.config
     print(f"\n{Path(args.ckpt or 'tiny-llama').name} ({c.n_layers} layers, d_mlp {c.d_mlp}, {c.n_heads} heads of "
           f"{c.d_head}), {args.dtype}, {args.tokens:,} tokens in windows of {ctx}, batch {args.batch}, "
-          f"{args.threads} threads, {args.rounds} rounds")
+          f"{args.threads} threads, {args.rounds} rounds{', paired batch by batch' if args.paired else ''}")
     print(f"{'case':<10}{'tokens/s best':>15}{'median':>10}{'x plain best':>14}{'median':>9}")
     for case, r in rows.items():
         print(f"{case:<10}{r['tokens_per_s_best']:>15,.0f}{r['tokens_per_s_median']:>10,.0f}{r['ratio_best']:>14.3f}"

@@ -186,3 +186,14 @@ def test_benchmark_quick(tmp_path):
     rows = bench.main(["--quick", "--threads", "2", "--out", str(tmp_path / "stats.json")])
     assert sorted(rows) == sorted(bench.CASES) and rows["plain"]["ratio_best"] == 1.0
     assert json.loads((tmp_path / "stats.json").read_text())["cases"]["both"]["tokens_per_s_best"] > 0
+
+
+def test_benchmark_paired(tmp_path):
+    """--paired: plain and both alone, batch by batch into one accumulator; both's statistics are those of all the windows."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_stats", zs.__file__.replace("zoo/stats.py", "benchmarks/stats.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--quick", "--paired", "--threads", "2", "--out", str(tmp_path / "stats.json")])
+    assert sorted(rows) == ["both", "plain"] and rows["plain"]["ratio_best"] == 1.0 and rows["both"]["ratio_best"] > 0
+    assert json.loads((tmp_path / "stats.json").read_text())["settings"]["paired"] is True
