@@ -200,13 +200,11 @@ class collect:
     `positions(name)` gives the token position of each recorded index, per row (negative on left
     padding): from 0 for a recording of a whole run, whose tensors are in the run's slot layout (row
     b's first real token at `left_pad[b]`); from the first position it saw for one that began
-    partway through a run. gather=True keeps full tensors under tensor parallelism. Recorded tensors
-    are the forward's own (detached: zoo's forward never changes a tensor once computed), as the peers keep
-    them, not copies: copying every point cost more than the forward's own allocations. Each is its own
-    all the same: a tensor this collect already holds under another name (resid_post is the next block's
-    resid_pre) is copied, and before a hook that may change its input in place runs (any function not
-    marked `keeps_input`, which zoo's own hooks are) the records it could change are copied first.
-    copy=True copies every record. Reads like a dict: `cache[name]`, `in`, keys(), values(), items(), len().
+    partway through a run. gather=True keeps full tensors under tensor parallelism. Records are the forward's
+    own tensors, detached (zoo's forward never changes one in place; copies cost more than the forward), each
+    its own: one held under two names (resid_post, the next resid_pre) is copied, and so is one about to go to
+    a hook not marked `keeps_input` (it may edit in place; zoo's own are marked). copy=True copies all.
+    Reads like a dict: `cache[name]`, `in`, keys(), values(), items(), len().
     grads=True also records d(metric)/d(activation) once `metric.backward()` has run: `cache.grads[name]`,
     in the same layout (zoo/hooks/grads.py).
     """
